@@ -1,0 +1,57 @@
+// Shared pieces of the benchmark programs: deterministic inputs, result checks, and running a
+// body under a forced flexmoe ISA path.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "flexmoe.h"
+
+namespace fmbench {
+
+// Normal(0, scale) floats from a fixed seed: every impl sees the same data.
+inline std::vector<float> normal_floats(size_t n, float scale, uint64_t seed) {
+    std::vector<float> v(n);
+    uint64_t s = seed;
+    auto uniform = [&s] {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        return ((s >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    };
+    for (auto &x : v) x = float(std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()) * scale);
+    return v;
+}
+
+inline double max_abs_diff(const std::vector<float> &a, const std::vector<float> &b) {
+    double worst = 0.0;
+    for (size_t i = 0; i < a.size(); i++) worst = std::fmax(worst, std::fabs(double(a[i]) - b[i]));
+    return worst;
+}
+
+// Selects a path for the duration of one benchmark; false (and the benchmark skipped) when this
+// machine cannot run it.
+inline bool use_isa(benchmark::State &state, fm_isa isa) {
+    if (fm_set_isa(isa) != FM_OK) {
+        state.SkipWithError((std::string(fm_isa_name(isa)) + " is not supported here").c_str());
+        return false;
+    }
+    return true;
+}
+
+// The impl name of a flexmoe path: "flexmoe" for the best one, "flexmoe_<isa>" for forced ones.
+inline std::string impl_name(fm_isa isa) {
+    return isa == FM_ISA_AUTO ? "flexmoe" : std::string("flexmoe_") + fm_isa_name(isa);
+}
+
+// The forced paths worth listing on this machine.
+inline std::vector<fm_isa> forced_isas() {
+    std::vector<fm_isa> isas;
+    for (int i = FM_ISA_SCALAR; i < FM_ISA_COUNT; i++)
+        if (fm_isa_supported(fm_isa(i))) isas.push_back(fm_isa(i));
+    return isas;
+}
+
+}  // namespace fmbench

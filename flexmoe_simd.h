@@ -1,0 +1,389 @@
+/* flexmoe_simd.h — the ISA kernels behind flexmoe.h. Included by flexmoe.h's implementation;
+ * users never include it themselves, but it must sit beside flexmoe.h.
+ *
+ * Layout (SLEEF style: explicit per-ISA entry points, BLIS style: primitives apart from loops):
+ *   - each ISA section defines a handful of vector primitives named fm__<isa>_<op> (load, store,
+ *     partial load/store, segment reductions, exp, ...) with the ISA's target attribute;
+ *   - then it includes this file once more with FM__SIMD_TEMPLATE set, which instantiates the
+ *     kernel bodies (written once, in "Kernel templates" at the end) over those primitives;
+ *   - and fills its kernel table from the instantiated functions.
+ * x86 paths use __attribute__((target)) so a baseline build carries them all; SIMD types never
+ * cross a function boundary without that attribute. SLEEF's ISA-suffixed functions are bound
+ * through asm labels so that a user's own #include <sleef.h> cannot clash with them.
+ */
+#ifndef FM__SIMD_TEMPLATE
+#ifndef FLEXMOE_SIMD_H
+#define FLEXMOE_SIMD_H
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FM__HAVE_X86 1
+#else
+#define FM__HAVE_X86 0
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define FM__HAVE_NEON 1
+#else
+#define FM__HAVE_NEON 0
+#endif
+
+#define FM__CAT_(a, b) a##b
+#define FM__CAT(a, b) FM__CAT_(a, b)
+/* fm__<isa>_<name> for the ISA being instantiated */
+#define FM__OP(name) FM__CAT(FM__CAT(fm__, FM__ISA), FM__CAT(_, name))
+
+/* The power-of-two lane segment that holds a row of `cols` floats in the packed narrow-row path. */
+static int fm__segment_for(int cols) {
+    int segment = 1;
+    while (segment < cols) segment <<= 1;
+    return segment;
+}
+
+/* ==== x86-64: CPU and OS feature detection ================================================= */
+#if FM__HAVE_X86
+#include <cpuid.h>
+/* GCC 12 in C++ mode flags its own _mm512_undefined_ps() (GCC PR 105593). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+/* XCR0 tells which register state the OS saves on a context switch. */
+static unsigned fm__xgetbv0(void) {
+    unsigned eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return eax;
+}
+
+/* Bit masks of the features we need: bit 0 AVX2 path usable, bit 1 AVX-512 path usable. */
+static int fm__x86_features(void) {
+    static int cached = -1;
+    unsigned eax, ebx, ecx, edx, xcr0;
+    int features = 0;
+    if (cached >= 0) return cached;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_OSXSAVE) && (ecx & bit_AVX) &&
+        (ecx & bit_FMA) && __get_cpuid_max(0, NULL) >= 7) {
+        xcr0 = fm__xgetbv0();
+        __cpuid_count(7, 0, eax, ebx, ecx, edx);
+        if ((xcr0 & 0x6) == 0x6 && (ebx & bit_AVX2)) features |= 1;
+        if ((features & 1) && (xcr0 & 0xE6) == 0xE6 && (ebx & bit_AVX512F) &&
+            (ebx & bit_AVX512BW) && (ebx & bit_AVX512DQ) && (ebx & bit_AVX512VL))
+            features |= 2;
+    }
+    return cached = features;
+}
+
+static int fm__cpu_has_avx2(void) { return (fm__x86_features() & 1) != 0; }
+static int fm__cpu_has_avx512(void) { return (fm__x86_features() & 2) != 0; }
+
+#define FM__TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FM__TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+FM__TARGET_AVX2 __m256 fm__sleef_expf8(__m256 x) __asm__("Sleef_expf8_u10avx2");
+FM__TARGET_AVX512 __m512 fm__sleef_expf16(__m512 x) __asm__("Sleef_expf16_u10avx512f");
+#ifdef __cplusplus
+}
+#endif
+
+/* ==== AVX2 + FMA =========================================================================== */
+
+#define FM__ISA avx2
+#define FM__TARGET FM__TARGET_AVX2
+#define FM__V __m256
+#define FM__W 8
+
+/* A window into this table gives the lane mask for the first n lanes of a vector. */
+static const int32_t fm__avx2_lane_masks[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+static inline FM__TARGET __m256i fm__avx2_first_lanes(int n) {
+    return _mm256_loadu_si256((const __m256i *)(fm__avx2_lane_masks + 8 - n));
+}
+static inline FM__TARGET __m256 fm__avx2_set1(float v) { return _mm256_set1_ps(v); }
+static inline FM__TARGET __m256 fm__avx2_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline FM__TARGET void fm__avx2_store(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
+/* First n (0 < n < 8) lanes from p, the others `fill`; never touches memory past p + n. */
+static inline FM__TARGET __m256 fm__avx2_load_part(const float *p, int n, float fill) {
+    __m256i mask = fm__avx2_first_lanes(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
+}
+static inline FM__TARGET void fm__avx2_store_part(float *p, __m256 v, int n) {
+    _mm256_maskstore_ps(p, fm__avx2_first_lanes(n), v);
+}
+static inline FM__TARGET __m256 fm__avx2_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline FM__TARGET __m256 fm__avx2_recip(__m256 a) { return _mm256_div_ps(_mm256_set1_ps(1.0f), a); }
+static inline FM__TARGET __m256 fm__avx2_exp(__m256 a) { return fm__sleef_expf8(a); }
+/* Exchange lanes i and i ^ distance (distance a power of two below 8). */
+static inline FM__TARGET __m256 fm__avx2_swap(__m256 v, int distance) {
+    switch (distance) {
+    case 1: return _mm256_permute_ps(v, 0xB1);
+    case 2: return _mm256_permute_ps(v, 0x4E);
+    default: return _mm256_permute2f128_ps(v, v, 0x01);
+    }
+}
+
+#define FM__SIMD_TEMPLATE
+#include "flexmoe_simd.h"
+#undef FM__SIMD_TEMPLATE
+#undef FM__ISA
+#undef FM__TARGET
+#undef FM__V
+#undef FM__W
+
+static const fm__kernel_table fm__avx2_kernels = {
+    FM_ISA_AVX2,
+    fm__avx2_softmax_forward,
+    fm__avx2_softmax_backward,
+};
+
+/* ==== AVX-512 ============================================================================== */
+
+#define FM__ISA avx512
+#define FM__TARGET FM__TARGET_AVX512
+#define FM__V __m512
+#define FM__W 16
+
+static inline FM__TARGET __m512 fm__avx512_set1(float v) { return _mm512_set1_ps(v); }
+static inline FM__TARGET __m512 fm__avx512_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline FM__TARGET void fm__avx512_store(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline FM__TARGET __m512 fm__avx512_load_part(const float *p, int n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1), p);
+}
+static inline FM__TARGET void fm__avx512_store_part(float *p, __m512 v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
+}
+static inline FM__TARGET __m512 fm__avx512_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+/* rcp14 plus one Newton step: about 1 ulp, and far cheaper than a 512-bit divide on Zen 4. */
+static inline FM__TARGET __m512 fm__avx512_recip(__m512 a) {
+    __m512 r = _mm512_rcp14_ps(a);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.0f)));
+}
+static inline FM__TARGET __m512 fm__avx512_exp(__m512 a) { return fm__sleef_expf16(a); }
+static inline FM__TARGET __m512 fm__avx512_swap(__m512 v, int distance) {
+    switch (distance) {
+    case 1: return _mm512_permute_ps(v, 0xB1);
+    case 2: return _mm512_permute_ps(v, 0x4E);
+    case 4: return _mm512_shuffle_f32x4(v, v, 0xB1);
+    default: return _mm512_shuffle_f32x4(v, v, 0x4E);
+    }
+}
+
+#define FM__SIMD_TEMPLATE
+#include "flexmoe_simd.h"
+#undef FM__SIMD_TEMPLATE
+#undef FM__ISA
+#undef FM__TARGET
+#undef FM__V
+#undef FM__W
+
+static const fm__kernel_table fm__avx512_kernels = {
+    FM_ISA_AVX512,
+    fm__avx512_softmax_forward,
+    fm__avx512_softmax_backward,
+};
+#endif /* FM__HAVE_X86 */
+
+/* ==== NEON (aarch64) ======================================================================= */
+#if FM__HAVE_NEON
+#include <arm_neon.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+float32x4_t fm__sleef_expf4(float32x4_t x) __asm__("Sleef_expf4_u10advsimd");
+#ifdef __cplusplus
+}
+#endif
+
+#define FM__ISA neon
+#define FM__TARGET
+#define FM__V float32x4_t
+#define FM__W 4
+
+static inline float32x4_t fm__neon_set1(float v) { return vdupq_n_f32(v); }
+static inline float32x4_t fm__neon_load(const float *p) { return vld1q_f32(p); }
+static inline void fm__neon_store(float *p, float32x4_t v) { vst1q_f32(p, v); }
+/* NEON has no masked memory access: partial vectors go through a small stack buffer. */
+static inline float32x4_t fm__neon_load_part(const float *p, int n, float fill) {
+    float lanes[4];
+    int i;
+    for (i = 0; i < 4; i++) lanes[i] = i < n ? p[i] : fill;
+    return vld1q_f32(lanes);
+}
+static inline void fm__neon_store_part(float *p, float32x4_t v, int n) {
+    float lanes[4];
+    int i;
+    vst1q_f32(lanes, v);
+    for (i = 0; i < n; i++) p[i] = lanes[i];
+}
+static inline float32x4_t fm__neon_add(float32x4_t a, float32x4_t b) { return vaddq_f32(a, b); }
+static inline float32x4_t fm__neon_sub(float32x4_t a, float32x4_t b) { return vsubq_f32(a, b); }
+static inline float32x4_t fm__neon_mul(float32x4_t a, float32x4_t b) { return vmulq_f32(a, b); }
+static inline float32x4_t fm__neon_max(float32x4_t a, float32x4_t b) { return vmaxq_f32(a, b); }
+static inline float32x4_t fm__neon_fmadd(float32x4_t a, float32x4_t b, float32x4_t c) { return vfmaq_f32(c, a, b); }
+static inline float32x4_t fm__neon_recip(float32x4_t a) { return vdivq_f32(vdupq_n_f32(1.0f), a); }
+static inline float32x4_t fm__neon_exp(float32x4_t a) { return fm__sleef_expf4(a); }
+static inline float32x4_t fm__neon_swap(float32x4_t v, int distance) {
+    return distance == 1 ? vrev64q_f32(v) : vextq_f32(v, v, 2);
+}
+
+#define FM__SIMD_TEMPLATE
+#include "flexmoe_simd.h"
+#undef FM__SIMD_TEMPLATE
+#undef FM__ISA
+#undef FM__TARGET
+#undef FM__V
+#undef FM__W
+
+static const fm__kernel_table fm__neon_kernels = {
+    FM_ISA_NEON,
+    fm__neon_softmax_forward,
+    fm__neon_softmax_backward,
+};
+#endif /* FM__HAVE_NEON */
+
+#endif /* FLEXMOE_SIMD_H */
+#else  /* FM__SIMD_TEMPLATE */
+
+/* ==== Kernel templates ===================================================================== */
+/* Instantiated once per ISA over its primitives: FM__V is the vector type, FM__W its lane count,
+ * FM__OP(name) the ISA's fm__<isa>_<name>. */
+
+/* Lane-wise max (or sum) over each aligned segment of `segment` lanes (a power of two <= W),
+ * left in every lane of the segment: a butterfly of lane exchanges. */
+static inline FM__TARGET FM__V FM__OP(segment_max)(FM__V v, int segment) {
+    int distance;
+    for (distance = 1; distance < segment; distance <<= 1) v = FM__OP(max)(v, FM__OP(swap)(v, distance));
+    return v;
+}
+static inline FM__TARGET FM__V FM__OP(segment_sum)(FM__V v, int segment) {
+    int distance;
+    for (distance = 1; distance < segment; distance <<= 1) v = FM__OP(add)(v, FM__OP(swap)(v, distance));
+    return v;
+}
+
+/* Rows narrower than half a vector are packed several to a vector: row s of the group occupies
+ * lanes [s * segment, s * segment + cols), the rest of its segment holds `fill`. */
+static inline FM__TARGET FM__V FM__OP(load_rows)(const float *x, int ld, int nrows, int segment,
+                                                 int cols, float fill) {
+    float lanes[FM__W];
+    int s, j;
+    if (cols == segment && ld == cols && nrows * segment == FM__W) return FM__OP(load)(x);
+    for (j = 0; j < FM__W; j++) lanes[j] = fill;
+    for (s = 0; s < nrows; s++)
+        for (j = 0; j < cols; j++) lanes[s * segment + j] = x[(size_t)s * ld + j];
+    return FM__OP(load)(lanes);
+}
+static inline FM__TARGET void FM__OP(store_rows)(float *y, int ld, int nrows, int segment, int cols,
+                                                 FM__V v) {
+    float lanes[FM__W];
+    int s, j;
+    if (cols == segment && ld == cols && nrows * segment == FM__W) {
+        FM__OP(store)(y, v);
+        return;
+    }
+    FM__OP(store)(lanes, v);
+    for (s = 0; s < nrows; s++)
+        for (j = 0; j < cols; j++) y[(size_t)s * ld + j] = lanes[s * segment + j];
+}
+
+/* Sums of exp are blocked so that a lane never adds more than this many terms in a row: the
+ * rounding error then grows with the block, not with the row length. */
+#define FM__SUM_BLOCK 16
+
+static FM__TARGET void FM__OP(softmax_row)(const float *x, float *y, int n) {
+    const int full = n - n % FM__W;
+    FM__V vmax = FM__OP(set1)(-INFINITY), sum = FM__OP(set1)(0.0f), inv;
+    int j, block;
+    for (j = 0; j < full; j += FM__W) vmax = FM__OP(max)(vmax, FM__OP(load)(x + j));
+    if (full < n) vmax = FM__OP(max)(vmax, FM__OP(load_part)(x + full, n - full, -INFINITY));
+    vmax = FM__OP(segment_max)(vmax, FM__W);
+    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+        FM__V partial = FM__OP(set1)(0.0f);
+        for (j = block; j < end; j += FM__W) {
+            FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load)(x + j), vmax));
+            FM__OP(store)(y + j, e);
+            partial = FM__OP(add)(partial, e);
+        }
+        sum = FM__OP(add)(sum, partial);
+    }
+    if (full < n) {
+        FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, n - full, -INFINITY), vmax));
+        FM__OP(store_part)(y + full, e, n - full);
+        sum = FM__OP(add)(sum, e);
+    }
+    inv = FM__OP(recip)(FM__OP(segment_sum)(sum, FM__W));
+    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), inv));
+    if (full < n)
+        FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, n - full, 0.0f), inv), n - full);
+}
+
+static FM__TARGET void FM__OP(softmax_forward)(int rows, int cols, const float *x, int ldx, float *y,
+                                               int ldy) {
+    int r;
+    if (2 * cols <= FM__W) {
+        const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
+        for (r = 0; r < rows; r += per_vector) {
+            const int nrows = rows - r < per_vector ? rows - r : per_vector;
+            FM__V v = FM__OP(load_rows)(x + (size_t)r * ldx, ldx, nrows, segment, cols, -INFINITY);
+            FM__V e = FM__OP(exp)(FM__OP(sub)(v, FM__OP(segment_max)(v, segment)));
+            FM__V p = FM__OP(mul)(e, FM__OP(recip)(FM__OP(segment_sum)(e, segment)));
+            FM__OP(store_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, p);
+        }
+        return;
+    }
+    for (r = 0; r < rows; r++) FM__OP(softmax_row)(x + (size_t)r * ldx, y + (size_t)r * ldy, cols);
+}
+
+static FM__TARGET void FM__OP(softmax_backward_row)(const float *y, const float *dy, float *dx, int n) {
+    const int full = n - n % FM__W;
+    FM__V dot = FM__OP(set1)(0.0f);
+    int j;
+    for (j = 0; j < full; j += FM__W) dot = FM__OP(fmadd)(FM__OP(load)(y + j), FM__OP(load)(dy + j), dot);
+    if (full < n)
+        dot = FM__OP(fmadd)(FM__OP(load_part)(y + full, n - full, 0.0f),
+                            FM__OP(load_part)(dy + full, n - full, 0.0f), dot);
+    dot = FM__OP(segment_sum)(dot, FM__W);
+    for (j = 0; j < full; j += FM__W)
+        FM__OP(store)(dx + j, FM__OP(mul)(FM__OP(load)(y + j), FM__OP(sub)(FM__OP(load)(dy + j), dot)));
+    if (full < n) {
+        FM__V yv = FM__OP(load_part)(y + full, n - full, 0.0f), dyv = FM__OP(load_part)(dy + full, n - full, 0.0f);
+        FM__OP(store_part)(dx + full, FM__OP(mul)(yv, FM__OP(sub)(dyv, dot)), n - full);
+    }
+}
+
+static FM__TARGET void FM__OP(softmax_backward)(int rows, int cols, const float *y, int ldy,
+                                                const float *dy, int lddy, float *dx, int lddx) {
+    int r;
+    if (2 * cols <= FM__W) {
+        const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
+        for (r = 0; r < rows; r += per_vector) {
+            const int nrows = rows - r < per_vector ? rows - r : per_vector;
+            FM__V yv = FM__OP(load_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, 0.0f);
+            FM__V dyv = FM__OP(load_rows)(dy + (size_t)r * lddy, lddy, nrows, segment, cols, 0.0f);
+            FM__V dot = FM__OP(segment_sum)(FM__OP(mul)(yv, dyv), segment);
+            FM__OP(store_rows)(dx + (size_t)r * lddx, lddx, nrows, segment, cols,
+                               FM__OP(mul)(yv, FM__OP(sub)(dyv, dot)));
+        }
+        return;
+    }
+    for (r = 0; r < rows; r++)
+        FM__OP(softmax_backward_row)(y + (size_t)r * ldy, dy + (size_t)r * lddy, dx + (size_t)r * lddx, cols);
+}
+
+#undef FM__SUM_BLOCK
+#endif /* FM__SIMD_TEMPLATE */

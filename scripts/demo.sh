@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs the routing demo on the best ISA path.
+# Extra arguments go to the demo (try --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+[ -f build/release/build.ninja ] || meson setup build/release -Dbench=disabled >/dev/null
+ninja -C build/release examples/flexmoe_demo >/dev/null
+exec build/release/examples/flexmoe_demo "$@"

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs the whole test suite:
+#   - the test programs on every ISA path this CPU supports, each forced with FLEXMOE_ISA;
+#   - the same under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   - the NEON path cross-compiled for aarch64 and run under qemu-aarch64;
+#   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
+#     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
+#   - a short run of the benchmark program (its result checks, not its timings).
+# Ends with one line "N passed, N failed"; exits non-zero when anything failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh --bench || { echo "0 passed, 1 failed"; exit 1; }
+
+passed=0
+failed=0
+failures=()
+log_dir=build/test-logs
+mkdir -p "$log_dir"
+
+# run NAME COMMAND...: a step that passes or fails as a whole; its output goes to the log.
+run() {
+  local name=$1; shift
+  if "$@" >"$log_dir/$name.log" 2>&1; then
+    passed=$((passed + 1)); echo "ok      $name"
+  else
+    failed=$((failed + 1)); failures+=("$name"); echo "FAILED  $name (log: $log_dir/$name.log)"
+    tail -n 20 "$log_dir/$name.log" | sed 's/^/        /'
+  fi
+}
+
+# run_tests NAME ENV... -- PROGRAM...: a test program; its own "N passed, N failed" is added to
+# the totals (a crash or a missing line counts as one failure).
+run_tests() {
+  local name=$1; shift
+  local env=()
+  while [ "$1" != "--" ]; do env+=("$1"); shift; done; shift
+  local log="$log_dir/$name.log" line p f
+  env "${env[@]}" "$@" >"$log" 2>&1
+  local rc=$?
+  line=$(grep -E '^[a-z_]+: [0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+  if [ -n "$line" ]; then
+    p=$(sed -E 's/.*: ([0-9]+) passed.*/\1/' <<<"$line"); f=$(sed -E 's/.* ([0-9]+) failed$/\1/' <<<"$line")
+  else
+    p=0; f=1
+  fi
+  if [ $rc -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+  passed=$((passed + p)); failed=$((failed + f))
+  if [ "$f" -eq 0 ]; then
+    echo "ok      $name ($p checks)"
+  else
+    failures+=("$name"); echo "FAILED  $name ($f failed; log: $log)"
+    grep -E 'FAIL|ERROR|runtime error|Sanitizer' "$log" | head -n 20 | sed 's/^/        /'
+  fi
+}
+
+tests=(test_api test_softmax test_cxx)
+
+# ---- native build, every supported path -------------------------------------------------------
+run build meson setup build/release --wipe -Dbench=enabled
+run compile ninja -C build/release
+isas=$(build/release/examples/flexmoe_demo --list-isas)
+echo "paths on this machine: $(echo $isas)"
+for isa in $isas; do
+  for t in "${tests[@]}"; do
+    run_tests "$t-$isa" FLEXMOE_ISA=$isa -- build/release/tests/$t
+  done
+done
+run demo build/release/examples/flexmoe_demo --tokens 1000
+run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$'
+
+# ---- sanitizers -------------------------------------------------------------------------------
+run build-sanitize meson setup build/sanitize --wipe -Dbench=disabled -Dbuildtype=debugoptimized \
+    -Db_sanitize=address,undefined -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all
+run compile-sanitize ninja -C build/sanitize
+for isa in $isas; do
+  for t in test_api test_softmax; do
+    run_tests "$t-$isa-asan-ubsan" FLEXMOE_ISA=$isa -- build/sanitize/tests/$t
+  done
+done
+
+# ---- aarch64 / NEON under qemu ----------------------------------------------------------------
+if dpkg -s libsleef-dev:arm64 >/dev/null 2>&1; then
+  run build-aarch64 meson setup build/aarch64 --wipe --cross-file scripts/aarch64-linux-gnu.ini -Dbench=disabled
+  run compile-aarch64 ninja -C build/aarch64
+  for isa in neon scalar; do
+    for t in "${tests[@]}"; do
+      run_tests "$t-$isa-qemu" FLEXMOE_ISA=$isa -- qemu-aarch64 -L /usr/aarch64-linux-gnu build/aarch64/tests/$t
+    done
+  done
+else
+  failed=$((failed + 1)); failures+=("aarch64"); echo "FAILED  aarch64: libsleef-dev:arm64 is not installed"
+fi
+
+# ---- standalone builds: the README's drop-in command, C++, strict C99 ------------------------
+strict=(-std=c99 -Wall -Wextra -pedantic -Werror -O2 -I.)
+for c in gcc clang; do
+  run "dropin-$c" sh -c "$c ${strict[*]} examples/dropin.c -o build/dropin-$c -lsleef -lm && ./build/dropin-$c"
+done
+for cxx in g++ clang++; do
+  run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lsleef -lm && ./build/cxx-$cxx"
+done
+
+echo
+if [ $failed -ne 0 ]; then echo "failed: ${failures[*]}"; fi
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]

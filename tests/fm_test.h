@@ -1,0 +1,93 @@
+/* fm_test.h — the little harness every test program shares: checks that count, a seeded RNG
+ * whose seed is printed (FLEXMOE_TEST_SEED replays a run), and the ISA loop.
+ *
+ * A test program checks each case with FM_CHECK; it ends with fm_test_finish(), which prints
+ * "<program>: N passed, N failed" and returns the exit status. */
+#ifndef FM_TEST_H
+#define FM_TEST_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "flexmoe.h"
+
+static int fm_test_passed, fm_test_failed;
+static const char *fm_test_context = ""; /* printed with each failure: the ISA under test */
+
+#define FM_CHECK(condition, ...)                                                              \
+    do {                                                                                      \
+        if (condition) {                                                                      \
+            fm_test_passed++;                                                                 \
+        } else {                                                                              \
+            fm_test_failed++;                                                                 \
+            fprintf(stderr, "FAIL %s:%d [%s] ", __FILE__, __LINE__, fm_test_context);         \
+            fprintf(stderr, __VA_ARGS__);                                                     \
+            fputc('\n', stderr);                                                              \
+        }                                                                                     \
+    } while (0)
+
+static inline int fm_test_finish(const char *program) {
+    printf("%s: %d passed, %d failed\n", program, fm_test_passed, fm_test_failed);
+    return fm_test_failed == 0 ? 0 : 1;
+}
+
+/* ---- random numbers: splitmix64 ---------------------------------------------------------- */
+
+static uint64_t fm_test_rng_state;
+
+static inline void fm_test_seed(const char *program) {
+    const char *given = getenv("FLEXMOE_TEST_SEED");
+    fm_test_rng_state = given ? strtoull(given, NULL, 0) : (uint64_t)time(NULL) ^ (uint64_t)clock();
+    printf("%s: seed %llu (replay with FLEXMOE_TEST_SEED)\n", program,
+           (unsigned long long)fm_test_rng_state);
+}
+
+static inline uint64_t fm_test_next(void) {
+    uint64_t z = (fm_test_rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* uniform in [0, 1) */
+static inline double fm_test_uniform(void) { return (double)(fm_test_next() >> 11) * (1.0 / 9007199254740992.0); }
+
+/* integer in [lo, hi] */
+static inline int fm_test_int(int lo, int hi) { return lo + (int)(fm_test_next() % (uint64_t)(hi - lo + 1)); }
+
+static inline double fm_test_normal(void) {
+    double u = fm_test_uniform(), v = fm_test_uniform();
+    return sqrt(-2.0 * log(1.0 - u)) * cos(6.283185307179586 * v);
+}
+
+/* ---- ISA loop ---------------------------------------------------------------------------- */
+
+/* The paths to test: the one FLEXMOE_ISA forces (checked to be really active), else every
+ * path this machine supports. Returns the count written to `isas`. */
+static inline int fm_test_isas(fm_isa isas[FM_ISA_COUNT]) {
+    const char *forced = getenv("FLEXMOE_ISA");
+    int n = 0, i;
+    if (forced && *forced) {
+        fm_isa want = FM_ISA_AUTO;
+        FM_CHECK(fm_isa_from_name(forced, &want) == FM_OK, "FLEXMOE_ISA=%s is not a path name", forced);
+        FM_CHECK(fm_active_isa() == want, "FLEXMOE_ISA=%s but the active path is %s", forced,
+                 fm_isa_name(fm_active_isa()));
+        if (fm_active_isa() != FM_ISA_AUTO) isas[n++] = fm_active_isa();
+        return n;
+    }
+    for (i = FM_ISA_SCALAR; i < FM_ISA_COUNT; i++)
+        if (fm_isa_supported((fm_isa)i)) isas[n++] = (fm_isa)i;
+    return n;
+}
+
+static inline void fm_test_use_isa(fm_isa isa) {
+    fm_status status = fm_set_isa(isa);
+    FM_CHECK(status == FM_OK && fm_active_isa() == isa, "fm_set_isa(%s): %s", fm_isa_name(isa),
+             fm_status_str(status));
+    fm_test_context = fm_isa_name(isa);
+}
+
+#endif /* FM_TEST_H */
