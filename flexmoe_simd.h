@@ -45,6 +45,7 @@ static int fm__segment_for(int cols) {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__)
@@ -131,6 +132,18 @@ static inline FM__TARGET __m256 fm__avx2_swap(__m256 v, int distance) {
     }
 }
 
+static inline FM__TARGET __m256 fm__avx2_broadcast_lane(__m256 v, int lane) {
+    return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(lane));
+}
+/* Lanes i with (i & distance) != 0 from b, the others from a. */
+static inline FM__TARGET __m256 fm__avx2_blend_upper(__m256 a, __m256 b, int distance) {
+    switch (distance) {
+    case 1: return _mm256_blend_ps(a, b, 0xAA);
+    case 2: return _mm256_blend_ps(a, b, 0xCC);
+    default: return _mm256_blend_ps(a, b, 0xF0);
+    }
+}
+
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h"
 #undef FM__SIMD_TEMPLATE
@@ -179,6 +192,14 @@ static inline FM__TARGET __m512 fm__avx512_swap(__m512 v, int distance) {
     case 4: return _mm512_shuffle_f32x4(v, v, 0xB1);
     default: return _mm512_shuffle_f32x4(v, v, 0x4E);
     }
+}
+
+static inline FM__TARGET __m512 fm__avx512_broadcast_lane(__m512 v, int lane) {
+    return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v);
+}
+static inline FM__TARGET __m512 fm__avx512_blend_upper(__m512 a, __m512 b, int distance) {
+    static const __mmask16 upper[9] = {0, 0xAAAA, 0xCCCC, 0, 0xF0F0, 0, 0, 0, 0xFF00};
+    return _mm512_mask_blend_ps(upper[distance], a, b);
 }
 
 #define FM__SIMD_TEMPLATE
@@ -240,6 +261,16 @@ static inline float32x4_t fm__neon_swap(float32x4_t v, int distance) {
     return distance == 1 ? vrev64q_f32(v) : vextq_f32(v, v, 2);
 }
 
+static inline float32x4_t fm__neon_broadcast_lane(float32x4_t v, int lane) {
+    float lanes[4];
+    vst1q_f32(lanes, v);
+    return vld1q_dup_f32(lanes + lane);
+}
+static inline float32x4_t fm__neon_blend_upper(float32x4_t a, float32x4_t b, int distance) {
+    static const uint32_t upper[2][4] = {{0, ~0u, 0, ~0u}, {0, 0, ~0u, ~0u}};
+    return vbslq_f32(vld1q_u32(upper[distance >> 1]), b, a);
+}
+
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h"
 #undef FM__SIMD_TEMPLATE
@@ -262,17 +293,38 @@ static const fm__kernel_table fm__neon_kernels = {
 /* Instantiated once per ISA over its primitives: FM__V is the vector type, FM__W its lane count,
  * FM__OP(name) the ISA's fm__<isa>_<name>. */
 
-/* Lane-wise max (or sum) over each aligned segment of `segment` lanes (a power of two <= W),
- * left in every lane of the segment: a butterfly of lane exchanges. */
-static inline FM__TARGET FM__V FM__OP(segment_max)(FM__V v, int segment) {
+/* Loops over the W rows of a block are unrolled so that their per-row vectors live in registers. */
+#define FM__UNROLL_W _Pragma("GCC unroll 16")
+
+static inline FM__TARGET FM__V FM__OP(combine)(FM__V a, FM__V b, int take_max) {
+    return take_max ? FM__OP(max)(a, b) : FM__OP(add)(a, b);
+}
+
+/* Max (or sum) over each aligned segment of `segment` lanes (a power of two <= W), left in every
+ * lane of the segment: a butterfly of lane exchanges. */
+static inline FM__TARGET FM__V FM__OP(segment_reduce)(FM__V v, int segment, int take_max) {
     int distance;
-    for (distance = 1; distance < segment; distance <<= 1) v = FM__OP(max)(v, FM__OP(swap)(v, distance));
+    for (distance = 1; distance < segment; distance <<= 1)
+        v = FM__OP(combine)(v, FM__OP(swap)(v, distance), take_max);
     return v;
 }
-static inline FM__TARGET FM__V FM__OP(segment_sum)(FM__V v, int segment) {
-    int distance;
-    for (distance = 1; distance < segment; distance <<= 1) v = FM__OP(add)(v, FM__OP(swap)(v, distance));
-    return v;
+
+/* Lane r of the result is the max (or sum) of all lanes of v[r], for r < W; v is overwritten.
+ * A transposing tree: each level merges pairs of vectors, the lanes with bit `distance` set
+ * carrying the second one, so W rows cost W - 1 merges of 4 cheap operations each instead of
+ * W butterflies of log2(W) dependent steps. */
+static inline FM__TARGET FM__V FM__OP(transpose_reduce)(FM__V *v, int take_max) {
+    int distance, r;
+    FM__UNROLL_W
+    for (distance = FM__W / 2; distance >= 1; distance /= 2) {
+        FM__UNROLL_W
+        for (r = 0; r < distance; r++) {
+            FM__V low = FM__OP(blend_upper)(v[r], v[r + distance], distance);
+            FM__V high = FM__OP(blend_upper)(v[r + distance], v[r], distance);
+            v[r] = FM__OP(combine)(low, FM__OP(swap)(high, distance), take_max);
+        }
+    }
+    return v[0];
 }
 
 /* Rows narrower than half a vector are packed several to a vector: row s of the group occupies
@@ -303,14 +355,75 @@ static inline FM__TARGET void FM__OP(store_rows)(float *y, int ld, int nrows, in
 /* Sums of exp are blocked so that a lane never adds more than this many terms in a row: the
  * rounding error then grows with the block, not with the row length. */
 #define FM__SUM_BLOCK 16
+/* Rows of up to FM__SUM_BLOCK vectors go through the row-block path (W rows at a time, at most
+ * 16 KiB of AVX-512 data, which stays in L1 between its passes); longer rows go one at a time. */
+#define FM__BLOCK_MAX_COLS (FM__SUM_BLOCK * FM__W)
 
+/* ---- softmax forward ---- */
+
+/* Packed narrow rows (2 * cols <= W): W / segment rows per vector. */
+static FM__TARGET void FM__OP(softmax_packed)(int rows, int cols, const float *x, int ldx, float *y, int ldy) {
+    const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
+    int r;
+    for (r = 0; r < rows; r += per_vector) {
+        const int nrows = rows - r < per_vector ? rows - r : per_vector;
+        FM__V v = FM__OP(load_rows)(x + (size_t)r * ldx, ldx, nrows, segment, cols, -INFINITY);
+        FM__V e = FM__OP(exp)(FM__OP(sub)(v, FM__OP(segment_reduce)(v, segment, 1)));
+        FM__V p = FM__OP(mul)(e, FM__OP(recip)(FM__OP(segment_reduce)(e, segment, 0)));
+        FM__OP(store_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, p);
+    }
+}
+
+/* A block of up to W rows in four passes: row maxima, exp, row sums, scaling. The maxima and
+ * sums are per-row partial vectors folded by one transposing reduction each; the exp pass does
+ * nothing but load, subtract, exp and store, because every vector register is lost across the
+ * (SLEEF) exp call anyway. */
+static FM__TARGET void FM__OP(softmax_block)(int nrows, int n, const float *x, int ldx, float *y, int ldy) {
+    const int full = n - n % FM__W, tail = n - full;
+    FM__V partial[FM__W];
+    float row_max[FM__W];
+    int r, j;
+    FM__UNROLL_W
+    for (r = 0; r < FM__W; r++) { /* rows past nrows repeat the last one: no branch, no harm */
+        const float *xr = x + (size_t)(r < nrows ? r : nrows - 1) * ldx;
+        FM__V m = tail ? FM__OP(load_part)(xr + full, tail, -INFINITY) : FM__OP(load)(xr);
+        for (j = tail ? 0 : FM__W; j < full; j += FM__W) m = FM__OP(max)(m, FM__OP(load)(xr + j));
+        partial[r] = m;
+    }
+    FM__OP(store)(row_max, FM__OP(transpose_reduce)(partial, 1));
+    for (r = 0; r < nrows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        float *yr = y + (size_t)r * ldy;
+        for (j = 0; j < full; j += FM__W)
+            FM__OP(store)(yr + j, FM__OP(exp)(FM__OP(sub)(FM__OP(load)(xr + j), FM__OP(set1)(row_max[r]))));
+        if (tail)
+            FM__OP(store_part)(yr + full, FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, -INFINITY),
+                                                                  FM__OP(set1)(row_max[r]))), tail);
+    }
+    FM__UNROLL_W
+    for (r = 0; r < FM__W; r++) {
+        const float *yr = y + (size_t)(r < nrows ? r : nrows - 1) * ldy;
+        FM__V sum = tail ? FM__OP(load_part)(yr + full, tail, 0.0f) : FM__OP(load)(yr);
+        for (j = tail ? 0 : FM__W; j < full; j += FM__W) sum = FM__OP(add)(sum, FM__OP(load)(yr + j));
+        partial[r] = sum;
+    }
+    partial[0] = FM__OP(recip)(FM__OP(transpose_reduce)(partial, 0));
+    for (r = 0; r < nrows; r++) {
+        float *yr = y + (size_t)r * ldy;
+        const FM__V inv = FM__OP(broadcast_lane)(partial[0], r);
+        for (j = 0; j < full; j += FM__W) FM__OP(store)(yr + j, FM__OP(mul)(FM__OP(load)(yr + j), inv));
+        if (tail) FM__OP(store_part)(yr + full, FM__OP(mul)(FM__OP(load_part)(yr + full, tail, 0.0f), inv), tail);
+    }
+}
+
+/* One long row, three passes over L1-resident data. */
 static FM__TARGET void FM__OP(softmax_row)(const float *x, float *y, int n) {
-    const int full = n - n % FM__W;
+    const int full = n - n % FM__W, tail = n - full;
     FM__V vmax = FM__OP(set1)(-INFINITY), sum = FM__OP(set1)(0.0f), inv;
     int j, block;
     for (j = 0; j < full; j += FM__W) vmax = FM__OP(max)(vmax, FM__OP(load)(x + j));
-    if (full < n) vmax = FM__OP(max)(vmax, FM__OP(load_part)(x + full, n - full, -INFINITY));
-    vmax = FM__OP(segment_max)(vmax, FM__W);
+    if (tail) vmax = FM__OP(max)(vmax, FM__OP(load_part)(x + full, tail, -INFINITY));
+    vmax = FM__OP(segment_reduce)(vmax, FM__W, 1);
     for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
         const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
         FM__V partial = FM__OP(set1)(0.0f);
@@ -321,43 +434,65 @@ static FM__TARGET void FM__OP(softmax_row)(const float *x, float *y, int n) {
         }
         sum = FM__OP(add)(sum, partial);
     }
-    if (full < n) {
-        FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, n - full, -INFINITY), vmax));
-        FM__OP(store_part)(y + full, e, n - full);
+    if (tail) {
+        FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, tail, -INFINITY), vmax));
+        FM__OP(store_part)(y + full, e, tail);
         sum = FM__OP(add)(sum, e);
     }
-    inv = FM__OP(recip)(FM__OP(segment_sum)(sum, FM__W));
+    inv = FM__OP(recip)(FM__OP(segment_reduce)(sum, FM__W, 0));
     for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), inv));
-    if (full < n)
-        FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, n - full, 0.0f), inv), n - full);
+    if (tail) FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, tail, 0.0f), inv), tail);
 }
 
 static FM__TARGET void FM__OP(softmax_forward)(int rows, int cols, const float *x, int ldx, float *y,
                                                int ldy) {
     int r;
     if (2 * cols <= FM__W) {
-        const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
-        for (r = 0; r < rows; r += per_vector) {
-            const int nrows = rows - r < per_vector ? rows - r : per_vector;
-            FM__V v = FM__OP(load_rows)(x + (size_t)r * ldx, ldx, nrows, segment, cols, -INFINITY);
-            FM__V e = FM__OP(exp)(FM__OP(sub)(v, FM__OP(segment_max)(v, segment)));
-            FM__V p = FM__OP(mul)(e, FM__OP(recip)(FM__OP(segment_sum)(e, segment)));
-            FM__OP(store_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, p);
-        }
-        return;
+        FM__OP(softmax_packed)(rows, cols, x, ldx, y, ldy);
+    } else if (cols <= FM__BLOCK_MAX_COLS) {
+        for (r = 0; r < rows; r += FM__W)
+            FM__OP(softmax_block)(rows - r < FM__W ? rows - r : FM__W, cols, x + (size_t)r * ldx, ldx,
+                                  y + (size_t)r * ldy, ldy);
+    } else {
+        for (r = 0; r < rows; r++) FM__OP(softmax_row)(x + (size_t)r * ldx, y + (size_t)r * ldy, cols);
     }
-    for (r = 0; r < rows; r++) FM__OP(softmax_row)(x + (size_t)r * ldx, y + (size_t)r * ldy, cols);
 }
 
-static FM__TARGET void FM__OP(softmax_backward_row)(const float *y, const float *dy, float *dx, int n) {
+/* ---- softmax backward: dx = y * (dy - <y, dy>) ---- */
+
+static FM__TARGET void FM__OP(softmax_backward_packed)(int rows, int cols, const float *y, int ldy,
+                                                       const float *dy, int lddy, float *dx, int lddx) {
+    const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
+    int r;
+    for (r = 0; r < rows; r += per_vector) {
+        const int nrows = rows - r < per_vector ? rows - r : per_vector;
+        FM__V yv = FM__OP(load_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, 0.0f);
+        FM__V dyv = FM__OP(load_rows)(dy + (size_t)r * lddy, lddy, nrows, segment, cols, 0.0f);
+        FM__V dot = FM__OP(segment_reduce)(FM__OP(mul)(yv, dyv), segment, 0);
+        FM__OP(store_rows)(dx + (size_t)r * lddx, lddx, nrows, segment, cols, FM__OP(mul)(yv, FM__OP(sub)(dyv, dot)));
+    }
+}
+
+/* The dot product of a row, as a vector of per-lane partial sums (blocked like the exp sums). */
+static inline FM__TARGET FM__V FM__OP(dot_partial)(const float *a, const float *b, int n) {
     const int full = n - n % FM__W;
     FM__V dot = FM__OP(set1)(0.0f);
-    int j;
-    for (j = 0; j < full; j += FM__W) dot = FM__OP(fmadd)(FM__OP(load)(y + j), FM__OP(load)(dy + j), dot);
+    int j, block;
+    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+        FM__V partial = FM__OP(set1)(0.0f);
+        for (j = block; j < end; j += FM__W) partial = FM__OP(fmadd)(FM__OP(load)(a + j), FM__OP(load)(b + j), partial);
+        dot = FM__OP(add)(dot, partial);
+    }
     if (full < n)
-        dot = FM__OP(fmadd)(FM__OP(load_part)(y + full, n - full, 0.0f),
-                            FM__OP(load_part)(dy + full, n - full, 0.0f), dot);
-    dot = FM__OP(segment_sum)(dot, FM__W);
+        dot = FM__OP(fmadd)(FM__OP(load_part)(a + full, n - full, 0.0f), FM__OP(load_part)(b + full, n - full, 0.0f), dot);
+    return dot;
+}
+
+/* dx = y * (dy - dot) over one row, dot broadcast in every lane. */
+static inline FM__TARGET void FM__OP(scale_shifted)(const float *y, const float *dy, float *dx, int n, FM__V dot) {
+    const int full = n - n % FM__W;
+    int j;
     for (j = 0; j < full; j += FM__W)
         FM__OP(store)(dx + j, FM__OP(mul)(FM__OP(load)(y + j), FM__OP(sub)(FM__OP(load)(dy + j), dot)));
     if (full < n) {
@@ -368,22 +503,32 @@ static FM__TARGET void FM__OP(softmax_backward_row)(const float *y, const float 
 
 static FM__TARGET void FM__OP(softmax_backward)(int rows, int cols, const float *y, int ldy,
                                                 const float *dy, int lddy, float *dx, int lddx) {
-    int r;
+    FM__V partial[FM__W];
+    float per_row[FM__W];
+    int r, i;
     if (2 * cols <= FM__W) {
-        const int segment = fm__segment_for(cols), per_vector = FM__W / segment;
-        for (r = 0; r < rows; r += per_vector) {
-            const int nrows = rows - r < per_vector ? rows - r : per_vector;
-            FM__V yv = FM__OP(load_rows)(y + (size_t)r * ldy, ldy, nrows, segment, cols, 0.0f);
-            FM__V dyv = FM__OP(load_rows)(dy + (size_t)r * lddy, lddy, nrows, segment, cols, 0.0f);
-            FM__V dot = FM__OP(segment_sum)(FM__OP(mul)(yv, dyv), segment);
-            FM__OP(store_rows)(dx + (size_t)r * lddx, lddx, nrows, segment, cols,
-                               FM__OP(mul)(yv, FM__OP(sub)(dyv, dot)));
+        FM__OP(softmax_backward_packed)(rows, cols, y, ldy, dy, lddy, dx, lddx);
+    } else if (cols <= FM__BLOCK_MAX_COLS) {
+        for (r = 0; r < rows; r += FM__W) {
+            const int nrows = rows - r < FM__W ? rows - r : FM__W;
+            for (i = 0; i < FM__W; i++)
+                partial[i] = i < nrows ? FM__OP(dot_partial)(y + (size_t)(r + i) * ldy, dy + (size_t)(r + i) * lddy, cols)
+                                       : FM__OP(set1)(0.0f);
+            FM__OP(store)(per_row, FM__OP(transpose_reduce)(partial, 0));
+            for (i = 0; i < nrows; i++)
+                FM__OP(scale_shifted)(y + (size_t)(r + i) * ldy, dy + (size_t)(r + i) * lddy,
+                                      dx + (size_t)(r + i) * lddx, cols, FM__OP(set1)(per_row[i]));
         }
-        return;
+    } else {
+        for (r = 0; r < rows; r++) {
+            const float *yr = y + (size_t)r * ldy, *dyr = dy + (size_t)r * lddy;
+            FM__OP(scale_shifted)(yr, dyr, dx + (size_t)r * lddx, cols,
+                                  FM__OP(segment_reduce)(FM__OP(dot_partial)(yr, dyr, cols), FM__W, 0));
+        }
     }
-    for (r = 0; r < rows; r++)
-        FM__OP(softmax_backward_row)(y + (size_t)r * ldy, dy + (size_t)r * lddy, dx + (size_t)r * lddx, cols);
 }
 
+#undef FM__UNROLL_W
+#undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK
 #endif /* FM__SIMD_TEMPLATE */

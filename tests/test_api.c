@@ -31,13 +31,19 @@ static void counting_free(void *ptr, void *user_data) {
     free(ptr);
 }
 
+/* strcmp on these lets GCC 12 -O3 fold the whole check and warn that it did (-Wstring-compare). */
+static int same_text(const char *a, const char *b) {
+    while (*a && *a == *b) a++, b++;
+    return *a == *b;
+}
+
 static void check_status_strings(void) {
     int i, j, distinct = 1;
     for (i = 0; i < FM_STATUS_COUNT; i++)
-        for (j = 0; j < i; j++) distinct &= strcmp(fm_status_str((fm_status)i), fm_status_str((fm_status)j)) != 0;
+        for (j = 0; j < i; j++) distinct &= !same_text(fm_status_str((fm_status)i), fm_status_str((fm_status)j));
     FM_CHECK(distinct, "status strings must be distinct");
-    FM_CHECK(strcmp(fm_status_str(FM_OK), "ok") == 0, "FM_OK reads \"ok\"");
-    FM_CHECK(strcmp(fm_status_str((fm_status)999), "unknown status code") == 0, "out-of-range status");
+    FM_CHECK(same_text(fm_status_str(FM_OK), "ok"), "FM_OK reads \"ok\"");
+    FM_CHECK(same_text(fm_status_str((fm_status)999), "unknown status code"), "out-of-range status");
 }
 
 static void check_isa_names(void) {
