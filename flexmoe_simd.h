@@ -374,45 +374,75 @@ static FM__TARGET void FM__OP(softmax_packed)(int rows, int cols, const float *x
     }
 }
 
-/* A block of up to W rows in four passes: row maxima, exp, row sums, scaling. The maxima and
- * sums are per-row partial vectors folded by one transposing reduction each; the exp pass does
- * nothing but load, subtract, exp and store, because every vector register is lost across the
- * (SLEEF) exp call anyway. */
-static FM__TARGET void FM__OP(softmax_block)(int nrows, int n, const float *x, int ldx, float *y, int ldy) {
+/* The per-lane maxima of one row. */
+static inline FM__TARGET FM__V FM__OP(max_partial)(const float *x, int n) {
     const int full = n - n % FM__W, tail = n - full;
+    FM__V m = tail ? FM__OP(load_part)(x + full, tail, -INFINITY) : FM__OP(load)(x);
+    int j;
+    for (j = tail ? 0 : FM__W; j < full; j += FM__W) m = FM__OP(max)(m, FM__OP(load)(x + j));
+    return m;
+}
+
+/* Row maxima of up to W rows starting at x, as lanes of one vector. */
+static inline FM__TARGET FM__V FM__OP(block_max)(int nrows, int n, const float *x, int ldx) {
     FM__V partial[FM__W];
-    float row_max[FM__W];
-    int r, j;
+    int r;
     FM__UNROLL_W
-    for (r = 0; r < FM__W; r++) { /* rows past nrows repeat the last one: no branch, no harm */
-        const float *xr = x + (size_t)(r < nrows ? r : nrows - 1) * ldx;
-        FM__V m = tail ? FM__OP(load_part)(xr + full, tail, -INFINITY) : FM__OP(load)(xr);
-        for (j = tail ? 0 : FM__W; j < full; j += FM__W) m = FM__OP(max)(m, FM__OP(load)(xr + j));
-        partial[r] = m;
+    for (r = 0; r < FM__W; r++) /* rows past nrows repeat the last one: no branch, no harm */
+        partial[r] = FM__OP(max_partial)(x + (size_t)(r < nrows ? r : nrows - 1) * ldx, n);
+    return FM__OP(transpose_reduce)(partial, 1);
+}
+
+/* exp(x - max) of one row into y; returns the per-lane partial sums. */
+static inline FM__TARGET FM__V FM__OP(exp_row)(const float *x, float *y, int n, float max) {
+    const int full = n - n % FM__W, tail = n - full;
+    FM__V sum = FM__OP(set1)(0.0f), e;
+    int j;
+    for (j = 0; j < full; j += FM__W) {
+        e = FM__OP(exp)(FM__OP(sub)(FM__OP(load)(x + j), FM__OP(set1)(max)));
+        FM__OP(store)(y + j, e);
+        sum = FM__OP(add)(sum, e);
     }
-    FM__OP(store)(row_max, FM__OP(transpose_reduce)(partial, 1));
-    for (r = 0; r < nrows; r++) {
-        const float *xr = x + (size_t)r * ldx;
-        float *yr = y + (size_t)r * ldy;
-        for (j = 0; j < full; j += FM__W)
-            FM__OP(store)(yr + j, FM__OP(exp)(FM__OP(sub)(FM__OP(load)(xr + j), FM__OP(set1)(row_max[r]))));
-        if (tail)
-            FM__OP(store_part)(yr + full, FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, -INFINITY),
-                                                                  FM__OP(set1)(row_max[r]))), tail);
+    if (tail) {
+        e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, tail, -INFINITY), FM__OP(set1)(max)));
+        FM__OP(store_part)(y + full, e, tail);
+        sum = FM__OP(add)(sum, e);
     }
-    FM__UNROLL_W
-    for (r = 0; r < FM__W; r++) {
-        const float *yr = y + (size_t)(r < nrows ? r : nrows - 1) * ldy;
-        FM__V sum = tail ? FM__OP(load_part)(yr + full, tail, 0.0f) : FM__OP(load)(yr);
-        for (j = tail ? 0 : FM__W; j < full; j += FM__W) sum = FM__OP(add)(sum, FM__OP(load)(yr + j));
-        partial[r] = sum;
-    }
-    partial[0] = FM__OP(recip)(FM__OP(transpose_reduce)(partial, 0));
-    for (r = 0; r < nrows; r++) {
-        float *yr = y + (size_t)r * ldy;
-        const FM__V inv = FM__OP(broadcast_lane)(partial[0], r);
-        for (j = 0; j < full; j += FM__W) FM__OP(store)(yr + j, FM__OP(mul)(FM__OP(load)(yr + j), inv));
-        if (tail) FM__OP(store_part)(yr + full, FM__OP(mul)(FM__OP(load_part)(yr + full, tail, 0.0f), inv), tail);
+    return sum;
+}
+
+static inline FM__TARGET void FM__OP(scale_row)(float *y, int n, float factor) {
+    const int full = n - n % FM__W, tail = n - full;
+    const FM__V f = FM__OP(set1)(factor);
+    int j;
+    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), f));
+    if (tail) FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, tail, 0.0f), f), tail);
+}
+
+/* Rows of at most FM__BLOCK_MAX_COLS in blocks of W: row maxima and row sums are per-row partial
+ * vectors folded by one transposing reduction per block. The passes are software-pipelined
+ * across blocks: while row r of block b goes through exp (a SLEEF call, which costs every
+ * vector register), row r of block b + 1 gets its maximum and row r of block b - 1 its final
+ * scaling, so the loads, stores and cheap arithmetic overlap the exp instead of queueing
+ * behind it. */
+static FM__TARGET void FM__OP(softmax_blocks)(int rows, int n, const float *x, int ldx, float *y, int ldy) {
+    FM__V next_max[FM__W], sums[FM__W];
+    float row_max[FM__W], prev_inv[FM__W];
+    int b, r;
+    FM__OP(store)(row_max, FM__OP(block_max)(rows < FM__W ? rows : FM__W, n, x, ldx));
+    for (b = 0; b < rows; b += FM__W) {
+        const int nrows = rows - b < FM__W ? rows - b : FM__W, next = b + FM__W, prev = b - FM__W;
+        const int next_rows = rows - next < FM__W ? rows - next : FM__W;
+        for (r = 0; r < FM__W; r++) {
+            sums[r] = r < nrows ? FM__OP(exp_row)(x + (size_t)(b + r) * ldx, y + (size_t)(b + r) * ldy, n, row_max[r])
+                                : FM__OP(set1)(0.0f);
+            if (r < next_rows) next_max[r] = FM__OP(max_partial)(x + (size_t)(next + r) * ldx, n);
+            if (prev >= 0) FM__OP(scale_row)(y + (size_t)(prev + r) * ldy, n, prev_inv[r]);
+        }
+        if (next_rows > 0) FM__OP(store)(row_max, FM__OP(transpose_reduce)(next_max, 1));
+        FM__OP(store)(prev_inv, FM__OP(recip)(FM__OP(transpose_reduce)(sums, 0)));
+        if (next >= rows)
+            for (r = 0; r < nrows; r++) FM__OP(scale_row)(y + (size_t)(b + r) * ldy, n, prev_inv[r]);
     }
 }
 
@@ -450,9 +480,7 @@ static FM__TARGET void FM__OP(softmax_forward)(int rows, int cols, const float *
     if (2 * cols <= FM__W) {
         FM__OP(softmax_packed)(rows, cols, x, ldx, y, ldy);
     } else if (cols <= FM__BLOCK_MAX_COLS) {
-        for (r = 0; r < rows; r += FM__W)
-            FM__OP(softmax_block)(rows - r < FM__W ? rows - r : FM__W, cols, x + (size_t)r * ldx, ldx,
-                                  y + (size_t)r * ldy, ldy);
+        FM__OP(softmax_blocks)(rows, cols, x, ldx, y, ldy);
     } else {
         for (r = 0; r < rows; r++) FM__OP(softmax_row)(x + (size_t)r * ldx, y + (size_t)r * ldy, cols);
     }
