@@ -437,18 +437,27 @@ static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) 
 /* Rows per parallel chunk: large enough to amortise the fork, small enough to balance. */
 #define FM__ROW_CHUNK 256
 
+/* Runs `call` on consecutive chunks of rows [r0, r0 + n), in parallel under OpenMP. */
+#define FM__FOR_ROW_CHUNKS(rows, r0, n, call)                                                     \
+    do {                                                                                          \
+        const int fm__chunks = ((rows) + FM__ROW_CHUNK - 1) / FM__ROW_CHUNK;                      \
+        int fm__chunk;                                                                            \
+        FM__OMP_PARALLEL_FOR                                                                      \
+        for (fm__chunk = 0; fm__chunk < fm__chunks; fm__chunk++) {                                \
+            const int r0 = fm__chunk * FM__ROW_CHUNK;                                             \
+            const int n = (rows) - r0 < FM__ROW_CHUNK ? (rows) - r0 : FM__ROW_CHUNK;              \
+            call;                                                                                 \
+        }                                                                                         \
+    } while (0)
+
 fm_status fm_softmax_forward(int rows, int cols, const float *x, int ldx, float *y, int ldy) {
     const fm__kernel_table *kernels;
     fm_status status;
-    int chunk;
     if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
-    FM__OMP_PARALLEL_FOR
-    for (chunk = 0; chunk < (rows + FM__ROW_CHUNK - 1) / FM__ROW_CHUNK; chunk++) {
-        int r0 = chunk * FM__ROW_CHUNK, n = rows - r0 < FM__ROW_CHUNK ? rows - r0 : FM__ROW_CHUNK;
-        kernels->softmax_forward(n, cols, x + (size_t)r0 * ldx, ldx, y + (size_t)r0 * ldy, ldy);
-    }
+    FM__FOR_ROW_CHUNKS(rows, r0, n,
+                       kernels->softmax_forward(n, cols, x + (size_t)r0 * ldx, ldx, y + (size_t)r0 * ldy, ldy));
     return FM_OK;
 }
 
@@ -456,17 +465,13 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
                               int lddy, float *dx, int lddx) {
     const fm__kernel_table *kernels;
     fm_status status;
-    int chunk;
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
     if ((status = fm__check_matrix(dy, rows, cols, lddy)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, rows, cols, lddx)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
-    FM__OMP_PARALLEL_FOR
-    for (chunk = 0; chunk < (rows + FM__ROW_CHUNK - 1) / FM__ROW_CHUNK; chunk++) {
-        int r0 = chunk * FM__ROW_CHUNK, n = rows - r0 < FM__ROW_CHUNK ? rows - r0 : FM__ROW_CHUNK;
-        kernels->softmax_backward(n, cols, y + (size_t)r0 * ldy, ldy, dy + (size_t)r0 * lddy, lddy,
-                                  dx + (size_t)r0 * lddx, lddx);
-    }
+    FM__FOR_ROW_CHUNKS(rows, r0, n,
+                       kernels->softmax_backward(n, cols, y + (size_t)r0 * ldy, ldy, dy + (size_t)r0 * lddy,
+                                                 lddy, dx + (size_t)r0 * lddx, lddx));
     return FM_OK;
 }
 

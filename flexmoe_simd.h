@@ -32,7 +32,7 @@
 #define FM__OP(name) FM__CAT(FM__CAT(fm__, FM__ISA), FM__CAT(_, name))
 
 /* The power-of-two lane segment that holds a row of `cols` floats in the packed narrow-row path. */
-static int fm__segment_for(int cols) {
+static inline int fm__segment_for(int cols) {
     int segment = 1;
     while (segment < cols) segment <<= 1;
     return segment;
@@ -145,12 +145,7 @@ static inline FM__TARGET __m256 fm__avx2_blend_upper(__m256 a, __m256 b, int dis
 }
 
 #define FM__SIMD_TEMPLATE
-#include "flexmoe_simd.h"
-#undef FM__SIMD_TEMPLATE
-#undef FM__ISA
-#undef FM__TARGET
-#undef FM__V
-#undef FM__W
+#include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
 static const fm__kernel_table fm__avx2_kernels = {
     FM_ISA_AVX2,
@@ -203,12 +198,7 @@ static inline FM__TARGET __m512 fm__avx512_blend_upper(__m512 a, __m512 b, int d
 }
 
 #define FM__SIMD_TEMPLATE
-#include "flexmoe_simd.h"
-#undef FM__SIMD_TEMPLATE
-#undef FM__ISA
-#undef FM__TARGET
-#undef FM__V
-#undef FM__W
+#include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
 static const fm__kernel_table fm__avx512_kernels = {
     FM_ISA_AVX512,
@@ -272,12 +262,7 @@ static inline float32x4_t fm__neon_blend_upper(float32x4_t a, float32x4_t b, int
 }
 
 #define FM__SIMD_TEMPLATE
-#include "flexmoe_simd.h"
-#undef FM__SIMD_TEMPLATE
-#undef FM__ISA
-#undef FM__TARGET
-#undef FM__V
-#undef FM__W
+#include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
 static const fm__kernel_table fm__neon_kernels = {
     FM_ISA_NEON,
@@ -559,4 +544,9 @@ static FM__TARGET void FM__OP(softmax_backward)(int rows, int cols, const float 
 #undef FM__UNROLL_W
 #undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK
+#undef FM__ISA
+#undef FM__TARGET
+#undef FM__V
+#undef FM__W
+#undef FM__SIMD_TEMPLATE
 #endif /* FM__SIMD_TEMPLATE */

@@ -16,7 +16,7 @@ const int kWidths[] = {8, 16, 32, 64, 128, 256};
 
 struct SoftmaxData {
     int cols;
-    std::vector<float> x, y, dy, dx, y_ref, dx_ref;
+    fmbench::Floats x, y, dy, dx, y_ref, dx_ref;
     explicit SoftmaxData(int e)
         : cols(e), x(fmbench::normal_floats(size_t(kRows) * e, 2.0f, 42 + e)), y(x.size()),
           dy(fmbench::normal_floats(x.size(), 1.0f, 7 + e)), dx(x.size()), y_ref(x.size()), dx_ref(x.size()) {
@@ -37,8 +37,8 @@ SoftmaxData &data_for(int cols) {
 
 // Runs `step` once, checks `out` against `want`, then times it. Results outside 1e-5 of the
 // reference make the benchmark an error instead of a number.
-void timed(benchmark::State &state, const std::function<void()> &step, const std::vector<float> &out,
-           const std::vector<float> &want) {
+void timed(benchmark::State &state, const std::function<void()> &step, const fmbench::Floats &out,
+           const fmbench::Floats &want) {
     step();
     double diff = fmbench::max_abs_diff(out, want);
     if (!(diff <= 1e-5)) {

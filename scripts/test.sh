@@ -99,11 +99,13 @@ else
   failed=$((failed + 1)); failures+=("aarch64"); echo "FAILED  aarch64: libsleef-dev:arm64 is not installed"
 fi
 
-# ---- standalone builds: the README's drop-in command, C++, strict C99 ------------------------
+# ---- standalone builds: the README's drop-in command, OpenMP, C++, strict C99 ----------------
 strict=(-std=c99 -Wall -Wextra -pedantic -Werror -O2 -I.)
 for c in gcc clang; do
   run "dropin-$c" sh -c "$c ${strict[*]} examples/dropin.c -o build/dropin-$c -lsleef -lm && ./build/dropin-$c"
 done
+run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c -o build/test_softmax-openmp -lsleef -lm
+run_tests test_softmax-openmp OMP_NUM_THREADS=2 -- build/test_softmax-openmp
 for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lsleef -lm && ./build/cxx-$cxx"
 done
