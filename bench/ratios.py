@@ -33,8 +33,19 @@ def main():
     kernels = collections.OrderedDict()
     for kernel, shape, impl in rate:
         kernels.setdefault(kernel, collections.OrderedDict()).setdefault(shape, []).append(impl)
+    def impl_order(impl):
+        if impl == args.peer:
+            return (3, impl)
+        if impl == "flexmoe" or impl.startswith("flexmoe_"):
+            return (0, "" if impl == "flexmoe" else impl)
+        return (2, impl)
+
+    def shape_order(shape):
+        return [int(p) if p.isdigit() else p for p in shape.split("/")]
+
     for kernel, shapes in kernels.items():
-        impls = list(collections.OrderedDict.fromkeys(i for s in shapes.values() for i in s))
+        impls = sorted({i for s in shapes.values() for i in s}, key=impl_order)
+        shapes = collections.OrderedDict(sorted(shapes.items(), key=lambda kv: shape_order(kv[0])))
         print(f"\n### {kernel} (rows/s, and × {args.peer})\n")
         print("| shape | " + " | ".join(impls) + " |")
         print("|---|" + "---:|" * len(impls))
