@@ -5,7 +5,7 @@
  *     #define FLEXMOE_IMPLEMENTATION
  *     #include "flexmoe.h"
  *
- * and link with SLEEF and libm:  cc -O2 app.c -lsleef -lm
+ * and link with libm:  cc -O2 app.c -lm
  * Every other file includes flexmoe.h without the macro. flexmoe_simd.h (the ISA kernels) must
  * sit beside this file. One binary built with baseline flags carries the AVX2 and AVX-512 paths
  * on x86-64 and picks the best one the CPU and OS support at run time; aarch64 builds use NEON.

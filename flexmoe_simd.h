@@ -8,8 +8,12 @@
  *     kernel bodies (written once, in "Kernel templates" at the end) over those primitives;
  *   - and fills its kernel table from the instantiated functions.
  * x86 paths use __attribute__((target)) so a baseline build carries them all; SIMD types never
- * cross a function boundary without that attribute. SLEEF's ISA-suffixed functions are bound
- * through asm labels so that a user's own #include <sleef.h> cannot clash with them.
+ * cross a function boundary without that attribute.
+ *
+ * exp is computed inline (Kernel templates, FM__OP(exp)) rather than by calling SLEEF: every
+ * vector register is caller-saved in the x86-64 and AArch64 ABIs, so a call per vector spills
+ * the kernel's state and costs ~15 cycles per 16 floats on Zen 4, 4x the polynomial; with it the
+ * softmax stayed at 1.4-1.5x oneDNN, inline it is 2.3x and more (bench/RESULTS.md).
  */
 #ifndef FM__SIMD_TEMPLATE
 #ifndef FLEXMOE_SIMD_H
@@ -83,15 +87,6 @@ static int fm__cpu_has_avx512(void) { return (fm__x86_features() & 2) != 0; }
 #define FM__TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FM__TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 
-#ifdef __cplusplus
-extern "C" {
-#endif
-FM__TARGET_AVX2 __m256 fm__sleef_expf8(__m256 x) __asm__("Sleef_expf8_u10avx2");
-FM__TARGET_AVX512 __m512 fm__sleef_expf16(__m512 x) __asm__("Sleef_expf16_u10avx512f");
-#ifdef __cplusplus
-}
-#endif
-
 /* ==== AVX2 + FMA =========================================================================== */
 
 #define FM__ISA avx2
@@ -122,7 +117,16 @@ static inline FM__TARGET __m256 fm__avx2_mul(__m256 a, __m256 b) { return _mm256
 static inline FM__TARGET __m256 fm__avx2_max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 static inline FM__TARGET __m256 fm__avx2_recip(__m256 a) { return _mm256_div_ps(_mm256_set1_ps(1.0f), a); }
-static inline FM__TARGET __m256 fm__avx2_exp(__m256 a) { return fm__sleef_expf8(a); }
+static inline FM__TARGET __m256 fm__avx2_min(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_fnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline FM__TARGET __m256 fm__avx2_round(__m256 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* v * 2^n for integral n in [-252, 254], as two exponent-field scalings that each stay normal. */
+static inline FM__TARGET __m256 fm__avx2_scale_pow2(__m256 v, __m256 n) {
+    const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1), bias = _mm256_set1_epi32(127);
+    const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    const __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(v, a), b);
+}
 /* Exchange lanes i and i ^ distance (distance a power of two below 8). */
 static inline FM__TARGET __m256 fm__avx2_swap(__m256 v, int distance) {
     switch (distance) {
@@ -179,7 +183,11 @@ static inline FM__TARGET __m512 fm__avx512_recip(__m512 a) {
     __m512 r = _mm512_rcp14_ps(a);
     return _mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.0f)));
 }
-static inline FM__TARGET __m512 fm__avx512_exp(__m512 a) { return fm__sleef_expf16(a); }
+static inline FM__TARGET __m512 fm__avx512_min(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline FM__TARGET __m512 fm__avx512_round(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* vscalefps does v * 2^n in one instruction, with IEEE overflow and underflow. */
+static inline FM__TARGET __m512 fm__avx512_scale_pow2(__m512 v, __m512 n) { return _mm512_scalef_ps(v, n); }
 static inline FM__TARGET __m512 fm__avx512_swap(__m512 v, int distance) {
     switch (distance) {
     case 1: return _mm512_permute_ps(v, 0xB1);
@@ -211,14 +219,6 @@ static const fm__kernel_table fm__avx512_kernels = {
 #if FM__HAVE_NEON
 #include <arm_neon.h>
 
-#ifdef __cplusplus
-extern "C" {
-#endif
-float32x4_t fm__sleef_expf4(float32x4_t x) __asm__("Sleef_expf4_u10advsimd");
-#ifdef __cplusplus
-}
-#endif
-
 #define FM__ISA neon
 #define FM__TARGET
 #define FM__V float32x4_t
@@ -246,7 +246,15 @@ static inline float32x4_t fm__neon_mul(float32x4_t a, float32x4_t b) { return vm
 static inline float32x4_t fm__neon_max(float32x4_t a, float32x4_t b) { return vmaxq_f32(a, b); }
 static inline float32x4_t fm__neon_fmadd(float32x4_t a, float32x4_t b, float32x4_t c) { return vfmaq_f32(c, a, b); }
 static inline float32x4_t fm__neon_recip(float32x4_t a) { return vdivq_f32(vdupq_n_f32(1.0f), a); }
-static inline float32x4_t fm__neon_exp(float32x4_t a) { return fm__sleef_expf4(a); }
+static inline float32x4_t fm__neon_min(float32x4_t a, float32x4_t b) { return vminq_f32(a, b); }
+static inline float32x4_t fm__neon_fnmadd(float32x4_t a, float32x4_t b, float32x4_t c) { return vfmsq_f32(c, a, b); }
+static inline float32x4_t fm__neon_round(float32x4_t a) { return vrndnq_f32(a); }
+static inline float32x4_t fm__neon_scale_pow2(float32x4_t v, float32x4_t n) {
+    const int32x4_t ni = vcvtq_s32_f32(n), half = vshrq_n_s32(ni, 1), bias = vdupq_n_s32(127);
+    const float32x4_t a = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(half, bias), 23));
+    const float32x4_t b = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vsubq_s32(ni, half), bias), 23));
+    return vmulq_f32(vmulq_f32(v, a), b);
+}
 static inline float32x4_t fm__neon_swap(float32x4_t v, int distance) {
     return distance == 1 ? vrev64q_f32(v) : vextq_f32(v, v, 2);
 }
@@ -280,6 +288,27 @@ static const fm__kernel_table fm__neon_kernels = {
 
 /* Loops over the W rows of a block are unrolled so that their per-row vectors live in registers. */
 #define FM__UNROLL_W _Pragma("GCC unroll 16")
+
+/* exp(x) in float, inlined so that no call spills the vector registers around it: x = n ln2 + r
+ * with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) from Cephes' degree-7 polynomial,
+ * then the exact scaling by 2^n. About 1 ulp. The clamp keeps 2^n representable as two normal
+ * factors and still gives exactly 0 for x <= -104 (-Inf included) and +Inf past ln(FLT_MAX);
+ * the clamp takes x as its second operand, which is the one x86 min/max return for NaN, so NaN
+ * stays NaN on every path. */
+static inline FM__TARGET FM__V FM__OP(exp)(FM__V x) {
+    const FM__V clamped = FM__OP(min)(FM__OP(set1)(89.0f), FM__OP(max)(FM__OP(set1)(-110.0f), x));
+    const FM__V n = FM__OP(round)(FM__OP(mul)(clamped, FM__OP(set1)(1.44269504088896341f)));
+    FM__V r = FM__OP(fnmadd)(n, FM__OP(set1)(0.693359375f), clamped);
+    FM__V p = FM__OP(set1)(1.9875691500e-4f);
+    r = FM__OP(fnmadd)(n, FM__OP(set1)(-2.12194440e-4f), r);
+    p = FM__OP(fmadd)(p, r, FM__OP(set1)(1.3981999507e-3f));
+    p = FM__OP(fmadd)(p, r, FM__OP(set1)(8.3334519073e-3f));
+    p = FM__OP(fmadd)(p, r, FM__OP(set1)(4.1665795894e-2f));
+    p = FM__OP(fmadd)(p, r, FM__OP(set1)(1.6666665459e-1f));
+    p = FM__OP(fmadd)(p, r, FM__OP(set1)(5.0000001201e-1f));
+    p = FM__OP(fmadd)(FM__OP(mul)(p, r), r, FM__OP(add)(r, FM__OP(set1)(1.0f)));
+    return FM__OP(scale_pow2)(p, n);
+}
 
 static inline FM__TARGET FM__V FM__OP(combine)(FM__V a, FM__V b, int take_max) {
     return take_max ? FM__OP(max)(a, b) : FM__OP(add)(a, b);
@@ -406,10 +435,9 @@ static inline FM__TARGET void FM__OP(scale_row)(float *y, int n, float factor) {
 
 /* Rows of at most FM__BLOCK_MAX_COLS in blocks of W: row maxima and row sums are per-row partial
  * vectors folded by one transposing reduction per block. The passes are software-pipelined
- * across blocks: while row r of block b goes through exp (a SLEEF call, which costs every
- * vector register), row r of block b + 1 gets its maximum and row r of block b - 1 its final
- * scaling, so the loads, stores and cheap arithmetic overlap the exp instead of queueing
- * behind it. */
+ * across blocks: while row r of block b goes through exp (the arithmetic-bound step), row r of
+ * block b + 1 gets its maximum and row r of block b - 1 its final scaling (load/store-bound
+ * steps), so the two kinds of work overlap instead of running as separate phases. */
 static FM__TARGET void FM__OP(softmax_blocks)(int rows, int n, const float *x, int ldx, float *y, int ldy) {
     FM__V next_max[FM__W], sums[FM__W];
     float row_max[FM__W], prev_inv[FM__W];

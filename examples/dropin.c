@@ -1,6 +1,6 @@
 /* The smallest flexmoe program: route 4 tokens over 8 experts with a softmax gate.
  *
- *     cc -O2 -I. examples/dropin.c -lsleef -lm && ./a.out
+ *     cc -O2 -I. examples/dropin.c -lm && ./a.out
  */
 #define FLEXMOE_IMPLEMENTATION
 #include "flexmoe.h"
