@@ -110,6 +110,27 @@ for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lm && ./build/cxx-$cxx"
 done
 
+# ---- packaging: meson install + pkg-config, and use as a meson subproject ----------------------
+pkg=$(mktemp -d)
+installed_pkgconfig() {
+  meson setup "$pkg/build" --prefix="$pkg/prefix" -Dtests=false -Dexamples=false -Dbench=disabled &&
+    ninja -C "$pkg/build" install &&
+    PKG_CONFIG_PATH=$(dirname "$(find "$pkg/prefix" -name flexmoe.pc)") &&
+    cc -O2 examples/dropin.c $(PKG_CONFIG_PATH=$PKG_CONFIG_PATH pkg-config --cflags --libs flexmoe) -o "$pkg/dropin" &&
+    "$pkg/dropin"
+}
+as_subproject() {
+  local user="$pkg/user"
+  mkdir -p "$user/subprojects/flexmoe" &&
+    cp flexmoe.h flexmoe_simd.h meson.build meson_options.txt "$user/subprojects/flexmoe/" &&
+    cp examples/dropin.c "$user/app.c" &&
+    printf "project('user', 'c')\nexecutable('app', 'app.c', dependencies : dependency('flexmoe'))\n" > "$user/meson.build" &&
+    meson setup "$user/build" "$user" && ninja -C "$user/build" && "$user/build/app"
+}
+run install-pkgconfig installed_pkgconfig
+run meson-subproject as_subproject
+rm -rf "$pkg"
+
 echo
 if [ $failed -ne 0 ]; then echo "failed: ${failures[*]}"; fi
 echo "$passed passed, $failed failed"
