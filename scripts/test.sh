@@ -92,7 +92,7 @@ if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/
   run compile-aarch64 ninja -C build/aarch64
   for isa in neon scalar; do
     for t in "${tests[@]}"; do
-      run_tests "$t-$isa-qemu" FLEXMOE_ISA=$isa -- qemu-aarch64 -L /usr/aarch64-linux-gnu build/aarch64/tests/$t
+      run_tests "$t-$isa-qemu" FLEXMOE_ISA=$isa -- qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib build/aarch64/tests/$t
     done
   done
 else
