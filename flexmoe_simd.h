@@ -136,9 +136,6 @@ static inline FM__TARGET __m256 fm__avx2_swap(__m256 v, int distance) {
     }
 }
 
-static inline FM__TARGET __m256 fm__avx2_broadcast_lane(__m256 v, int lane) {
-    return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(lane));
-}
 /* Lanes i with (i & distance) != 0 from b, the others from a. */
 static inline FM__TARGET __m256 fm__avx2_blend_upper(__m256 a, __m256 b, int distance) {
     switch (distance) {
@@ -197,9 +194,6 @@ static inline FM__TARGET __m512 fm__avx512_swap(__m512 v, int distance) {
     }
 }
 
-static inline FM__TARGET __m512 fm__avx512_broadcast_lane(__m512 v, int lane) {
-    return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v);
-}
 static inline FM__TARGET __m512 fm__avx512_blend_upper(__m512 a, __m512 b, int distance) {
     static const __mmask16 upper[9] = {0, 0xAAAA, 0xCCCC, 0, 0xF0F0, 0, 0, 0, 0xFF00};
     return _mm512_mask_blend_ps(upper[distance], a, b);
@@ -259,11 +253,6 @@ static inline float32x4_t fm__neon_swap(float32x4_t v, int distance) {
     return distance == 1 ? vrev64q_f32(v) : vextq_f32(v, v, 2);
 }
 
-static inline float32x4_t fm__neon_broadcast_lane(float32x4_t v, int lane) {
-    float lanes[4];
-    vst1q_f32(lanes, v);
-    return vld1q_dup_f32(lanes + lane);
-}
 static inline float32x4_t fm__neon_blend_upper(float32x4_t a, float32x4_t b, int distance) {
     static const uint32_t upper[2][4] = {{0, ~0u, 0, ~0u}, {0, 0, ~0u, ~0u}};
     return vbslq_f32(vld1q_u32(upper[distance >> 1]), b, a);
