@@ -355,8 +355,8 @@ static inline FM__TARGET void FM__OP(store_rows)(float *y, int ld, int nrows, in
         for (j = 0; j < cols; j++) y[(size_t)s * ld + j] = lanes[s * segment + j];
 }
 
-/* Sums of exp are blocked so that a lane never adds more than this many terms in a row: the
- * rounding error then grows with the block, not with the row length. */
+/* Sums (of exp, of products) are blocked so that a lane never adds more than this many terms in
+ * a row: the rounding error then grows with the block, not with the row length. */
 #define FM__SUM_BLOCK 16
 /* Rows of up to FM__SUM_BLOCK vectors go through the row-block path (W rows at a time, at most
  * 16 KiB of AVX-512 data, which stays in L1 between its passes); longer rows go one at a time. */
@@ -396,30 +396,35 @@ static inline FM__TARGET FM__V FM__OP(block_max)(int nrows, int n, const float *
     return FM__OP(transpose_reduce)(partial, 1);
 }
 
-/* exp(x - max) of one row into y; returns the per-lane partial sums. */
-static inline FM__TARGET FM__V FM__OP(exp_row)(const float *x, float *y, int n, float max) {
+/* exp(x - max) of one row into y (max broadcast in every lane); returns the per-lane partial
+ * sums, blocked so that a lane never adds more than FM__SUM_BLOCK terms in a row. */
+static inline FM__TARGET FM__V FM__OP(exp_row)(const float *x, float *y, int n, FM__V max) {
     const int full = n - n % FM__W, tail = n - full;
     FM__V sum = FM__OP(set1)(0.0f), e;
-    int j;
-    for (j = 0; j < full; j += FM__W) {
-        e = FM__OP(exp)(FM__OP(sub)(FM__OP(load)(x + j), FM__OP(set1)(max)));
-        FM__OP(store)(y + j, e);
-        sum = FM__OP(add)(sum, e);
+    int j, block;
+    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+        FM__V partial = FM__OP(set1)(0.0f);
+        for (j = block; j < end; j += FM__W) {
+            e = FM__OP(exp)(FM__OP(sub)(FM__OP(load)(x + j), max));
+            FM__OP(store)(y + j, e);
+            partial = FM__OP(add)(partial, e);
+        }
+        sum = FM__OP(add)(sum, partial);
     }
     if (tail) {
-        e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, tail, -INFINITY), FM__OP(set1)(max)));
+        e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, tail, -INFINITY), max));
         FM__OP(store_part)(y + full, e, tail);
         sum = FM__OP(add)(sum, e);
     }
     return sum;
 }
 
-static inline FM__TARGET void FM__OP(scale_row)(float *y, int n, float factor) {
+static inline FM__TARGET void FM__OP(scale_row)(float *y, int n, FM__V factor) {
     const int full = n - n % FM__W, tail = n - full;
-    const FM__V f = FM__OP(set1)(factor);
     int j;
-    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), f));
-    if (tail) FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, tail, 0.0f), f), tail);
+    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), factor));
+    if (tail) FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, tail, 0.0f), factor), tail);
 }
 
 /* Rows of at most FM__BLOCK_MAX_COLS in blocks of W: row maxima and row sums are per-row partial
@@ -436,44 +441,24 @@ static FM__TARGET void FM__OP(softmax_blocks)(int rows, int n, const float *x, i
         const int nrows = rows - b < FM__W ? rows - b : FM__W, next = b + FM__W, prev = b - FM__W;
         const int next_rows = rows - next < FM__W ? rows - next : FM__W;
         for (r = 0; r < FM__W; r++) {
-            sums[r] = r < nrows ? FM__OP(exp_row)(x + (size_t)(b + r) * ldx, y + (size_t)(b + r) * ldy, n, row_max[r])
+            sums[r] = r < nrows ? FM__OP(exp_row)(x + (size_t)(b + r) * ldx, y + (size_t)(b + r) * ldy, n,
+                                                  FM__OP(set1)(row_max[r]))
                                 : FM__OP(set1)(0.0f);
             if (r < next_rows) next_max[r] = FM__OP(max_partial)(x + (size_t)(next + r) * ldx, n);
-            if (prev >= 0) FM__OP(scale_row)(y + (size_t)(prev + r) * ldy, n, prev_inv[r]);
+            if (prev >= 0) FM__OP(scale_row)(y + (size_t)(prev + r) * ldy, n, FM__OP(set1)(prev_inv[r]));
         }
         if (next_rows > 0) FM__OP(store)(row_max, FM__OP(transpose_reduce)(next_max, 1));
         FM__OP(store)(prev_inv, FM__OP(recip)(FM__OP(transpose_reduce)(sums, 0)));
         if (next >= rows)
-            for (r = 0; r < nrows; r++) FM__OP(scale_row)(y + (size_t)(b + r) * ldy, n, prev_inv[r]);
+            for (r = 0; r < nrows; r++) FM__OP(scale_row)(y + (size_t)(b + r) * ldy, n, FM__OP(set1)(prev_inv[r]));
     }
 }
 
 /* One long row, three passes over L1-resident data. */
 static FM__TARGET void FM__OP(softmax_row)(const float *x, float *y, int n) {
-    const int full = n - n % FM__W, tail = n - full;
-    FM__V vmax = FM__OP(set1)(-INFINITY), sum = FM__OP(set1)(0.0f), inv;
-    int j, block;
-    for (j = 0; j < full; j += FM__W) vmax = FM__OP(max)(vmax, FM__OP(load)(x + j));
-    if (tail) vmax = FM__OP(max)(vmax, FM__OP(load_part)(x + full, tail, -INFINITY));
-    vmax = FM__OP(segment_reduce)(vmax, FM__W, 1);
-    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
-        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
-        FM__V partial = FM__OP(set1)(0.0f);
-        for (j = block; j < end; j += FM__W) {
-            FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load)(x + j), vmax));
-            FM__OP(store)(y + j, e);
-            partial = FM__OP(add)(partial, e);
-        }
-        sum = FM__OP(add)(sum, partial);
-    }
-    if (tail) {
-        FM__V e = FM__OP(exp)(FM__OP(sub)(FM__OP(load_part)(x + full, tail, -INFINITY), vmax));
-        FM__OP(store_part)(y + full, e, tail);
-        sum = FM__OP(add)(sum, e);
-    }
-    inv = FM__OP(recip)(FM__OP(segment_reduce)(sum, FM__W, 0));
-    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(mul)(FM__OP(load)(y + j), inv));
-    if (tail) FM__OP(store_part)(y + full, FM__OP(mul)(FM__OP(load_part)(y + full, tail, 0.0f), inv), tail);
+    const FM__V max = FM__OP(segment_reduce)(FM__OP(max_partial)(x, n), FM__W, 1);
+    const FM__V sum = FM__OP(segment_reduce)(FM__OP(exp_row)(x, y, n, max), FM__W, 0);
+    FM__OP(scale_row)(y, n, FM__OP(recip)(sum));
 }
 
 static FM__TARGET void FM__OP(softmax_forward)(int rows, int cols, const float *x, int ldx, float *y,
