@@ -14,11 +14,12 @@
  *   1. Version, status codes, memory and logging hooks   (public API)
  *   2. ISA selection                                      (public API)
  *   3. Softmax                                            (public API)
+ *   4. Top-k and routing gates                            (public API)
  *   --- implementation (FLEXMOE_IMPLEMENTATION) ---
- *   4. Status strings, allocator, logger
- *   5. Kernel table and scalar reference kernels
- *   6. ISA kernels and run-time selection
- *   7. Argument checking and public entry points
+ *   5. Status strings, allocator, logger
+ *   6. Kernel table and scalar reference kernels
+ *   7. ISA kernels and run-time selection
+ *   8. Argument checking and public entry points
  *
  * Conventions: every fallible call returns fm_status (FM_OK == 0). Buffers are caller-owned,
  * row-major, described by (rows, cols, leading dimension); kernels never allocate. Shapes are
@@ -37,6 +38,7 @@
 #define FLEXMOE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -56,6 +58,7 @@ typedef enum fm_status {
     FM_ERR_OUT_OF_MEMORY,   /* the allocator returned NULL */
     FM_ERR_UNKNOWN_ISA,     /* a name (FLEXMOE_ISA, fm_isa_from_name) that names no ISA path */
     FM_ERR_UNSUPPORTED_ISA, /* that ISA path is not compiled in or this CPU/OS cannot run it */
+    FM_ERR_INVALID_ARGUMENT, /* a value outside its documented range (k > experts, a label >= classes, ...) */
     FM_STATUS_COUNT
 } fm_status;
 
@@ -137,6 +140,19 @@ fm_status fm_softmax_forward(int rows, int cols, const float *x, int ldx, float 
 fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const float *dy,
                               int lddy, float *dx, int lddx);
 
+
+/* ==== 4. Top-k and routing gates =========================================================== */
+
+/* The k largest of each row's cols values, in descending order, for 1 <= k <= cols:
+ * indices[r][0..k) (required) and values[r][0..k) (optional: NULL skips them). Ties go to the
+ * lower column, so results are identical on every path. A NaN ranks as +Inf (above every number;
+ * among NaNs and +Infs the lower column first); values are copied from x, so a selected NaN reads
+ * back as NaN. FM_ERR_INVALID_ARGUMENT when k is outside [1, cols]. The SIMD paths keep one row
+ * per vector lane and a k-deep insertion network in registers for k <= 16; larger k runs a scalar
+ * insertion per row. */
+fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
+                  float *values, int ldv);
+
 #ifdef __cplusplus
 }
 #endif
@@ -167,7 +183,7 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 4. Status strings, allocator, logger ================================================= */
+/* ==== 5. Status strings, allocator, logger ================================================= */
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -178,6 +194,7 @@ const char *fm_status_str(fm_status status) {
     case FM_ERR_OUT_OF_MEMORY: return "out of memory";
     case FM_ERR_UNKNOWN_ISA: return "unknown ISA name (expected scalar, avx2, avx512 or neon)";
     case FM_ERR_UNSUPPORTED_ISA: return "the requested ISA path is not supported on this machine";
+    case FM_ERR_INVALID_ARGUMENT: return "an argument is outside its documented range";
     case FM_STATUS_COUNT: break;
     }
     return "unknown status code";
@@ -242,7 +259,7 @@ void fm_free(void *ptr) {
     fm__state.allocator.free(raw, fm__state.allocator.user_data);
 }
 
-/* ==== 5. Kernel table and scalar reference kernels ========================================= */
+/* ==== 6. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -250,6 +267,8 @@ struct fm__kernel_table {
     void (*softmax_forward)(int rows, int cols, const float *x, int ldx, float *y, int ldy);
     void (*softmax_backward)(int rows, int cols, const float *y, int ldy, const float *dy,
                              int lddy, float *dx, int lddx);
+    void (*topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
+                 float *values, int ldv);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -289,13 +308,52 @@ static void fm__scalar_softmax_backward(int rows, int cols, const float *y, int 
     }
 }
 
+
+/* Top-k order: by key descending, then column ascending; the key of NaN is +Inf. */
+static float fm__rank_key(float v) { return v != v ? INFINITY : v; }
+
+/* Insertion into the sorted prefix of indices; keys are re-read from the row, so no scratch. */
+static void fm__scalar_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
+                            float *values, int ldv) {
+    int r, j, i, count;
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        int32_t *idx = indices + (size_t)r * ldi;
+        for (j = 0, count = 0; j < cols; j++) {
+            const float key = fm__rank_key(xr[j]);
+            if (count == k && !(key > fm__rank_key(xr[idx[k - 1]]))) continue;
+            i = count < k ? count++ : k - 1;
+            for (; i > 0 && key > fm__rank_key(xr[idx[i - 1]]); i--) idx[i] = idx[i - 1];
+            idx[i] = j;
+        }
+        if (values)
+            for (i = 0; i < k; i++) values[(size_t)r * ldv + i] = xr[idx[i]];
+    }
+}
+
+/* The SIMD networks start from -Inf and only admit greater keys, so a row with fewer than k
+ * keys above -Inf ends with -1 slots; those are its -Inf entries, which tie, so they go in
+ * ascending column order: the lowest columns not selected yet. */
+static void fm__topk_fill_missing(int cols, int k, int32_t *idx) {
+    int filled = k, i, j, used;
+    while (filled > 0 && idx[filled - 1] < 0) filled--;
+    for (j = 0; j < cols && filled < k; j++) {
+        for (i = 0, used = 0; i < filled && !used; i++) used = idx[i] == j;
+        if (!used) idx[filled++] = j;
+    }
+}
+
+/* The SIMD top-k keeps at most this many levels in registers. */
+#define FM__TOPK_MAX 16
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
     fm__scalar_softmax_backward,
+    fm__scalar_topk,
 };
 
-/* ==== 6. ISA kernels and run-time selection =============================================== */
+/* ==== 7. ISA kernels and run-time selection =============================================== */
 
 #include "flexmoe_simd.h"
 
@@ -423,7 +481,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 7. Argument checking and public entry points ========================================= */
+/* ==== 8. Argument checking and public entry points ========================================= */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, extent addressable. */
 static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) {
@@ -475,4 +533,20 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
     return FM_OK;
 }
 
+fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
+                  float *values, int ldv) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
+    if (k < 1 || k > cols) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_matrix(indices, rows, k, ldi)) != FM_OK) return status;
+    if (values && (status = fm__check_matrix(values, rows, k, ldv)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__FOR_ROW_CHUNKS(rows, r0, n,
+                       kernels->topk(n, cols, k, x + (size_t)r0 * ldx, ldx, indices + (size_t)r0 * ldi, ldi,
+                                     values ? values + (size_t)r0 * ldv : NULL, ldv));
+    return FM_OK;
+}
+
 #endif /* FLEXMOE_IMPLEMENTATION */
+

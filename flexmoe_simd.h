@@ -145,6 +145,39 @@ static inline FM__TARGET __m256 fm__avx2_blend_upper(__m256 a, __m256 b, int dis
     }
 }
 
+/* Comparison masks are all-ones / all-zero lanes. */
+#define FM__MASK __m256
+static inline FM__TARGET __m256 fm__avx2_greater(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+static inline FM__TARGET __m256 fm__avx2_equal(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+static inline FM__TARGET __m256 fm__avx2_mask_or(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_select(__m256 mask, __m256 if_set, __m256 if_clear) {
+    return _mm256_blendv_ps(if_clear, if_set, mask);
+}
+/* NaN as +Inf, other values unchanged: minps returns its second operand when one is NaN. */
+static inline FM__TARGET __m256 fm__avx2_rank_key(__m256 v) { return _mm256_min_ps(v, _mm256_set1_ps(INFINITY)); }
+static inline FM__TARGET __m256 fm__avx2_sqrt(__m256 v) { return _mm256_sqrt_ps(v); }
+static inline FM__TARGET __m256 fm__avx2_div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
+static inline FM__TARGET __m256 fm__avx2_abs(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+/* For positive normal x: x = mantissa * 2^exponent with mantissa in [0.5, 1); returns exponent. */
+static inline FM__TARGET __m256 fm__avx2_split_exponent(__m256 x, __m256 *mantissa) {
+    const __m256i bits = _mm256_castps_si256(x);
+    *mantissa = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                    _mm256_set1_epi32(0x3F000000)));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+}
+/* Uniform in (0, 1) from the 32-bit lanes of `state` (bit patterns carried in a float vector)
+ * mixed with `key`: the lowbias32 integer hash, then the top 24 bits, centred in their cell. */
+static inline FM__TARGET __m256 fm__avx2_hash_uniform(__m256 state, uint32_t key) {
+    __m256i h = _mm256_xor_si256(_mm256_castps_si256(state), _mm256_set1_epi32((int)key));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x846ca68bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f),
+                           _mm256_set1_ps(0x1p-25f));
+}
+
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -152,6 +185,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     FM_ISA_AVX2,
     fm__avx2_softmax_forward,
     fm__avx2_softmax_backward,
+    fm__avx2_topk,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -199,6 +233,32 @@ static inline FM__TARGET __m512 fm__avx512_blend_upper(__m512 a, __m512 b, int d
     return _mm512_mask_blend_ps(upper[distance], a, b);
 }
 
+#define FM__MASK __mmask16
+static inline FM__TARGET __mmask16 fm__avx512_greater(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline FM__TARGET __mmask16 fm__avx512_equal(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+static inline FM__TARGET __mmask16 fm__avx512_mask_or(__mmask16 a, __mmask16 b) { return (__mmask16)(a | b); }
+static inline FM__TARGET __m512 fm__avx512_select(__mmask16 mask, __m512 if_set, __m512 if_clear) {
+    return _mm512_mask_blend_ps(mask, if_clear, if_set);
+}
+static inline FM__TARGET __m512 fm__avx512_rank_key(__m512 v) { return _mm512_min_ps(v, _mm512_set1_ps(INFINITY)); }
+static inline FM__TARGET __m512 fm__avx512_sqrt(__m512 v) { return _mm512_sqrt_ps(v); }
+static inline FM__TARGET __m512 fm__avx512_div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+static inline FM__TARGET __m512 fm__avx512_abs(__m512 v) { return _mm512_abs_ps(v); }
+static inline FM__TARGET __m512 fm__avx512_split_exponent(__m512 x, __m512 *mantissa) {
+    *mantissa = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
+    return _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
+}
+static inline FM__TARGET __m512 fm__avx512_hash_uniform(__m512 state, uint32_t key) {
+    __m512i h = _mm512_xor_si512(_mm512_castps_si512(state), _mm512_set1_epi32((int)key));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f),
+                           _mm512_set1_ps(0x1p-25f));
+}
+
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -206,6 +266,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     FM_ISA_AVX512,
     fm__avx512_softmax_forward,
     fm__avx512_softmax_backward,
+    fm__avx512_topk,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -258,6 +319,33 @@ static inline float32x4_t fm__neon_blend_upper(float32x4_t a, float32x4_t b, int
     return vbslq_f32(vld1q_u32(upper[distance >> 1]), b, a);
 }
 
+#define FM__MASK uint32x4_t
+static inline uint32x4_t fm__neon_greater(float32x4_t a, float32x4_t b) { return vcgtq_f32(a, b); }
+static inline uint32x4_t fm__neon_equal(float32x4_t a, float32x4_t b) { return vceqq_f32(a, b); }
+static inline uint32x4_t fm__neon_mask_or(uint32x4_t a, uint32x4_t b) { return vorrq_u32(a, b); }
+static inline float32x4_t fm__neon_select(uint32x4_t mask, float32x4_t if_set, float32x4_t if_clear) {
+    return vbslq_f32(mask, if_set, if_clear);
+}
+/* fminnm returns the number when one operand is NaN: NaN becomes +Inf. */
+static inline float32x4_t fm__neon_rank_key(float32x4_t v) { return vminnmq_f32(v, vdupq_n_f32(INFINITY)); }
+static inline float32x4_t fm__neon_sqrt(float32x4_t v) { return vsqrtq_f32(v); }
+static inline float32x4_t fm__neon_div(float32x4_t a, float32x4_t b) { return vdivq_f32(a, b); }
+static inline float32x4_t fm__neon_abs(float32x4_t v) { return vabsq_f32(v); }
+static inline float32x4_t fm__neon_split_exponent(float32x4_t x, float32x4_t *mantissa) {
+    const uint32x4_t bits = vreinterpretq_u32_f32(x);
+    *mantissa = vreinterpretq_f32_u32(vorrq_u32(vandq_u32(bits, vdupq_n_u32(0x007FFFFF)), vdupq_n_u32(0x3F000000)));
+    return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(bits, 23)), vdupq_n_s32(126)));
+}
+static inline float32x4_t fm__neon_hash_uniform(float32x4_t state, uint32_t key) {
+    uint32x4_t h = veorq_u32(vreinterpretq_u32_f32(state), vdupq_n_u32(key));
+    h = veorq_u32(h, vshrq_n_u32(h, 16));
+    h = vmulq_u32(h, vdupq_n_u32(0x7feb352du));
+    h = veorq_u32(h, vshrq_n_u32(h, 15));
+    h = vmulq_u32(h, vdupq_n_u32(0x846ca68bu));
+    h = veorq_u32(h, vshrq_n_u32(h, 16));
+    return vfmaq_f32(vdupq_n_f32(0x1p-25f), vcvtq_f32_u32(vshrq_n_u32(h, 8)), vdupq_n_f32(0x1p-24f));
+}
+
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -265,6 +353,7 @@ static const fm__kernel_table fm__neon_kernels = {
     FM_ISA_NEON,
     fm__neon_softmax_forward,
     fm__neon_softmax_backward,
+    fm__neon_topk,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -543,6 +632,122 @@ static FM__TARGET void FM__OP(softmax_backward)(int rows, int cols, const float 
     }
 }
 
+/* ---- top-k: one row per lane ---- */
+
+/* Transposes the W x W block held in v (v[r] lane c = element (r, c)) in place: log2(W) stages,
+ * each exchanging the off-diagonal d x d sub-blocks of every 2d x 2d block. */
+static inline FM__TARGET void FM__OP(transpose)(FM__V *v) {
+    int distance, r;
+    FM__UNROLL_W
+    for (distance = FM__W / 2; distance >= 1; distance /= 2) {
+        FM__UNROLL_W
+        for (r = 0; r < FM__W; r++) {
+            if (r & distance) continue;
+            {
+                const FM__V a = v[r], b = v[r + distance];
+                v[r] = FM__OP(blend_upper)(a, FM__OP(swap)(b, distance), distance);
+                v[r + distance] = FM__OP(blend_upper)(FM__OP(swap)(a, distance), b, distance);
+            }
+        }
+    }
+}
+
+/* Columns [c0, c0 + W) of W rows, transposed: column[j] lane r = x[r][c0 + j]. Rows past nrows
+ * repeat the last row; columns past cols read as `fill`. */
+static inline FM__TARGET void FM__OP(load_columns)(const float *x, int ldx, int nrows, int c0, int cols,
+                                                   float fill, FM__V *column) {
+    const int n = cols - c0 < FM__W ? cols - c0 : FM__W;
+    int r;
+    FM__UNROLL_W
+    for (r = 0; r < FM__W; r++) {
+        const float *p = x + (size_t)(r < nrows ? r : nrows - 1) * ldx + c0;
+        column[r] = n == FM__W ? FM__OP(load)(p) : FM__OP(load_part)(p, n, fill);
+    }
+    FM__OP(transpose)(column);
+}
+
+/* One step of the k-deep insertion network kept in registers: top[0..k) holds each lane's k
+ * largest keys so far in descending order, slot[] their columns. A key enters only when strictly
+ * greater, and columns arrive in increasing order, so equal keys keep the lower column first.
+ * Every comparison reads the old state (levels go from the bottom up), so the k levels do not
+ * wait on each other. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_insert)(FM__V *top, FM__V *slot, int k,
+                                                                                  FM__V key, FM__V column) {
+    FM__MASK above = FM__OP(greater)(key, top[k - 1]), above_previous;
+    int i;
+    FM__UNROLL_W
+    for (i = k - 1; i > 0; i--) {
+        above_previous = FM__OP(greater)(key, top[i - 1]);
+        top[i] = FM__OP(select)(above_previous, top[i - 1], FM__OP(select)(above, key, top[i]));
+        slot[i] = FM__OP(select)(above_previous, slot[i - 1], FM__OP(select)(above, column, slot[i]));
+        above = above_previous;
+    }
+    top[0] = FM__OP(select)(above, key, top[0]);
+    slot[0] = FM__OP(select)(above, column, slot[0]);
+}
+
+/* Runs the network over all columns of a block of up to W rows; on return slot[i] lane r is the
+ * column of row r's i-th largest key (-1 where fewer than i + 1 keys exceed -Inf) and top[i]
+ * that key. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_network)(int nrows, int cols, int k,
+                                                                                   const float *x, int ldx,
+                                                                                   FM__V *top, FM__V *slot) {
+    FM__V column[FM__W];
+    int i, c0, j;
+    for (i = 0; i < k; i++) {
+        top[i] = FM__OP(set1)(-INFINITY);
+        slot[i] = FM__OP(set1)(-1.0f);
+    }
+    for (c0 = 0; c0 < cols; c0 += FM__W) {
+        FM__OP(load_columns)(x, ldx, nrows, c0, cols, -INFINITY, column); /* -Inf never enters */
+        FM__UNROLL_W
+        for (j = 0; j < FM__W; j++)
+            FM__OP(topk_insert)(top, slot, k, FM__OP(rank_key)(column[j]), FM__OP(set1)((float)(c0 + j)));
+    }
+}
+
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_block)(int nrows, int cols, int k,
+                                                                                 const float *x, int ldx,
+                                                                                 int32_t *indices, int ldi,
+                                                                                 float *values, int ldv) {
+    FM__V top[FM__TOPK_MAX], slot[FM__TOPK_MAX];
+    float columns[FM__TOPK_MAX][FM__W];
+    int i, r;
+    FM__OP(topk_network)(nrows, cols, k, x, ldx, top, slot);
+    for (i = 0; i < k; i++) FM__OP(store)(columns[i], slot[i]);
+    for (r = 0; r < nrows; r++) {
+        int32_t *row_indices = indices + (size_t)r * ldi;
+        for (i = 0; i < k; i++) row_indices[i] = (int32_t)columns[i][r];
+        if (row_indices[k - 1] < 0) fm__topk_fill_missing(cols, k, row_indices);
+        if (values)
+            for (i = 0; i < k; i++) values[(size_t)r * ldv + i] = x[(size_t)r * ldx + row_indices[i]];
+    }
+}
+
+/* k is made a compile-time constant for the common sizes so that the network is unrolled and
+ * its state stays in registers. */
+static FM__TARGET void FM__OP(topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices,
+                                    int ldi, float *values, int ldv) {
+    int r;
+#define FM__TOPK_BLOCKS(K)                                                                          \
+    for (r = 0; r < rows; r += FM__W)                                                               \
+        FM__OP(topk_block)(rows - r < FM__W ? rows - r : FM__W, cols, K, x + (size_t)r * ldx, ldx,     \
+                           indices + (size_t)r * ldi, ldi, values ? values + (size_t)r * ldv : NULL, ldv)
+    switch (k) {
+    case 1: FM__TOPK_BLOCKS(1); break;
+    case 2: FM__TOPK_BLOCKS(2); break;
+    case 3: FM__TOPK_BLOCKS(3); break;
+    case 4: FM__TOPK_BLOCKS(4); break;
+    case 5: FM__TOPK_BLOCKS(5); break;
+    case 6: FM__TOPK_BLOCKS(6); break;
+    case 8: FM__TOPK_BLOCKS(8); break;
+    default:
+        if (k <= FM__TOPK_MAX) FM__TOPK_BLOCKS(k);
+        else fm__scalar_topk(rows, cols, k, x, ldx, indices, ldi, values, ldv);
+    }
+#undef FM__TOPK_BLOCKS
+}
+
 #undef FM__UNROLL_W
 #undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK
@@ -550,5 +755,6 @@ static FM__TARGET void FM__OP(softmax_backward)(int rows, int cols, const float 
 #undef FM__TARGET
 #undef FM__V
 #undef FM__W
+#undef FM__MASK
 #undef FM__SIMD_TEMPLATE
 #endif /* FM__SIMD_TEMPLATE */

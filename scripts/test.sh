@@ -60,7 +60,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_cxx)
+tests=(test_api test_softmax test_topk test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled
@@ -80,7 +80,8 @@ run build-sanitize configure build/sanitize -Dbench=disabled -Dbuildtype=debugop
     -Db_sanitize=address,undefined -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all
 run compile-sanitize ninja -C build/sanitize
 for isa in $isas; do
-  for t in test_api test_softmax; do
+  for t in "${tests[@]}"; do
+    [ "$t" = test_cxx ] && continue
     run_tests "$t-$isa-asan-ubsan" FLEXMOE_ISA=$isa -- build/sanitize/tests/$t
   done
 done
