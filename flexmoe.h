@@ -148,10 +148,139 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
  * lower column, so results are identical on every path. A NaN ranks as +Inf (above every number;
  * among NaNs and +Infs the lower column first); values are copied from x, so a selected NaN reads
  * back as NaN. FM_ERR_INVALID_ARGUMENT when k is outside [1, cols]. The SIMD paths keep one row
- * per vector lane and a k-deep insertion network in registers for k <= 16; larger k runs a scalar
- * insertion per row. */
+ * per vector lane and a k-deep insertion network in registers for k <= FLEXMOE_GATE_MAX_TOP_K;
+ * larger k runs a scalar insertion per row. */
 fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
                   float *values, int ldv);
+
+/* Limits of the gates below: the top-k network's depth, the experts of one register tile, and the
+ * token groups whose importance and load are kept apart. */
+#define FLEXMOE_GATE_MAX_TOP_K 16
+#define FLEXMOE_GATE_MAX_EXPERTS 1024
+#define FLEXMOE_GATE_MAX_GROUPS 8
+
+/* Softmax-then-top-k routing (Mixtral, ggml): indices = the top k of each row of logits (fm_topk
+ * order, so ties and NaN as there), weights = softmax(logits) at those indices, divided by their
+ * sum when `renormalize` is nonzero (then they equal the softmax over the k selected logits).
+ * Selection is on the logits, not on rounded probabilities, so two logits that round to the
+ * same probability still rank by value. 1 <= k <= min(experts, FLEXMOE_GATE_MAX_TOP_K),
+ * experts <= FLEXMOE_GATE_MAX_EXPERTS. A row whose selected logits include NaN or +Inf gets NaN
+ * weights. */
+fm_status fm_softmax_topk_forward(int tokens, int experts, int k, int renormalize, const float *logits,
+                                  int ldl, int32_t *indices, int ldi, float *weights, int ldw);
+
+/* Gradient of the weights above with respect to the logits (d_logits overwritten, tokens x
+ * experts), from the forward's logits, indices and weights and the weights' gradient. */
+fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormalize, const float *logits,
+                                   int ldl, const int32_t *indices, int ldi, const float *weights, int ldw,
+                                   const float *d_weights, int lddw, float *d_logits, int lddl);
+
+/* The noisy top-k gate of FastMoE, as Flex-MoE uses it. Per token t, from its clean logits
+ * c = x W_gate and noise logits r = x W_noise (fm_gate_logits_forward):
+ *   training:  std = softplus(r) + noise_epsilon, noisy = c + n * std, n = fm_gate_noise(...)
+ *   inference: noisy = c
+ *   indices = the top k of noisy (fm_topk order), gates = softmax over those k noisy logits;
+ *   importance[g][e] = sum of the gates given to expert e by the tokens of group g;
+ *   load[g][e] (training, k < experts) = sum over those tokens of P(e stays in the top k under
+ *     the noise) = Phi((c_e - theta) / std_e), theta = the (k+1)-th noisy logit when e is in the
+ *     top k, else the k-th: FastMoE's differentiable load. In inference, or with k == experts,
+ *     load counts the tokens routed to each expert (FastMoE's _gates_to_load) and has no gradient.
+ * One pass over tiles of tokens (one token per vector lane): the tokens x experts noisy logits
+ * and probabilities are only written when noisy_logits is given. FastMoE tests "in the top k" as
+ * noisy > (k+1)-th value; here it is "selected", which differs only on an exact tie. */
+typedef struct fm_gate_desc {
+    int tokens;
+    int experts;              /* <= FLEXMOE_GATE_MAX_EXPERTS */
+    int top_k;                /* 1 .. min(experts, FLEXMOE_GATE_MAX_TOP_K) */
+    int training;             /* nonzero: add the noise and compute the differentiable load */
+    int groups;               /* token groups for importance and load; 0: 1 */
+    float noise_epsilon;      /* added to softplus(r); 0: 0.01 (FastMoE); must be >= 0 */
+    uint64_t seed;            /* the noise of token t, expert e is fm_gate_noise(seed, */
+    uint64_t token_offset;    /*   token_offset + t, e): give each batch or step its own offset */
+} fm_gate_desc;
+
+/* Leading dimensions of 0 mean packed rows (experts or top_k). */
+typedef struct fm_gate_tensors {
+    const float *clean_logits;    /* tokens x experts, required */
+    int ld_clean;
+    const float *noise_logits;    /* tokens x experts, required in training */
+    int ld_noise;
+    const int32_t *token_group;   /* tokens, each in [0, groups); NULL: every token in group 0 */
+    int32_t *indices;             /* tokens x top_k, written by the forward, read by the backward */
+    int ld_indices;
+    float *gates;                 /* tokens x top_k, likewise */
+    int ld_gates;
+    float *noisy_logits;          /* tokens x experts, optional output (the S-Router CE needs it) */
+    int ld_noisy;
+    float *importance;            /* groups x experts, optional output (overwritten) */
+    float *load;                  /* groups x experts, optional output (overwritten) */
+} fm_gate_tensors;
+
+fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors);
+
+/* Backward of fm_noisy_gate_forward: from the forward's inputs and outputs (tensors: clean and
+ * noise logits, token_group, indices, gates; the noise is drawn again from the seed) and any of
+ * the gradients of its outputs (NULL: zero), writes the gradients of the clean and noise logits
+ * (overwritten). Gradients flow through the gates' softmax, through the load probabilities into
+ * the clean logits, the noise std and the threshold logit, and through the noise into r. */
+typedef struct fm_gate_gradients {
+    const float *d_gates;         /* tokens x top_k */
+    int ld_d_gates;
+    const float *d_importance;    /* groups x experts */
+    const float *d_load;          /* groups x experts (ignored where load is a count) */
+    const float *d_noisy_logits;  /* tokens x experts */
+    int ld_d_noisy;
+    float *d_clean_logits;        /* tokens x experts, required */
+    int ld_d_clean;
+    float *d_noise_logits;        /* tokens x experts, required in training */
+    int ld_d_noise;
+} fm_gate_gradients;
+
+fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors *tensors,
+                                 const fm_gate_gradients *gradients);
+
+/* The gate's N(0, 1) noise for a (global token index, expert) pair: a counter-based draw, so a
+ * run is reproducible whatever the batching, threads or ISA: h = lowbias32(state(seed, token) ^
+ * (expert + 1) * 0x9E3779B9), x = (-1)^(h >> 31) (1 - (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23),
+ * uniform in (-1, 1); n = sqrt(2) erfinv(x) (Giles' float erfinv). state() is the splitmix64
+ * finaliser of seed + (token + 1) * 0x9E3779B97F4A7C15, folded to 32 bits. The SIMD paths
+ * compute the same x exactly and n within a few ulp. */
+float fm_gate_noise(uint64_t seed, uint64_t token, int expert);
+
+/* The gate's logits from token features: clean = x W_gate and, when w_noise is not NULL,
+ * noise = x W_noise (x: tokens x dim, W: dim x experts, outputs tokens x experts, packed). */
+fm_status fm_gate_logits_forward(int tokens, int dim, int experts, const float *x, int ldx,
+                                 const float *w_gate, const float *w_noise, float *clean, float *noise);
+
+/* Its backward: dx = d_clean W_gate^T + d_noise W_noise^T, dW_gate = x^T d_clean,
+ * dW_noise = x^T d_noise (all overwritten; d_noise, w_noise and dw_noise NULL together, and any
+ * of dx, dw_gate, dw_noise may be NULL when not wanted). */
+fm_status fm_gate_logits_backward(int tokens, int dim, int experts, const float *x, int ldx,
+                                  const float *w_gate, const float *w_noise, const float *d_clean,
+                                  const float *d_noise, float *dx, int lddx, float *dw_gate, float *dw_noise);
+
+/* ---- Router losses (value and gradient in one call; gradient pointers may be NULL) ---- */
+
+/* cv^2(v) = var(v) / (mean(v)^2 + 1e-10), unbiased variance as in FastMoE; 0 when n == 1.
+ * dv (n floats, overwritten) is its gradient. */
+fm_status fm_cv_squared(int n, const float *v, float *value, float *dv);
+
+/* Mean over the tokens with targets[t] >= 0 of the cross-entropy of softmax(logits[t]) toward
+ * targets[t] (negative targets are ignored, as PyTorch's ignore_index; 0 when all are).
+ * d_logits (tokens x experts, overwritten; zero rows for ignored tokens) is its gradient. */
+fm_status fm_router_cross_entropy(int tokens, int experts, const float *logits, int ldl,
+                                  const int32_t *targets, float *value, float *d_logits, int lddl);
+
+/* Flex-MoE's gate loss for one chunk of tokens: the S-Router term, cross-entropy of the noisy
+ * logits toward each token's modality-combination index over the tokens whose sample misses a
+ * modality (combination[t] > 0; 0 = all modalities), plus, for each token group g,
+ * cv^2(importance[g]) + cv^2(load[g]) (the G-Router balance; Flex-MoE uses group 0 = tokens of
+ * full-modality samples, group 1 = the others). combination[t] must be < experts. The gradients
+ * (NULL: not wanted) feed fm_noisy_gate_backward. */
+fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const float *noisy_logits, int ldl,
+                                 const int32_t *combination, const float *importance, const float *load,
+                                 float *value, float *d_noisy_logits, int lddl, float *d_importance,
+                                 float *d_load);
 
 #ifdef __cplusplus
 }
@@ -218,6 +347,19 @@ static void fm__default_log(fm_log_level level, const char *message, void *user_
 
 typedef struct fm__kernel_table fm__kernel_table;
 
+/* Everything the fused gate kernel needs, checked and with defaults applied. */
+typedef struct fm__gate_job {
+    int tokens, experts, top_k, training, groups, renormalize;
+    float noise_epsilon;
+    uint64_t seed, token_offset;
+    const float *clean, *noise;
+    int ld_clean, ld_noise;
+    const int32_t *token_group;
+    int32_t *indices;
+    float *gates, *noisy, *importance, *load; /* importance and load accumulate (zeroed first) */
+    int ld_indices, ld_gates, ld_noisy;
+} fm__gate_job;
+
 static struct {
     fm_allocator allocator;
     fm_logger logger;
@@ -269,6 +411,7 @@ struct fm__kernel_table {
                              int lddy, float *dx, int lddx);
     void (*topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
                  float *values, int ldv);
+    void (*gate)(const fm__gate_job *job);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -343,14 +486,128 @@ static void fm__topk_fill_missing(int cols, int k, int32_t *idx) {
     }
 }
 
-/* The SIMD top-k keeps at most this many levels in registers. */
-#define FM__TOPK_MAX 16
+
+/* ---- the gate's noise: counter-based, identical integers on every path ---- */
+
+/* The splitmix64 finaliser of (seed, token), folded to 32 bits: one state per token. */
+static uint32_t fm__noise_token_state(uint64_t seed, uint64_t token) {
+    uint64_t z = seed + (token + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (uint32_t)(z ^ (z >> 32));
+}
+
+static uint32_t fm__noise_expert_key(int expert) { return (uint32_t)(expert + 1) * 0x9E3779B9u; }
+
+/* Chris Wellons' lowbias32, then x = (-1)^(h >> 31) (1 - y), y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23:
+ * uniform on a grid symmetric about 0, exact in float, whose points next to +-1 keep full
+ * precision (1 - |x| = y exactly), which the tails of the normal need. */
+static float fm__noise_symmetric(uint32_t state, int expert) {
+    uint32_t h = state ^ fm__noise_expert_key(expert);
+    float y;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    y = (float)((h >> 8) & 0x7FFFFFu) * 0x1p-23f + 0x1p-24f;
+    return h >> 31 ? y - 1.0f : 1.0f - y;
+}
+
+/* sqrt(2) erfinv(x) with Giles' single-precision erfinv, as the SIMD template evaluates it. */
+static float fm__normal_from_symmetric(float x) {
+    const float ax = fabsf(x);
+    float w = -logf((1.0f - ax) * (1.0f + ax)), p;
+    if (w < 5.0f) {
+        w -= 2.5f;
+        p = 2.81022636e-08f;
+        p = 3.43273939e-07f + p * w;
+        p = -3.5233877e-06f + p * w;
+        p = -4.39150654e-06f + p * w;
+        p = 0.00021858087f + p * w;
+        p = -0.00125372503f + p * w;
+        p = -0.00417768164f + p * w;
+        p = 0.246640727f + p * w;
+        p = 1.50140941f + p * w;
+    } else {
+        w = sqrtf(w) - 3.0f;
+        p = -0.000200214257f;
+        p = 0.000100950558f + p * w;
+        p = 0.00134934322f + p * w;
+        p = -0.00367342844f + p * w;
+        p = 0.00573950773f + p * w;
+        p = -0.0076224613f + p * w;
+        p = 0.00943887047f + p * w;
+        p = 1.00167406f + p * w;
+        p = 2.83297682f + p * w;
+    }
+    return p * x * 1.41421356237309505f;
+}
+
+/* softplus(r) + epsilon without overflow; NaN stays NaN. */
+static float fm__noise_std(float r, float epsilon) {
+    return (r > 0.0f ? r : 0.0f) + log1pf(expf(-fabsf(r))) + epsilon;
+}
+
+static double fm__normal_cdf(double z) { return 0.5 * erfc(-z * 0.70710678118654752); }
+static double fm__normal_pdf(double z) { return 0.39894228040143268 * exp(-0.5 * z * z); }
+
+/* The reference gate, one token at a time; the SIMD template does the same per lane. */
+static void fm__scalar_gate(const fm__gate_job *job) {
+    const int E = job->experts, k = job->top_k;
+    const int with_load = job->training && job->load && k < E, levels = with_load ? k + 1 : k;
+    float noisy[FLEXMOE_GATE_MAX_EXPERTS], stds[FLEXMOE_GATE_MAX_EXPERTS];
+    int32_t top[FLEXMOE_GATE_MAX_TOP_K + 1];
+    int t, e, i;
+    for (t = 0; t < job->tokens; t++) {
+        const float *clean = job->clean + (size_t)t * job->ld_clean;
+        const int group = job->token_group ? job->token_group[t] : 0;
+        int32_t *idx = job->indices + (size_t)t * job->ld_indices;
+        float *gates = job->gates + (size_t)t * job->ld_gates;
+        float key0;
+        double denominator = 0.0;
+        if (job->training) {
+            const float *noise = job->noise + (size_t)t * job->ld_noise;
+            const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
+            for (e = 0; e < E; e++) {
+                stds[e] = fm__noise_std(noise[e], job->noise_epsilon);
+                noisy[e] = fmaf(fm__normal_from_symmetric(fm__noise_symmetric(state, e)), stds[e], clean[e]);
+            }
+        } else {
+            memcpy(noisy, clean, (size_t)E * sizeof *noisy);
+        }
+        if (job->noisy) memcpy(job->noisy + (size_t)t * job->ld_noisy, noisy, (size_t)E * sizeof *noisy);
+        fm__scalar_topk(1, E, levels, noisy, E, top, levels, NULL, 0);
+        key0 = fm__rank_key(noisy[top[0]]);
+        if (job->renormalize)
+            for (i = 0; i < k; i++) denominator += exp((double)fm__rank_key(noisy[top[i]]) - key0);
+        else
+            for (e = 0; e < E; e++) denominator += exp((double)fm__rank_key(clean[e]) - key0);
+        for (i = 0; i < k; i++) {
+            idx[i] = top[i];
+            gates[i] = (float)(exp((double)fm__rank_key(noisy[top[i]]) - key0) / denominator);
+            if (job->importance) job->importance[(size_t)group * E + idx[i]] += gates[i];
+            if (job->load && !with_load) job->load[(size_t)group * E + idx[i]] += 1.0f;
+        }
+        if (with_load) {
+            const double in_threshold = fm__rank_key(noisy[top[k]]), out_threshold = fm__rank_key(noisy[top[k - 1]]);
+            for (e = 0; e < E; e++) {
+                int in = 0;
+                for (i = 0; i < k; i++) in |= top[i] == e;
+                job->load[(size_t)group * E + e] +=
+                    (float)fm__normal_cdf((clean[e] - (in ? in_threshold : out_threshold)) / stds[e]);
+            }
+        }
+    }
+}
 
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
     fm__scalar_softmax_backward,
     fm__scalar_topk,
+    fm__scalar_gate,
 };
 
 /* ==== 7. ISA kernels and run-time selection =============================================== */
@@ -545,6 +802,414 @@ fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *i
     FM__FOR_ROW_CHUNKS(rows, r0, n,
                        kernels->topk(n, cols, k, x + (size_t)r0 * ldx, ldx, indices + (size_t)r0 * ldi, ldi,
                                      values ? values + (size_t)r0 * ldv : NULL, ldv));
+    return FM_OK;
+}
+
+/* ---- routing gates ---- */
+
+static fm_status fm__check_gate_size(int tokens, int experts, int k) {
+    if (tokens <= 0 || experts <= 0) return FM_ERR_INVALID_SHAPE;
+    if (k < 1 || k > experts || k > FLEXMOE_GATE_MAX_TOP_K || experts > FLEXMOE_GATE_MAX_EXPERTS)
+        return FM_ERR_INVALID_ARGUMENT;
+    return FM_OK;
+}
+
+/* Every index of a tokens x k matrix in [0, experts). */
+static fm_status fm__check_indices(const int32_t *indices, int tokens, int k, int ld, int experts) {
+    int t, i;
+    for (t = 0; t < tokens; t++)
+        for (i = 0; i < k; i++)
+            if (indices[(size_t)t * ld + i] < 0 || indices[(size_t)t * ld + i] >= experts) return FM_ERR_INVALID_ARGUMENT;
+    return FM_OK;
+}
+
+/* Runs the gate kernel on all tokens. Without importance or load to accumulate, token chunks are
+ * independent and run in parallel under OpenMP. */
+static void fm__gate_rows(const fm__kernel_table *kernels, const fm__gate_job *job, int r0, int n) {
+    fm__gate_job chunk = *job;
+    chunk.tokens = n;
+    chunk.token_offset += (uint64_t)r0;
+    chunk.clean += (size_t)r0 * job->ld_clean;
+    if (chunk.noise) chunk.noise += (size_t)r0 * job->ld_noise;
+    if (chunk.token_group) chunk.token_group += r0;
+    chunk.indices += (size_t)r0 * job->ld_indices;
+    chunk.gates += (size_t)r0 * job->ld_gates;
+    if (chunk.noisy) chunk.noisy += (size_t)r0 * job->ld_noisy;
+    kernels->gate(&chunk);
+}
+
+static void fm__run_gate(const fm__kernel_table *kernels, const fm__gate_job *job) {
+    if (job->importance || job->load) {
+        kernels->gate(job);
+    } else {
+        FM__FOR_ROW_CHUNKS(job->tokens, r0, n, fm__gate_rows(kernels, job, r0, n));
+    }
+}
+
+fm_status fm_softmax_topk_forward(int tokens, int experts, int k, int renormalize, const float *logits,
+                                  int ldl, int32_t *indices, int ldi, float *weights, int ldw) {
+    const fm__kernel_table *kernels;
+    fm__gate_job job;
+    fm_status status;
+    if ((status = fm__check_gate_size(tokens, experts, k)) != FM_OK) return status;
+    if ((status = fm__check_matrix(logits, tokens, experts, ldl)) != FM_OK) return status;
+    if ((status = fm__check_matrix(indices, tokens, k, ldi)) != FM_OK) return status;
+    if ((status = fm__check_matrix(weights, tokens, k, ldw)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    memset(&job, 0, sizeof job);
+    job.tokens = tokens;
+    job.experts = experts;
+    job.top_k = k;
+    job.groups = 1;
+    job.renormalize = renormalize != 0;
+    job.clean = logits;
+    job.ld_clean = ldl;
+    job.indices = indices;
+    job.ld_indices = ldi;
+    job.gates = weights;
+    job.ld_gates = ldw;
+    fm__run_gate(kernels, &job);
+    return FM_OK;
+}
+
+fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormalize, const float *logits,
+                                   int ldl, const int32_t *indices, int ldi, const float *weights, int ldw,
+                                   const float *d_weights, int lddw, float *d_logits, int lddl) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    int t, i, e;
+    if ((status = fm__check_gate_size(tokens, experts, k)) != FM_OK) return status;
+    if ((status = fm__check_matrix(logits, tokens, experts, ldl)) != FM_OK) return status;
+    if ((status = fm__check_matrix(indices, tokens, k, ldi)) != FM_OK) return status;
+    if ((status = fm__check_matrix(weights, tokens, k, ldw)) != FM_OK) return status;
+    if ((status = fm__check_matrix(d_weights, tokens, k, lddw)) != FM_OK) return status;
+    if ((status = fm__check_matrix(d_logits, tokens, experts, lddl)) != FM_OK) return status;
+    if ((status = fm__check_indices(indices, tokens, k, ldi, experts)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    /* w_i = p_{j_i} (/ sum of the selected p): dl = p * (g - <w, dw>) with g the scattered dw, over
+     * all experts without renormalisation, over the selected ones (p -> w) with it. */
+    if (!renormalize)
+        FM__FOR_ROW_CHUNKS(tokens, r0, n,
+                           kernels->softmax_forward(n, experts, logits + (size_t)r0 * ldl, ldl,
+                                                    d_logits + (size_t)r0 * lddl, lddl));
+    for (t = 0; t < tokens; t++) {
+        const int32_t *idx = indices + (size_t)t * ldi;
+        const float *w = weights + (size_t)t * ldw, *dw = d_weights + (size_t)t * lddw;
+        float *dl = d_logits + (size_t)t * lddl;
+        double dot = 0.0;
+        for (i = 0; i < k; i++) dot += (double)w[i] * dw[i];
+        if (renormalize) {
+            for (e = 0; e < experts; e++) dl[e] = 0.0f;
+            for (i = 0; i < k; i++) dl[idx[i]] = (float)(w[i] * (dw[i] - dot));
+        } else {
+            for (i = 0; i < k; i++) dl[idx[i]] = -dl[idx[i]] * (float)(dot - dw[i]); /* p_j (dw - dot) */
+            for (e = 0; e < experts; e++) {
+                int selected = 0;
+                for (i = 0; i < k; i++) selected |= idx[i] == e;
+                if (!selected) dl[e] *= (float)-dot;
+            }
+        }
+    }
+    return FM_OK;
+}
+
+/* The desc and tensors of a gate call, checked, with defaults applied. `outputs` says whether
+ * indices and gates are written (forward) or read (backward, where they are also checked). */
+static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tensors *t, int outputs, fm__gate_job *job) {
+    fm_status status;
+    int i;
+    if (!desc || !t) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_gate_size(desc->tokens, desc->experts, desc->top_k)) != FM_OK) return status;
+    memset(job, 0, sizeof *job);
+    job->tokens = desc->tokens;
+    job->experts = desc->experts;
+    job->top_k = desc->top_k;
+    job->training = desc->training != 0;
+    job->groups = desc->groups ? desc->groups : 1;
+    job->renormalize = 1;
+    job->noise_epsilon = desc->noise_epsilon != 0.0f ? desc->noise_epsilon : 0.01f;
+    job->seed = desc->seed;
+    job->token_offset = desc->token_offset;
+    if (job->groups < 1 || job->groups > FLEXMOE_GATE_MAX_GROUPS || !(job->noise_epsilon >= 0.0f))
+        return FM_ERR_INVALID_ARGUMENT;
+    job->clean = t->clean_logits;
+    job->ld_clean = t->ld_clean ? t->ld_clean : desc->experts;
+    job->noise = job->training ? t->noise_logits : NULL;
+    job->ld_noise = t->ld_noise ? t->ld_noise : desc->experts;
+    job->token_group = t->token_group;
+    job->indices = t->indices;
+    job->ld_indices = t->ld_indices ? t->ld_indices : desc->top_k;
+    job->gates = t->gates;
+    job->ld_gates = t->ld_gates ? t->ld_gates : desc->top_k;
+    job->noisy = outputs ? t->noisy_logits : NULL;
+    job->ld_noisy = t->ld_noisy ? t->ld_noisy : desc->experts;
+    job->importance = outputs ? t->importance : NULL;
+    job->load = outputs ? t->load : NULL;
+    if ((status = fm__check_matrix(job->clean, job->tokens, job->experts, job->ld_clean)) != FM_OK) return status;
+    if (job->training && (status = fm__check_matrix(job->noise, job->tokens, job->experts, job->ld_noise)) != FM_OK)
+        return status;
+    if ((status = fm__check_matrix(job->indices, job->tokens, job->top_k, job->ld_indices)) != FM_OK) return status;
+    if ((status = fm__check_matrix(job->gates, job->tokens, job->top_k, job->ld_gates)) != FM_OK) return status;
+    if (job->noisy && (status = fm__check_matrix(job->noisy, job->tokens, job->experts, job->ld_noisy)) != FM_OK)
+        return status;
+    if (job->token_group)
+        for (i = 0; i < job->tokens; i++)
+            if (job->token_group[i] < 0 || job->token_group[i] >= job->groups) return FM_ERR_INVALID_ARGUMENT;
+    if (!outputs) return fm__check_indices(job->indices, job->tokens, job->top_k, job->ld_indices, job->experts);
+    return FM_OK;
+}
+
+fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors) {
+    const fm__kernel_table *kernels;
+    fm__gate_job job;
+    fm_status status;
+    if ((status = fm__gate_job_from(desc, tensors, 1, &job)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (job.importance) memset(job.importance, 0, (size_t)job.groups * job.experts * sizeof(float));
+    if (job.load) memset(job.load, 0, (size_t)job.groups * job.experts * sizeof(float));
+    fm__run_gate(kernels, &job);
+    return FM_OK;
+}
+
+fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors *tensors,
+                                 const fm_gate_gradients *g) {
+    fm__gate_job job;
+    fm_status status;
+    float noisy[FLEXMOE_GATE_MAX_EXPERTS], stds[FLEXMOE_GATE_MAX_EXPERTS], noise[FLEXMOE_GATE_MAX_EXPERTS];
+    double d_noisy[FLEXMOE_GATE_MAX_EXPERTS], d_clean[FLEXMOE_GATE_MAX_EXPERTS], d_std[FLEXMOE_GATE_MAX_EXPERTS];
+    int t, e, i, E, k, ld_dg, ld_dn, ld_dc, ld_dr;
+    if (!g) return FM_ERR_NULL_POINTER;
+    if ((status = fm__gate_job_from(desc, tensors, 0, &job)) != FM_OK) return status;
+    E = job.experts;
+    k = job.top_k;
+    ld_dg = g->ld_d_gates ? g->ld_d_gates : k;
+    ld_dn = g->ld_d_noisy ? g->ld_d_noisy : E;
+    ld_dc = g->ld_d_clean ? g->ld_d_clean : E;
+    ld_dr = g->ld_d_noise ? g->ld_d_noise : E;
+    if (g->d_gates && (status = fm__check_matrix(g->d_gates, job.tokens, k, ld_dg)) != FM_OK) return status;
+    if (g->d_noisy_logits && (status = fm__check_matrix(g->d_noisy_logits, job.tokens, E, ld_dn)) != FM_OK) return status;
+    if ((status = fm__check_matrix(g->d_clean_logits, job.tokens, E, ld_dc)) != FM_OK) return status;
+    if (job.training && (status = fm__check_matrix(g->d_noise_logits, job.tokens, E, ld_dr)) != FM_OK) return status;
+    for (t = 0; t < job.tokens; t++) {
+        const float *clean = job.clean + (size_t)t * job.ld_clean;
+        const float *raw = job.training ? job.noise + (size_t)t * job.ld_noise : NULL;
+        const int32_t *idx = job.indices + (size_t)t * job.ld_indices;
+        const float *gates = job.gates + (size_t)t * job.ld_gates;
+        const int group = job.token_group ? job.token_group[t] : 0;
+        double dot = 0.0, dg[FLEXMOE_GATE_MAX_TOP_K];
+        if (job.training) {
+            const uint32_t state = fm__noise_token_state(job.seed, job.token_offset + (uint64_t)t);
+            for (e = 0; e < E; e++) {
+                stds[e] = fm__noise_std(raw[e], job.noise_epsilon);
+                noise[e] = fm__normal_from_symmetric(fm__noise_symmetric(state, e));
+                noisy[e] = fmaf(noise[e], stds[e], clean[e]);
+            }
+        } else {
+            memcpy(noisy, clean, (size_t)E * sizeof *noisy);
+        }
+        for (e = 0; e < E; e++) {
+            d_noisy[e] = g->d_noisy_logits ? g->d_noisy_logits[(size_t)t * ld_dn + e] : 0.0;
+            d_clean[e] = d_std[e] = 0.0;
+        }
+        /* gates = softmax over the selected noisy logits; importance sums the gates */
+        for (i = 0; i < k; i++) {
+            dg[i] = (g->d_gates ? g->d_gates[(size_t)t * ld_dg + i] : 0.0) +
+                    (g->d_importance ? g->d_importance[(size_t)group * E + idx[i]] : 0.0);
+            dot += gates[i] * dg[i];
+        }
+        for (i = 0; i < k; i++) d_noisy[idx[i]] += gates[i] * (dg[i] - dot);
+        /* load = Phi((clean - threshold) / std), the threshold being another expert's noisy logit */
+        if (job.training && k < E && g->d_load) {
+            int next = -1;
+            for (e = 0; e < E; e++) {
+                int selected = 0;
+                for (i = 0; i < k; i++) selected |= idx[i] == e;
+                if (!selected && (next < 0 || fm__rank_key(noisy[e]) > fm__rank_key(noisy[next]))) next = e;
+            }
+            for (e = 0; e < E; e++) {
+                int selected = 0, threshold;
+                double z, q;
+                for (i = 0; i < k; i++) selected |= idx[i] == e;
+                threshold = selected ? next : idx[k - 1];
+                z = ((double)clean[e] - fm__rank_key(noisy[threshold])) / stds[e];
+                q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
+                d_clean[e] += q;
+                d_std[e] -= q * z;
+                d_noisy[threshold] -= q;
+            }
+        }
+        /* noisy = clean + n * std, std = softplus(r) + epsilon */
+        for (e = 0; e < E; e++) {
+            g->d_clean_logits[(size_t)t * ld_dc + e] = (float)(d_clean[e] + d_noisy[e]);
+            if (job.training)
+                g->d_noise_logits[(size_t)t * ld_dr + e] =
+                    (float)((d_std[e] + d_noisy[e] * noise[e]) / (1.0 + exp(-(double)raw[e])));
+        }
+    }
+    return FM_OK;
+}
+
+float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
+    return fm__normal_from_symmetric(fm__noise_symmetric(fm__noise_token_state(seed, token), expert));
+}
+
+fm_status fm_gate_logits_forward(int tokens, int dim, int experts, const float *x, int ldx,
+                                 const float *w_gate, const float *w_noise, float *clean, float *noise) {
+    fm_status status;
+    int t, i, e;
+    if ((status = fm__check_matrix(x, tokens, dim, ldx)) != FM_OK) return status;
+    if ((status = fm__check_matrix(w_gate, dim, experts, experts)) != FM_OK) return status;
+    if ((status = fm__check_matrix(clean, tokens, experts, experts)) != FM_OK) return status;
+    if (!w_noise != !noise) return FM_ERR_NULL_POINTER;
+    if (w_noise && (status = fm__check_matrix(noise, tokens, experts, experts)) != FM_OK) return status;
+    for (t = 0; t < tokens; t++) {
+        const float *xt = x + (size_t)t * ldx;
+        float *c = clean + (size_t)t * experts, *r = noise ? noise + (size_t)t * experts : NULL;
+        for (e = 0; e < experts; e++) c[e] = 0.0f;
+        if (r)
+            for (e = 0; e < experts; e++) r[e] = 0.0f;
+        for (i = 0; i < dim; i++) {
+            const float *wg = w_gate + (size_t)i * experts;
+            for (e = 0; e < experts; e++) c[e] += xt[i] * wg[e];
+            if (r) {
+                const float *wn = w_noise + (size_t)i * experts;
+                for (e = 0; e < experts; e++) r[e] += xt[i] * wn[e];
+            }
+        }
+    }
+    return FM_OK;
+}
+
+fm_status fm_gate_logits_backward(int tokens, int dim, int experts, const float *x, int ldx,
+                                  const float *w_gate, const float *w_noise, const float *d_clean,
+                                  const float *d_noise, float *dx, int lddx, float *dw_gate, float *dw_noise) {
+    fm_status status;
+    int t, i, e;
+    if ((status = fm__check_matrix(x, tokens, dim, ldx)) != FM_OK) return status;
+    if ((status = fm__check_matrix(w_gate, dim, experts, experts)) != FM_OK) return status;
+    if ((status = fm__check_matrix(d_clean, tokens, experts, experts)) != FM_OK) return status;
+    if (!w_noise != !d_noise || (dw_noise && !d_noise)) return FM_ERR_NULL_POINTER;
+    if (dx && (status = fm__check_matrix(dx, tokens, dim, lddx)) != FM_OK) return status;
+    if (dw_gate) memset(dw_gate, 0, (size_t)dim * experts * sizeof(float));
+    if (dw_noise) memset(dw_noise, 0, (size_t)dim * experts * sizeof(float));
+    for (t = 0; t < tokens; t++) {
+        const float *xt = x + (size_t)t * ldx, *dc = d_clean + (size_t)t * experts;
+        const float *dr = d_noise ? d_noise + (size_t)t * experts : NULL;
+        for (i = 0; i < dim; i++) {
+            const float *wg = w_gate + (size_t)i * experts, *wn = w_noise ? w_noise + (size_t)i * experts : NULL;
+            float sum = 0.0f;
+            for (e = 0; e < experts; e++) sum += dc[e] * wg[e];
+            if (dr)
+                for (e = 0; e < experts; e++) sum += dr[e] * wn[e];
+            if (dx) dx[(size_t)t * lddx + i] = sum;
+            if (dw_gate)
+                for (e = 0; e < experts; e++) dw_gate[(size_t)i * experts + e] += xt[i] * dc[e];
+            if (dw_noise)
+                for (e = 0; e < experts; e++) dw_noise[(size_t)i * experts + e] += xt[i] * dr[e];
+        }
+    }
+    return FM_OK;
+}
+
+/* ---- router losses ---- */
+
+#define FM__CV_EPSILON 1e-10
+
+fm_status fm_cv_squared(int n, const float *v, float *value, float *dv) {
+    double mean = 0.0, var = 0.0, denominator;
+    int i;
+    if (n <= 0) return FM_ERR_INVALID_SHAPE;
+    if (!v || !value) return FM_ERR_NULL_POINTER;
+    if (n == 1) {
+        *value = 0.0f;
+        if (dv) dv[0] = 0.0f;
+        return FM_OK;
+    }
+    for (i = 0; i < n; i++) mean += v[i];
+    mean /= n;
+    for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
+    var /= n - 1;
+    denominator = mean * mean + FM__CV_EPSILON;
+    *value = (float)(var / denominator);
+    if (dv) /* d var = 2 (v - mean) / (n - 1), d mean = 1 / n */
+        for (i = 0; i < n; i++)
+            dv[i] = (float)((2.0 * (v[i] - mean) / (n - 1)) / denominator -
+                            var * 2.0 * mean / ((double)n * denominator * denominator));
+    return FM_OK;
+}
+
+/* Cross-entropy over the tokens with targets[t] >= first_target. */
+static fm_status fm__cross_entropy(int tokens, int experts, const float *logits, int ldl, const int32_t *targets,
+                                   int first_target, float *value, float *d_logits, int lddl) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    double loss = 0.0;
+    int t, e, counted = 0;
+    if ((status = fm__check_matrix(logits, tokens, experts, ldl)) != FM_OK) return status;
+    if (!targets || !value) return FM_ERR_NULL_POINTER;
+    if (d_logits && (status = fm__check_matrix(d_logits, tokens, experts, lddl)) != FM_OK) return status;
+    for (t = 0; t < tokens; t++) {
+        if (targets[t] >= experts) return FM_ERR_INVALID_ARGUMENT;
+        counted += targets[t] >= first_target;
+    }
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (d_logits)
+        FM__FOR_ROW_CHUNKS(tokens, r0, n,
+                           kernels->softmax_forward(n, experts, logits + (size_t)r0 * ldl, ldl,
+                                                    d_logits + (size_t)r0 * lddl, lddl));
+    for (t = 0; t < tokens; t++) {
+        const float *l = logits + (size_t)t * ldl;
+        float *d = d_logits ? d_logits + (size_t)t * lddl : NULL;
+        if (targets[t] < first_target) {
+            if (d)
+                for (e = 0; e < experts; e++) d[e] = 0.0f;
+            continue;
+        }
+        { /* log-sum-exp in double: the loss stays finite however small p[target] is */
+            double max = l[0], sum = 0.0;
+            for (e = 1; e < experts; e++) max = l[e] > max ? l[e] : max;
+            for (e = 0; e < experts; e++) sum += exp(l[e] - max);
+            loss += max + log(sum) - l[targets[t]];
+        }
+        if (d) {
+            for (e = 0; e < experts; e++) d[e] /= (float)counted;
+            d[targets[t]] -= 1.0f / (float)counted;
+        }
+    }
+    *value = counted ? (float)(loss / counted) : 0.0f;
+    return FM_OK;
+}
+
+fm_status fm_router_cross_entropy(int tokens, int experts, const float *logits, int ldl,
+                                  const int32_t *targets, float *value, float *d_logits, int lddl) {
+    return fm__cross_entropy(tokens, experts, logits, ldl, targets, 0, value, d_logits, lddl);
+}
+
+fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const float *noisy_logits, int ldl,
+                                 const int32_t *combination, const float *importance, const float *load,
+                                 float *value, float *d_noisy_logits, int lddl, float *d_importance,
+                                 float *d_load) {
+    fm_status status;
+    float ce, cv;
+    double total;
+    int t, g;
+    if (groups < 1 || groups > FLEXMOE_GATE_MAX_GROUPS) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_matrix(importance, groups, experts, experts)) != FM_OK) return status;
+    if ((status = fm__check_matrix(load, groups, experts, experts)) != FM_OK) return status;
+    if (combination)
+        for (t = 0; t < tokens; t++)
+            if (combination[t] < 0) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__cross_entropy(tokens, experts, noisy_logits, ldl, combination, 1, &ce, d_noisy_logits,
+                                    lddl)) != FM_OK)
+        return status;
+    total = ce;
+    for (g = 0; g < groups; g++) {
+        fm_cv_squared(experts, importance + (size_t)g * experts, &cv, d_importance ? d_importance + (size_t)g * experts : NULL);
+        total += cv;
+        fm_cv_squared(experts, load + (size_t)g * experts, &cv, d_load ? d_load + (size_t)g * experts : NULL);
+        total += cv;
+    }
+    *value = (float)total;
     return FM_OK;
 }
 

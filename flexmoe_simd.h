@@ -165,17 +165,23 @@ static inline FM__TARGET __m256 fm__avx2_split_exponent(__m256 x, __m256 *mantis
                                                     _mm256_set1_epi32(0x3F000000)));
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
 }
-/* Uniform in (0, 1) from the 32-bit lanes of `state` (bit patterns carried in a float vector)
- * mixed with `key`: the lowbias32 integer hash, then the top 24 bits, centred in their cell. */
-static inline FM__TARGET __m256 fm__avx2_hash_uniform(__m256 state, uint32_t key) {
+/* The gate noise's uniform draw from the 32-bit lanes of `state` (bit patterns carried in a float
+ * vector) mixed with `key`: the lowbias32 hash h, then x = (-1)^(h >> 31) (1 - y) with
+ * y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23, uniform on a grid symmetric about 0 whose points
+ * next to +-1 keep full precision (both steps below are exact in float). */
+static inline FM__TARGET __m256 fm__avx2_hash_symmetric(__m256 state, uint32_t key) {
     __m256i h = _mm256_xor_si256(_mm256_castps_si256(state), _mm256_set1_epi32((int)key));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x846ca68bu));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f),
-                           _mm256_set1_ps(0x1p-25f));
+    {
+        const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h, 8), _mm256_set1_epi32(0x7FFFFF))),
+                                         _mm256_set1_ps(0x1p-23f), _mm256_set1_ps(0x1p-24f));
+        const __m256 sign = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32((int)0x80000000u)));
+        return _mm256_or_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), y), sign);
+    }
 }
 
 #define FM__SIMD_TEMPLATE
@@ -186,6 +192,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_softmax_forward,
     fm__avx2_softmax_backward,
     fm__avx2_topk,
+    fm__avx2_gate,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -248,15 +255,19 @@ static inline FM__TARGET __m512 fm__avx512_split_exponent(__m512 x, __m512 *mant
     *mantissa = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
     return _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
 }
-static inline FM__TARGET __m512 fm__avx512_hash_uniform(__m512 state, uint32_t key) {
+static inline FM__TARGET __m512 fm__avx512_hash_symmetric(__m512 state, uint32_t key) {
     __m512i h = _mm512_xor_si512(_mm512_castps_si512(state), _mm512_set1_epi32((int)key));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f),
-                           _mm512_set1_ps(0x1p-25f));
+    {
+        const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(h, 8), _mm512_set1_epi32(0x7FFFFF))),
+                                         _mm512_set1_ps(0x1p-23f), _mm512_set1_ps(0x1p-24f));
+        const __m512i sign = _mm512_and_si512(h, _mm512_set1_epi32((int)0x80000000u));
+        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_sub_ps(_mm512_set1_ps(1.0f), y)), sign));
+    }
 }
 
 #define FM__SIMD_TEMPLATE
@@ -267,6 +278,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_softmax_forward,
     fm__avx512_softmax_backward,
     fm__avx512_topk,
+    fm__avx512_gate,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -336,14 +348,19 @@ static inline float32x4_t fm__neon_split_exponent(float32x4_t x, float32x4_t *ma
     *mantissa = vreinterpretq_f32_u32(vorrq_u32(vandq_u32(bits, vdupq_n_u32(0x007FFFFF)), vdupq_n_u32(0x3F000000)));
     return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(bits, 23)), vdupq_n_s32(126)));
 }
-static inline float32x4_t fm__neon_hash_uniform(float32x4_t state, uint32_t key) {
+static inline float32x4_t fm__neon_hash_symmetric(float32x4_t state, uint32_t key) {
     uint32x4_t h = veorq_u32(vreinterpretq_u32_f32(state), vdupq_n_u32(key));
     h = veorq_u32(h, vshrq_n_u32(h, 16));
     h = vmulq_u32(h, vdupq_n_u32(0x7feb352du));
     h = veorq_u32(h, vshrq_n_u32(h, 15));
     h = vmulq_u32(h, vdupq_n_u32(0x846ca68bu));
     h = veorq_u32(h, vshrq_n_u32(h, 16));
-    return vfmaq_f32(vdupq_n_f32(0x1p-25f), vcvtq_f32_u32(vshrq_n_u32(h, 8)), vdupq_n_f32(0x1p-24f));
+    {
+        const float32x4_t y = vfmaq_f32(vdupq_n_f32(0x1p-24f), vcvtq_f32_u32(vandq_u32(vshrq_n_u32(h, 8), vdupq_n_u32(0x7FFFFF))),
+                                        vdupq_n_f32(0x1p-23f));
+        const uint32x4_t sign = vandq_u32(h, vdupq_n_u32(0x80000000u));
+        return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(vsubq_f32(vdupq_n_f32(1.0f), y)), sign));
+    }
 }
 
 #define FM__SIMD_TEMPLATE
@@ -354,6 +371,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_softmax_forward,
     fm__neon_softmax_backward,
     fm__neon_topk,
+    fm__neon_gate,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -710,8 +728,8 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_block)(
                                                                                  const float *x, int ldx,
                                                                                  int32_t *indices, int ldi,
                                                                                  float *values, int ldv) {
-    FM__V top[FM__TOPK_MAX], slot[FM__TOPK_MAX];
-    float columns[FM__TOPK_MAX][FM__W];
+    FM__V top[FLEXMOE_GATE_MAX_TOP_K], slot[FLEXMOE_GATE_MAX_TOP_K];
+    float columns[FLEXMOE_GATE_MAX_TOP_K][FM__W];
     int i, r;
     FM__OP(topk_network)(nrows, cols, k, x, ldx, top, slot);
     for (i = 0; i < k; i++) FM__OP(store)(columns[i], slot[i]);
@@ -742,10 +760,229 @@ static FM__TARGET void FM__OP(topk)(int rows, int cols, int k, const float *x, i
     case 6: FM__TOPK_BLOCKS(6); break;
     case 8: FM__TOPK_BLOCKS(8); break;
     default:
-        if (k <= FM__TOPK_MAX) FM__TOPK_BLOCKS(k);
+        if (k <= FLEXMOE_GATE_MAX_TOP_K) FM__TOPK_BLOCKS(k);
         else fm__scalar_topk(rows, cols, k, x, ldx, indices, ldi, values, ldv);
     }
 #undef FM__TOPK_BLOCKS
+}
+
+/* ---- routing gates ---- */
+
+/* log(x) for positive normal x (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
+ * degree-9 polynomial in m - 1, and e ln2 added in two parts. About 1 ulp. */
+static inline FM__TARGET FM__V FM__OP(log)(FM__V x) {
+    const FM__V one = FM__OP(set1)(1.0f);
+    FM__V m, e = FM__OP(split_exponent)(x, &m), z, y;
+    const FM__MASK small = FM__OP(greater)(FM__OP(set1)(0.707106781186547524f), m);
+    e = FM__OP(select)(small, FM__OP(sub)(e, one), e);
+    m = FM__OP(sub)(FM__OP(select)(small, FM__OP(add)(m, m), m), one);
+    z = FM__OP(mul)(m, m);
+    y = FM__OP(set1)(7.0376836292e-2f);
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.1514610310e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(1.1676998740e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.2420140846e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(1.4249322787e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.6668057665e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(2.0000714765e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-2.4999993993e-1f));
+    y = FM__OP(fmadd)(y, m, FM__OP(set1)(3.3333331174e-1f));
+    y = FM__OP(mul)(FM__OP(mul)(y, m), z);
+    y = FM__OP(fmadd)(e, FM__OP(set1)(-2.12194440e-4f), y);
+    y = FM__OP(fnmadd)(z, FM__OP(set1)(0.5f), y);
+    return FM__OP(fmadd)(e, FM__OP(set1)(0.693359375f), FM__OP(add)(m, y));
+}
+
+/* softplus(r) + epsilon = max(r, 0) + log(1 + exp(-|r|)) + epsilon: never overflows. NaN in r
+ * gives NaN (the log of the NaN exp). */
+static inline FM__TARGET FM__V FM__OP(noise_std)(FM__V r, FM__V epsilon) {
+    const FM__V tail = FM__OP(log)(FM__OP(add)(FM__OP(set1)(1.0f), FM__OP(exp)(FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(abs)(r)))));
+    return FM__OP(add)(FM__OP(add)(FM__OP(max)(r, FM__OP(set1)(0.0f)), tail), epsilon);
+}
+
+/* N(0, 1) as sqrt(2) erfinv(x) for x from hash_symmetric, with Giles' single-precision erfinv
+ * ("Approximating the erfinv function", GPU Computing Gems, 2011): both of its branches are
+ * evaluated and the right one selected per lane. 1 - |x| is exact, so the tails stay accurate. */
+static inline FM__TARGET FM__V FM__OP(normal_from_symmetric)(FM__V x) {
+    const FM__V one = FM__OP(set1)(1.0f), ax = FM__OP(abs)(x);
+    const FM__V w = FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(log)(FM__OP(mul)(FM__OP(sub)(one, ax), FM__OP(add)(one, ax))));
+    const FM__V c = FM__OP(sub)(w, FM__OP(set1)(2.5f));
+    const FM__V t = FM__OP(sub)(FM__OP(sqrt)(w), FM__OP(set1)(3.0f));
+    FM__V p = FM__OP(set1)(2.81022636e-08f), q = FM__OP(set1)(-0.000200214257f);
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(3.43273939e-07f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.000100950558f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-3.5233877e-06f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00134934322f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-4.39150654e-06f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.00367342844f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.00021858087f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00573950773f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00125372503f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.0076224613f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00417768164f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00943887047f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.246640727f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(1.00167406f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(1.50140941f));
+    q = FM__OP(fmadd)(q, t, FM__OP(set1)(2.83297682f));
+    p = FM__OP(select)(FM__OP(greater)(FM__OP(set1)(5.0f), w), p, q);
+    return FM__OP(mul)(FM__OP(mul)(p, x), FM__OP(set1)(1.41421356237309505f));
+}
+
+/* The standard normal CDF, 0.5 erfc(-z / sqrt 2), with the Chebyshev-fitted erfc of Numerical
+ * Recipes (relative error below 1.2e-7 everywhere, so the far tails stay accurate too). */
+static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
+    const FM__V a = FM__OP(mul)(FM__OP(abs)(z), FM__OP(set1)(0.70710678118654752f));
+    const FM__V t = FM__OP(recip)(FM__OP(fmadd)(a, FM__OP(set1)(0.5f), FM__OP(set1)(1.0f)));
+    FM__V p = FM__OP(set1)(0.17087277f), half_erfc;
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-0.82215223f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(1.48851587f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-1.13520398f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.27886807f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-0.18628806f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.09678418f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.37409196f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(1.00002368f));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-1.26551223f));
+    half_erfc = FM__OP(mul)(FM__OP(mul)(t, FM__OP(set1)(0.5f)), FM__OP(exp)(FM__OP(fnmadd)(a, a, p)));
+    return FM__OP(select)(FM__OP(greater)(z, FM__OP(set1)(0.0f)), FM__OP(sub)(FM__OP(set1)(1.0f), half_erfc), half_erfc);
+}
+
+/* Writes W column vectors (column[j] lane r = element (r, c0 + j)) back as rows. */
+static inline FM__TARGET void FM__OP(store_columns)(float *y, int ldy, int nrows, int c0, int cols, FM__V *column) {
+    const int n = cols - c0 < FM__W ? cols - c0 : FM__W;
+    int r;
+    FM__OP(transpose)(column);
+    for (r = 0; r < nrows; r++) {
+        float *p = y + (size_t)r * ldy + c0;
+        if (n == FM__W) FM__OP(store)(p, column[r]);
+        else FM__OP(store_part)(p, column[r], n);
+    }
+}
+
+/* The fused gate over one block of up to W tokens, one token per lane: a first pass over the
+ * expert columns makes the noisy logits and runs them through the top-(k+1) network; the gates
+ * come from the network's registers; a second pass (training with k < E, or softmax over all
+ * experts) reads the clean logits again for the load probabilities or the softmax denominator.
+ * Nothing of size tokens x experts is written unless the caller asked for the noisy logits. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0,
+                                                                                 int nrows, int levels) {
+    const int E = job->experts, k = job->top_k, with_load = job->training && job->load && k < E;
+    const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
+    const float *clean = job->clean + (size_t)row0 * job->ld_clean;
+    const float *noise = job->training ? job->noise + (size_t)row0 * job->ld_noise : NULL;
+    FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], state = FM__OP(set1)(0.0f);
+    FM__V sum = FM__OP(set1)(0.0f);
+    float stds[FLEXMOE_GATE_MAX_EXPERTS][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
+    int i, j, c0, r, g;
+
+    if (job->training) {
+        uint32_t states[FM__W];
+        for (r = 0; r < FM__W; r++) states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
+        memcpy(lanes[0], states, sizeof states); /* bit patterns ride in a float vector */
+        state = FM__OP(load)(lanes[0]);
+    }
+    for (i = 0; i <= FLEXMOE_GATE_MAX_TOP_K; i++) { /* all levels: the compiler drops the unused */
+        top[i] = FM__OP(set1)(-INFINITY);
+        slot[i] = FM__OP(set1)(-1.0f);
+    }
+    for (c0 = 0; c0 < E; c0 += FM__W) {
+        FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, -INFINITY, cl);
+        if (job->training) FM__OP(load_columns)(noise, job->ld_noise, nrows, c0, E, 0.0f, nz);
+        FM__UNROLL_W
+        for (j = 0; j < FM__W; j++) {
+            if (job->training) {
+                const FM__V std = FM__OP(noise_std)(nz[j], epsilon);
+                const FM__V n = FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j)));
+                v[j] = FM__OP(fmadd)(n, std, cl[j]);
+                if (with_load && c0 + j < E) FM__OP(store)(stds[c0 + j], std);
+            } else {
+                v[j] = cl[j];
+            }
+            FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j]), FM__OP(set1)((float)(c0 + j)));
+        }
+        if (job->noisy) FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, E, v);
+    }
+
+    if (!job->renormalize) { /* softmax over all experts, then top-k (Mixtral without renormalising) */
+        for (c0 = 0; c0 < E; c0 += FM__W) {
+            FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, -INFINITY, cl);
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) sum = FM__OP(add)(sum, FM__OP(exp)(FM__OP(sub)(FM__OP(rank_key)(cl[j]), top[0])));
+        }
+    }
+    {
+        FM__V weights[FLEXMOE_GATE_MAX_TOP_K], total = FM__OP(set1)(0.0f);
+        for (i = 0; i < k; i++) {
+            weights[i] = FM__OP(exp)(FM__OP(sub)(top[i], top[0]));
+            total = FM__OP(add)(total, weights[i]);
+        }
+        total = FM__OP(recip)(job->renormalize ? total : sum);
+        for (i = 0; i < k; i++) FM__OP(store)(gate_lanes[i], FM__OP(mul)(weights[i], total));
+    }
+    for (i = 0; i < levels; i++) FM__OP(store)(lanes[i], slot[i]);
+    for (r = 0; r < nrows; r++) {
+        int32_t *idx = job->indices + (size_t)(row0 + r) * job->ld_indices;
+        float *gates = job->gates + (size_t)(row0 + r) * job->ld_gates;
+        const int group = job->token_group ? job->token_group[row0 + r] : 0;
+        for (i = 0; i < k; i++) {
+            idx[i] = (int32_t)lanes[i][r];
+            gates[i] = gate_lanes[i][r];
+        }
+        if (idx[k - 1] < 0) fm__topk_fill_missing(E, k, idx);
+        if (job->importance)
+            for (i = 0; i < k; i++) job->importance[(size_t)group * E + idx[i]] += gates[i];
+        if (job->load && !with_load)
+            for (i = 0; i < k; i++) job->load[(size_t)group * E + idx[i]] += 1.0f;
+    }
+
+    if (with_load) { /* FastMoE's P(expert in the top k): threshold = (k+1)-th value if in, k-th if out */
+        const FM__V in_threshold = top[k], out_threshold = top[k - 1];
+        FM__MASK group_mask[FLEXMOE_GATE_MAX_GROUPS];
+        float mask_lanes[FM__W], sums[FM__W];
+        for (g = 0; g < job->groups; g++) {
+            for (r = 0; r < FM__W; r++)
+                mask_lanes[r] = r < nrows && (job->token_group ? job->token_group[row0 + r] : 0) == g ? 1.0f : 0.0f;
+            group_mask[g] = FM__OP(greater)(FM__OP(load)(mask_lanes), FM__OP(set1)(0.5f));
+        }
+        for (c0 = 0; c0 < E; c0 += FM__W) {
+            const int n = E - c0 < FM__W ? E - c0 : FM__W;
+            FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, 0.0f, cl);
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) {
+                const FM__V expert = FM__OP(set1)((float)(c0 + j));
+                FM__MASK in = FM__OP(equal)(slot[0], expert);
+                for (i = 1; i < k; i++) in = FM__OP(mask_or)(in, FM__OP(equal)(slot[i], expert));
+                v[j] = j < n ? FM__OP(normal_cdf)(FM__OP(div)(FM__OP(sub)(cl[j], FM__OP(select)(in, in_threshold, out_threshold)),
+                                                              FM__OP(load)(stds[c0 + j])))
+                             : FM__OP(set1)(0.0f);
+            }
+            for (g = 0; g < job->groups; g++) {
+                FM__V masked[FM__W];
+                FM__UNROLL_W
+                for (j = 0; j < FM__W; j++) masked[j] = FM__OP(select)(group_mask[g], v[j], FM__OP(set1)(0.0f));
+                FM__OP(store)(sums, FM__OP(transpose_reduce)(masked, 0));
+                for (j = 0; j < n; j++) job->load[(size_t)g * E + c0 + j] += sums[j];
+            }
+        }
+    }
+}
+
+static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
+    const int levels = job->training && job->load && job->top_k < job->experts ? job->top_k + 1 : job->top_k;
+    int r;
+    for (r = 0; r < job->tokens; r += FM__W) {
+        const int nrows = job->tokens - r < FM__W ? job->tokens - r : FM__W;
+        switch (levels) { /* constant depths keep the network in registers */
+        case 1: FM__OP(gate_block)(job, r, nrows, 1); break;
+        case 2: FM__OP(gate_block)(job, r, nrows, 2); break;
+        case 3: FM__OP(gate_block)(job, r, nrows, 3); break;
+        case 4: FM__OP(gate_block)(job, r, nrows, 4); break;
+        case 5: FM__OP(gate_block)(job, r, nrows, 5); break;
+        case 8: FM__OP(gate_block)(job, r, nrows, 8); break;
+        case 9: FM__OP(gate_block)(job, r, nrows, 9); break;
+        default: FM__OP(gate_block)(job, r, nrows, levels);
+        }
+    }
 }
 
 #undef FM__UNROLL_W
