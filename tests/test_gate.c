@@ -113,12 +113,13 @@ static void ref_gate(const gate_case *c, const double *clean, const double *raw,
             noisy[e] = clean[(size_t)t * E + e] + (c->training ? ref_noise(c->seed, c->offset + t, e) * std[e] : 0.0);
         }
         ref_top(noisy, E, levels, top);
-        for (e = 0; e < E; e++) { /* how close the selection is to changing */
-            int in = 0;
-            for (i = 0; i < levels; i++) in |= top[i] == e;
-            for (i = 0; i < levels; i++)
-                if (top[i] != e && (!in || i + 1 == levels || i + 1 == k))
-                    out->margin = fmin(out->margin, fabs(noisy[e] - noisy[top[i]]));
+        { /* how close the routing is to a discontinuity: the gaps between consecutive ranks
+           * k-1 .. k+2 (selection at k / k+1, the thresholds' owners at k-1 / k and k+1 / k+2) */
+            int ranks[FLEXMOE_GATE_MAX_TOP_K + 2];
+            const int n = E < k + 2 ? E : k + 2;
+            ref_top(noisy, E, n, ranks);
+            for (i = k - 2 > 0 ? k - 2 : 0; i + 1 < n; i++)
+                out->margin = fmin(out->margin, fabs(noisy[ranks[i]] - noisy[ranks[i + 1]]));
         }
         top0 = key_of(noisy[top[0]]);
         for (i = 0; i < k; i++) sum += exp(key_of(noisy[top[i]]) - top0);
