@@ -165,6 +165,8 @@ fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, cons
  *   dgamma[j] = sum_r dy[r][j] * xhat[r][j],  dbeta[j] = sum_r dy[r][j].
  * gamma may be NULL (1). dgamma and dbeta (cols floats each) may be NULL; they are OVERWRITTEN,
  * not accumulated, like every gradient output in flexmoe (add them up yourself across calls).
+ * xhat is recomputed from the float mean, which is only good to an ulp of |mean|: a row whose
+ * spread is tiny against its mean (|mean| * rstd large) loses that many ulps in dx and dgamma.
  * dx may alias dy (dx == dy with lddx == lddy). Rows of dx are computed in parallel; dgamma and
  * dbeta are summed over the rows in row order for each column (columns in parallel), so every
  * result is independent of the thread count.
@@ -437,18 +439,16 @@ static void fm__scalar_layernorm_forward(int rows, int cols, const float *x, int
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * ldx;
         float *yr = y + (size_t)r * ldy;
-        double m = 0.0, var = 0.0;
-        float mf, rs;
+        double m = 0.0, var = 0.0, rsd;
         for (j = 0; j < cols; j++) m += xr[j];
         m /= cols;
         for (j = 0; j < cols; j++) var += (xr[j] - m) * (xr[j] - m);
         var /= cols;
-        mf = (float)m;
-        rs = (float)(1.0 / sqrt(var + eps));
-        if (mean) mean[r] = mf;
-        if (rstd) rstd[r] = rs;
-        for (j = 0; j < cols; j++) { /* the rounded mf and rs, as the backward will see them */
-            float t = (xr[j] - mf) * rs;
+        rsd = 1.0 / sqrt(var + eps);
+        if (mean) mean[r] = (float)m;
+        if (rstd) rstd[r] = (float)rsd;
+        for (j = 0; j < cols; j++) { /* the double mean: a float one rounds at the row's offset */
+            float t = (float)((xr[j] - m) * rsd);
             yr[j] = t * (gamma ? gamma[j] : 1.0f) + (beta ? beta[j] : 0.0f);
         }
     }

@@ -623,7 +623,7 @@ static FM__TARGET void FM__OP(layernorm_forward)(int rows, int cols, const float
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * ldx;
         float *yr = y + (size_t)r * ldy;
-        FM__V dev, sq, m, s;
+        FM__V dev, sq, m, c, s;
         float m0 = FM__OP(hsum)(FM__OP(sum_partial)(xr, cols)) / (float)cols, d1, d2, mf, var, rs;
         FM__OP(deviation_partial)(xr, cols, m0, &dev, &sq);
         d1 = FM__OP(hsum)(dev) / (float)cols;
@@ -634,15 +634,18 @@ static FM__TARGET void FM__OP(layernorm_forward)(int rows, int cols, const float
         rs = (float)(1.0 / sqrt((double)var + (double)eps));
         if (mean) mean[r] = mf;
         if (rstd) rstd[r] = rs;
-        m = FM__OP(set1)(mf);
+        /* (x - m0) - d1 rather than x - (m0 + d1): the float sum m0 + d1 rounds at the scale of
+         * the mean, which for a row with a large offset is far coarser than its spread */
+        m = FM__OP(set1)(m0);
+        c = FM__OP(set1)(d1);
         s = FM__OP(set1)(rs);
         for (j = 0; j < full; j += FM__W) {
-            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(load)(xr + j), m), s);
+            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(sub)(FM__OP(load)(xr + j), m), c), s);
             FM__V g = gamma ? FM__OP(load)(gamma + j) : one, b = beta ? FM__OP(load)(beta + j) : zero;
             FM__OP(store)(yr + j, FM__OP(fmadd)(t, g, b));
         }
         if (tail) {
-            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, 0.0f), m), s);
+            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, 0.0f), m), c), s);
             FM__V g = gamma ? FM__OP(load_part)(gamma + full, tail, 1.0f) : one;
             FM__V b = beta ? FM__OP(load_part)(beta + full, tail, 0.0f) : zero;
             FM__OP(store_part)(yr + full, FM__OP(fmadd)(t, g, b), tail);
