@@ -154,7 +154,8 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
  *   - a NaN or ±Inf anywhere in a row of x makes the whole output row NaN and its rstd NaN
  *     (Inf - mean is Inf - Inf or NaN);
  *   - a NaN in gamma[j] or beta[j] makes column j NaN in every row.
- * Deviations |x - mean| above ~1e19 overflow the float variance (rstd becomes 0). */
+ * On the vector paths, deviations |x - mean| above ~1e19 overflow the float variance (rstd
+ * becomes 0); the scalar path sums in double. */
 fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, const float *gamma,
                                const float *beta, float eps, float *y, int ldy, float *mean,
                                float *rstd);
@@ -232,7 +233,9 @@ typedef struct fm_confsmoe_params {
 
 /* Parameter gradients, same shapes as the parameters. Each may be NULL (not computed); the
  * others are OVERWRITTEN. Parameter gradients sum over slots in slot order (serially), so they
- * do not depend on the thread count. */
+ * do not depend on the thread count. The per-slot glue (confidence, probe, their gradients)
+ * runs serially on top of the ISA kernels; the per-token combination and the output LayerNorm
+ * are row-parallel under OpenMP. */
 typedef struct fm_confsmoe_grads {
     float *w, *b, *gamma, *beta, *probe_w, *probe_b;
 } fm_confsmoe_grads;
