@@ -193,6 +193,11 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_softmax_backward,
     fm__avx2_topk,
     fm__avx2_gate,
+    fm__avx2_layernorm_forward,
+    fm__avx2_layernorm_backward,
+    fm__avx2_layernorm_param_grad,
+    fm__avx2_gemv,
+    fm__avx2_axpy,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -279,6 +284,11 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_softmax_backward,
     fm__avx512_topk,
     fm__avx512_gate,
+    fm__avx512_layernorm_forward,
+    fm__avx512_layernorm_backward,
+    fm__avx512_layernorm_param_grad,
+    fm__avx512_gemv,
+    fm__avx512_axpy,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -372,6 +382,11 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_softmax_backward,
     fm__neon_topk,
     fm__neon_gate,
+    fm__neon_layernorm_forward,
+    fm__neon_layernorm_backward,
+    fm__neon_layernorm_param_grad,
+    fm__neon_gemv,
+    fm__neon_axpy,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -967,6 +982,185 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
     }
 }
 
+/* ---- LayerNorm ---- */
+
+/* The sum of all lanes. */
+static inline FM__TARGET float FM__OP(hsum)(FM__V v) {
+    float lanes[FM__W];
+    FM__OP(store)(lanes, FM__OP(segment_reduce)(v, FM__W, 0));
+    return lanes[0];
+}
+
+/* Per-lane partial sums of one row, blocked like dot_partial. */
+static inline FM__TARGET FM__V FM__OP(sum_partial)(const float *x, int n) {
+    const int full = n - n % FM__W;
+    FM__V sum = FM__OP(set1)(0.0f);
+    int j, block;
+    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+        FM__V partial = FM__OP(set1)(0.0f);
+        for (j = block; j < end; j += FM__W) partial = FM__OP(add)(partial, FM__OP(load)(x + j));
+        sum = FM__OP(add)(sum, partial);
+    }
+    if (full < n) sum = FM__OP(add)(sum, FM__OP(load_part)(x + full, n - full, 0.0f));
+    return sum;
+}
+
+/* Per-lane partial sums of (x - mean) and (x - mean)^2 over one row. The tail is filled with the
+ * mean itself so that it contributes exact zeros. */
+static inline FM__TARGET void FM__OP(deviation_partial)(const float *x, int n, float mean, FM__V *dev,
+                                                        FM__V *sq) {
+    const int full = n - n % FM__W;
+    const FM__V m = FM__OP(set1)(mean);
+    FM__V s1 = FM__OP(set1)(0.0f), s2 = FM__OP(set1)(0.0f), t;
+    int j, block;
+    for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+        const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+        FM__V p1 = FM__OP(set1)(0.0f), p2 = FM__OP(set1)(0.0f);
+        for (j = block; j < end; j += FM__W) {
+            t = FM__OP(sub)(FM__OP(load)(x + j), m);
+            p1 = FM__OP(add)(p1, t);
+            p2 = FM__OP(fmadd)(t, t, p2);
+        }
+        s1 = FM__OP(add)(s1, p1);
+        s2 = FM__OP(add)(s2, p2);
+    }
+    if (full < n) {
+        t = FM__OP(sub)(FM__OP(load_part)(x + full, n - full, mean), m);
+        s1 = FM__OP(add)(s1, t);
+        s2 = FM__OP(fmadd)(t, t, s2);
+    }
+    *dev = s1;
+    *sq = s2;
+}
+
+/* The corrected two-pass algorithm (Chan, Golub, LeVeque): the float mean of the first pass is
+ * off by a few ulp of the row's magnitude, which for a row with a large common offset is a large
+ * error relative to its spread; the second pass measures that error as the mean deviation and
+ * removes it from both the mean and the variance. */
+static FM__TARGET void FM__OP(layernorm_forward)(int rows, int cols, const float *x, int ldx,
+                                                 const float *gamma, const float *beta, float eps,
+                                                 float *y, int ldy, float *mean, float *rstd) {
+    const int full = cols - cols % FM__W, tail = cols - full;
+    const FM__V one = FM__OP(set1)(1.0f), zero = FM__OP(set1)(0.0f);
+    int r, j;
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        float *yr = y + (size_t)r * ldy;
+        FM__V dev, sq, m, c, s;
+        float m0 = FM__OP(hsum)(FM__OP(sum_partial)(xr, cols)) / (float)cols, d1, d2, mf, var, rs;
+        FM__OP(deviation_partial)(xr, cols, m0, &dev, &sq);
+        d1 = FM__OP(hsum)(dev) / (float)cols;
+        d2 = FM__OP(hsum)(sq) / (float)cols;
+        mf = m0 + d1;
+        var = d2 - d1 * d1;
+        var = var > 0.0f ? var : (var == var ? 0.0f : var); /* rounding may leave it a hair below 0 */
+        rs = (float)(1.0 / sqrt((double)var + (double)eps));
+        if (mean) mean[r] = mf;
+        if (rstd) rstd[r] = rs;
+        /* (x - m0) - d1 rather than x - (m0 + d1): the float sum m0 + d1 rounds at the scale of
+         * the mean, which for a row with a large offset is far coarser than its spread */
+        m = FM__OP(set1)(m0);
+        c = FM__OP(set1)(d1);
+        s = FM__OP(set1)(rs);
+        for (j = 0; j < full; j += FM__W) {
+            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(sub)(FM__OP(load)(xr + j), m), c), s);
+            FM__V g = gamma ? FM__OP(load)(gamma + j) : one, b = beta ? FM__OP(load)(beta + j) : zero;
+            FM__OP(store)(yr + j, FM__OP(fmadd)(t, g, b));
+        }
+        if (tail) {
+            FM__V t = FM__OP(mul)(FM__OP(sub)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, 0.0f), m), c), s);
+            FM__V g = gamma ? FM__OP(load_part)(gamma + full, tail, 1.0f) : one;
+            FM__V b = beta ? FM__OP(load_part)(beta + full, tail, 0.0f) : zero;
+            FM__OP(store_part)(yr + full, FM__OP(fmadd)(t, g, b), tail);
+        }
+    }
+}
+
+/* dx = rstd * (g - avg(g) - xhat * avg(g * xhat)), g = dy * gamma: one pass for the two sums,
+ * one for dx. Every load of x and dy at column j precedes the store to dx at j, so dx may alias
+ * x or dy. */
+static FM__TARGET void FM__OP(layernorm_backward)(int rows, int cols, const float *x, int ldx,
+                                                  const float *gamma, const float *mean,
+                                                  const float *rstd, const float *dy, int lddy,
+                                                  float *dx, int lddx) {
+    const int full = cols - cols % FM__W, tail = cols - full;
+    const FM__V one = FM__OP(set1)(1.0f);
+    int r, j, block;
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
+        float *dxr = dx + (size_t)r * lddx;
+        const FM__V m = FM__OP(set1)(mean[r]), s = FM__OP(set1)(rstd[r]);
+        FM__V sg = FM__OP(set1)(0.0f), sgx = FM__OP(set1)(0.0f), xhat, g, a, q;
+        for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+            const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+            FM__V pg = FM__OP(set1)(0.0f), pgx = FM__OP(set1)(0.0f);
+            for (j = block; j < end; j += FM__W) {
+                xhat = FM__OP(mul)(FM__OP(sub)(FM__OP(load)(xr + j), m), s);
+                g = FM__OP(mul)(FM__OP(load)(dyr + j), gamma ? FM__OP(load)(gamma + j) : one);
+                pg = FM__OP(add)(pg, g);
+                pgx = FM__OP(fmadd)(g, xhat, pgx);
+            }
+            sg = FM__OP(add)(sg, pg);
+            sgx = FM__OP(add)(sgx, pgx);
+        }
+        if (tail) { /* x filled with the mean and dy with 0: the tail lanes add exact zeros */
+            xhat = FM__OP(mul)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, mean[r]), m), s);
+            g = FM__OP(mul)(FM__OP(load_part)(dyr + full, tail, 0.0f),
+                            gamma ? FM__OP(load_part)(gamma + full, tail, 1.0f) : one);
+            sg = FM__OP(add)(sg, g);
+            sgx = FM__OP(fmadd)(g, xhat, sgx);
+        }
+        a = FM__OP(set1)(FM__OP(hsum)(sg) / (float)cols);
+        q = FM__OP(set1)(FM__OP(hsum)(sgx) / (float)cols);
+        for (j = 0; j < full; j += FM__W) {
+            xhat = FM__OP(mul)(FM__OP(sub)(FM__OP(load)(xr + j), m), s);
+            g = FM__OP(mul)(FM__OP(load)(dyr + j), gamma ? FM__OP(load)(gamma + j) : one);
+            FM__OP(store)(dxr + j, FM__OP(mul)(s, FM__OP(fnmadd)(xhat, q, FM__OP(sub)(g, a))));
+        }
+        if (tail) {
+            xhat = FM__OP(mul)(FM__OP(sub)(FM__OP(load_part)(xr + full, tail, 0.0f), m), s);
+            g = FM__OP(mul)(FM__OP(load_part)(dyr + full, tail, 0.0f),
+                            gamma ? FM__OP(load_part)(gamma + full, tail, 1.0f) : one);
+            FM__OP(store_part)(dxr + full, FM__OP(mul)(s, FM__OP(fnmadd)(xhat, q, FM__OP(sub)(g, a))), tail);
+        }
+    }
+}
+
+/* dgamma, dbeta over one range of columns, summed over all rows in row order: one vector of
+ * columns at a time, the row sums blocked like the others. Either output may be NULL. */
+static FM__TARGET void FM__OP(layernorm_param_grad)(int rows, int cols, const float *x, int ldx,
+                                                    const float *mean, const float *rstd,
+                                                    const float *dy, int lddy, float *dgamma,
+                                                    float *dbeta) {
+    int r, j, block;
+    for (j = 0; j < cols; j += FM__W) {
+        const int n = cols - j < FM__W ? cols - j : FM__W;
+        FM__V sg = FM__OP(set1)(0.0f), sb = FM__OP(set1)(0.0f);
+        for (block = 0; block < rows; block += FM__SUM_BLOCK) {
+            const int end = block + FM__SUM_BLOCK < rows ? block + FM__SUM_BLOCK : rows;
+            FM__V pg = FM__OP(set1)(0.0f), pb = FM__OP(set1)(0.0f);
+            for (r = block; r < end; r++) {
+                const float *xr = x + (size_t)r * ldx + j, *dyr = dy + (size_t)r * lddy + j;
+                FM__V xv = n == FM__W ? FM__OP(load)(xr) : FM__OP(load_part)(xr, n, 0.0f);
+                FM__V dv = n == FM__W ? FM__OP(load)(dyr) : FM__OP(load_part)(dyr, n, 0.0f);
+                FM__V xhat = FM__OP(mul)(FM__OP(sub)(xv, FM__OP(set1)(mean[r])), FM__OP(set1)(rstd[r]));
+                pg = FM__OP(fmadd)(dv, xhat, pg);
+                pb = FM__OP(add)(pb, dv);
+            }
+            sg = FM__OP(add)(sg, pg);
+            sb = FM__OP(add)(sb, pb);
+        }
+        if (n == FM__W) {
+            if (dgamma) FM__OP(store)(dgamma + j, sg);
+            if (dbeta) FM__OP(store)(dbeta + j, sb);
+        } else {
+            if (dgamma) FM__OP(store_part)(dgamma + j, sg, n);
+            if (dbeta) FM__OP(store_part)(dbeta + j, sb, n);
+        }
+    }
+}
+
 static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
     const int levels = job->training && job->load && job->top_k < job->experts ? job->top_k + 1 : job->top_k;
     int r;
@@ -983,6 +1177,37 @@ static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
         default: FM__OP(gate_block)(job, r, nrows, levels);
         }
     }
+}
+
+/* ---- small dense helpers for the ConfSMoE glue ---- */
+
+/* out[r] = a[r] . v for each row of a: W rows at a time, folded by one transposing reduction. */
+static FM__TARGET void FM__OP(gemv)(int rows, int cols, const float *a, int lda, const float *v, float *out) {
+    FM__V partial[FM__W];
+    float per_row[FM__W];
+    int r, i;
+    for (r = 0; r < rows; r += FM__W) {
+        const int nrows = rows - r < FM__W ? rows - r : FM__W;
+        if (nrows == 1) { /* the common single-row call skips the W-row fold */
+            out[r] = FM__OP(hsum)(FM__OP(dot_partial)(a + (size_t)r * lda, v, cols));
+            continue;
+        }
+        for (i = 0; i < FM__W; i++)
+            partial[i] = i < nrows ? FM__OP(dot_partial)(a + (size_t)(r + i) * lda, v, cols) : FM__OP(set1)(0.0f);
+        FM__OP(store)(per_row, FM__OP(transpose_reduce)(partial, 0));
+        for (i = 0; i < nrows; i++) out[r + i] = per_row[i];
+    }
+}
+
+/* y += alpha * x */
+static FM__TARGET void FM__OP(axpy)(int n, float alpha, const float *x, float *y) {
+    const int full = n - n % FM__W;
+    const FM__V a = FM__OP(set1)(alpha);
+    int j;
+    for (j = 0; j < full; j += FM__W) FM__OP(store)(y + j, FM__OP(fmadd)(a, FM__OP(load)(x + j), FM__OP(load)(y + j)));
+    if (full < n)
+        FM__OP(store_part)(y + full, FM__OP(fmadd)(a, FM__OP(load_part)(x + full, n - full, 0.0f),
+                                                    FM__OP(load_part)(y + full, n - full, 0.0f)), n - full);
 }
 
 #undef FM__UNROLL_W

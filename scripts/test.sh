@@ -60,7 +60,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_topk test_gate test_cxx)
+tests=(test_api test_softmax test_topk test_gate test_confsmoe test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled
@@ -79,9 +79,11 @@ run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --b
 run build-sanitize configure build/sanitize -Dbench=disabled -Dbuildtype=debugoptimized \
     -Db_sanitize=address,undefined -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all
 run compile-sanitize ninja -C build/sanitize
+# every C test program (test_cxx is C++ and checks one path only)
+c_tests=()
+for src in tests/test_*.c; do c_tests+=("$(basename "$src" .c)"); done
 for isa in $isas; do
-  for t in "${tests[@]}"; do
-    [ "$t" = test_cxx ] && continue
+  for t in "${c_tests[@]}"; do
     run_tests "$t-$isa-asan-ubsan" FLEXMOE_ISA=$isa -- build/sanitize/tests/$t
   done
 done
@@ -107,6 +109,8 @@ for c in gcc clang; do
 done
 run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c -o build/test_softmax-openmp -lm
 run_tests test_softmax-openmp OMP_NUM_THREADS=2 -- build/test_softmax-openmp
+run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmoe.c -o build/test_confsmoe-openmp -lm
+run_tests test_confsmoe-openmp OMP_NUM_THREADS=2 -- build/test_confsmoe-openmp
 for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lm && ./build/cxx-$cxx"
 done
