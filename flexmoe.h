@@ -240,6 +240,12 @@ typedef struct fm_gate_gradients {
 fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors *tensors,
                                  const fm_gate_gradients *gradients);
 
+/* The noise step of the gate on its own: noisy = clean + n * std, std = softplus(noise) +
+ * noise_epsilon, with the draws fm_noisy_gate_forward makes in training (desc: tokens, experts,
+ * noise_epsilon, seed, token_offset; top_k and the rest unused). std (optional) receives std. */
+fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noise,
+                                int ldn, float *noisy, int ldy, float *std, int lds);
+
 /* The gate's N(0, 1) noise for a (global token index, expert) pair: a counter-based draw, so a
  * run is reproducible whatever the batching, threads or ISA: h = lowbias32(state(seed, token) ^
  * (expert + 1) * 0x9E3779B9), x = (-1)^(h >> 31) (1 - (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23),
@@ -483,7 +489,8 @@ typedef struct fm__gate_job {
     const int32_t *token_group;
     int32_t *indices;
     float *gates, *noisy, *importance, *load; /* importance and load accumulate (zeroed first) */
-    int ld_indices, ld_gates, ld_noisy;
+    float *stds;                              /* the noise kernel's optional std output */
+    int ld_indices, ld_gates, ld_noisy, ld_stds;
 } fm__gate_job;
 
 static struct {
@@ -538,6 +545,7 @@ struct fm__kernel_table {
     void (*topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
                  float *values, int ldv);
     void (*gate)(const fm__gate_job *job);
+    void (*gate_noise)(const fm__gate_job *job); /* clean, noise -> noisy (and stds) only */
     /* mean, rstd may be NULL */
     void (*layernorm_forward)(int rows, int cols, const float *x, int ldx, const float *gamma,
                               const float *beta, float eps, float *y, int ldy, float *mean, float *rstd);
@@ -660,7 +668,7 @@ static float fm__noise_symmetric(uint32_t state, int expert) {
 static float fm__normal_from_symmetric(float x) {
     const float ax = fabsf(x);
     float w = -logf((1.0f - ax) * (1.0f + ax)), p;
-    if (w < 5.0f) {
+    if (!(w > 5.0f)) {
         w -= 2.5f;
         p = 2.81022636e-08f;
         p = 3.43273939e-07f + p * w;
@@ -693,6 +701,20 @@ static float fm__noise_std(float r, float epsilon) {
 
 static double fm__normal_cdf(double z) { return 0.5 * erfc(-z * 0.70710678118654752); }
 static double fm__normal_pdf(double z) { return 0.39894228040143268 * exp(-0.5 * z * z); }
+
+static void fm__scalar_gate_noise(const fm__gate_job *job) {
+    int t, e;
+    for (t = 0; t < job->tokens; t++) {
+        const float *clean = job->clean + (size_t)t * job->ld_clean, *noise = job->noise + (size_t)t * job->ld_noise;
+        float *noisy = job->noisy + (size_t)t * job->ld_noisy;
+        const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
+        for (e = 0; e < job->experts; e++) {
+            const float std = fm__noise_std(noise[e], job->noise_epsilon);
+            noisy[e] = fmaf(fm__normal_from_symmetric(fm__noise_symmetric(state, e)), std, clean[e]);
+            if (job->stds) job->stds[(size_t)t * job->ld_stds + e] = std;
+        }
+    }
+}
 
 /* The reference gate, one token at a time; the SIMD template does the same per lane. */
 static void fm__scalar_gate(const fm__gate_job *job) {
@@ -827,6 +849,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_softmax_backward,
     fm__scalar_topk,
     fm__scalar_gate,
+    fm__scalar_gate_noise,
     fm__scalar_layernorm_forward,
     fm__scalar_layernorm_backward,
     fm__scalar_layernorm_param_grad,
@@ -1270,6 +1293,36 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
                     (float)((d_std[e] + d_noisy[e] * noise[e]) / (1.0 + exp(-(double)raw[e])));
         }
     }
+    return FM_OK;
+}
+
+fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noise,
+                                int ldn, float *noisy, int ldy, float *std, int lds) {
+    const fm__kernel_table *kernels;
+    fm__gate_job job;
+    fm_status status;
+    if (!desc) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_matrix(clean, desc->tokens, desc->experts, ldc)) != FM_OK) return status;
+    if ((status = fm__check_matrix(noise, desc->tokens, desc->experts, ldn)) != FM_OK) return status;
+    if ((status = fm__check_matrix(noisy, desc->tokens, desc->experts, ldy)) != FM_OK) return status;
+    if (std && (status = fm__check_matrix(std, desc->tokens, desc->experts, lds)) != FM_OK) return status;
+    if (!(desc->noise_epsilon >= 0.0f)) return FM_ERR_INVALID_ARGUMENT;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    memset(&job, 0, sizeof job);
+    job.tokens = desc->tokens;
+    job.experts = desc->experts;
+    job.noise_epsilon = desc->noise_epsilon != 0.0f ? desc->noise_epsilon : 0.01f;
+    job.seed = desc->seed;
+    job.token_offset = desc->token_offset;
+    job.clean = clean;
+    job.ld_clean = ldc;
+    job.noise = noise;
+    job.ld_noise = ldn;
+    job.noisy = noisy;
+    job.ld_noisy = ldy;
+    job.stds = std;
+    job.ld_stds = lds;
+    kernels->gate_noise(&job);
     return FM_OK;
 }
 

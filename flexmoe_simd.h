@@ -150,6 +150,7 @@ static inline FM__TARGET __m256 fm__avx2_blend_upper(__m256 a, __m256 b, int dis
 static inline FM__TARGET __m256 fm__avx2_greater(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
 static inline FM__TARGET __m256 fm__avx2_equal(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
 static inline FM__TARGET __m256 fm__avx2_mask_or(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
+static inline FM__TARGET int fm__avx2_any(__m256 mask) { return _mm256_movemask_ps(mask) != 0; }
 static inline FM__TARGET __m256 fm__avx2_select(__m256 mask, __m256 if_set, __m256 if_clear) {
     return _mm256_blendv_ps(if_clear, if_set, mask);
 }
@@ -193,6 +194,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_softmax_backward,
     fm__avx2_topk,
     fm__avx2_gate,
+    fm__avx2_gate_noise,
     fm__avx2_layernorm_forward,
     fm__avx2_layernorm_backward,
     fm__avx2_layernorm_param_grad,
@@ -249,6 +251,7 @@ static inline FM__TARGET __m512 fm__avx512_blend_upper(__m512 a, __m512 b, int d
 static inline FM__TARGET __mmask16 fm__avx512_greater(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 static inline FM__TARGET __mmask16 fm__avx512_equal(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 static inline FM__TARGET __mmask16 fm__avx512_mask_or(__mmask16 a, __mmask16 b) { return (__mmask16)(a | b); }
+static inline FM__TARGET int fm__avx512_any(__mmask16 mask) { return mask != 0; }
 static inline FM__TARGET __m512 fm__avx512_select(__mmask16 mask, __m512 if_set, __m512 if_clear) {
     return _mm512_mask_blend_ps(mask, if_clear, if_set);
 }
@@ -284,6 +287,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_softmax_backward,
     fm__avx512_topk,
     fm__avx512_gate,
+    fm__avx512_gate_noise,
     fm__avx512_layernorm_forward,
     fm__avx512_layernorm_backward,
     fm__avx512_layernorm_param_grad,
@@ -345,6 +349,7 @@ static inline float32x4_t fm__neon_blend_upper(float32x4_t a, float32x4_t b, int
 static inline uint32x4_t fm__neon_greater(float32x4_t a, float32x4_t b) { return vcgtq_f32(a, b); }
 static inline uint32x4_t fm__neon_equal(float32x4_t a, float32x4_t b) { return vceqq_f32(a, b); }
 static inline uint32x4_t fm__neon_mask_or(uint32x4_t a, uint32x4_t b) { return vorrq_u32(a, b); }
+static inline int fm__neon_any(uint32x4_t mask) { return vmaxvq_u32(mask) != 0; }
 static inline float32x4_t fm__neon_select(uint32x4_t mask, float32x4_t if_set, float32x4_t if_clear) {
     return vbslq_f32(mask, if_set, if_clear);
 }
@@ -382,6 +387,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_softmax_backward,
     fm__neon_topk,
     fm__neon_gate,
+    fm__neon_gate_noise,
     fm__neon_layernorm_forward,
     fm__neon_layernorm_backward,
     fm__neon_layernorm_param_grad,
@@ -807,39 +813,52 @@ static inline FM__TARGET FM__V FM__OP(log)(FM__V x) {
     return FM__OP(fmadd)(e, FM__OP(set1)(0.693359375f), FM__OP(add)(m, y));
 }
 
-/* softplus(r) + epsilon = max(r, 0) + log(1 + exp(-|r|)) + epsilon: never overflows. NaN in r
- * gives NaN (the log of the NaN exp). */
+/* softplus(r) + epsilon = max(r, 0) + log1p(y) + epsilon with y = exp(-|r|) in (0, 1]: never
+ * overflows. log1p(y) = 2 atanh(s), s = y / (2 + y) <= 1/3, whose odd series to s^13 is within
+ * 2e-8 relative: cheaper than a general log. NaN in r gives NaN. */
 static inline FM__TARGET FM__V FM__OP(noise_std)(FM__V r, FM__V epsilon) {
-    const FM__V tail = FM__OP(log)(FM__OP(add)(FM__OP(set1)(1.0f), FM__OP(exp)(FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(abs)(r)))));
-    return FM__OP(add)(FM__OP(add)(FM__OP(max)(r, FM__OP(set1)(0.0f)), tail), epsilon);
+    const FM__V y = FM__OP(exp)(FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(abs)(r)));
+    const FM__V s = FM__OP(mul)(y, FM__OP(recip)(FM__OP(add)(y, FM__OP(set1)(2.0f)))), s2 = FM__OP(mul)(s, s);
+    FM__V p = FM__OP(set1)(2.0f / 13.0f);
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 11.0f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 9.0f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 7.0f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 5.0f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 3.0f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f));
+    return FM__OP(add)(FM__OP(fmadd)(p, s, FM__OP(max)(r, FM__OP(set1)(0.0f))), epsilon);
 }
 
 /* N(0, 1) as sqrt(2) erfinv(x) for x from hash_symmetric, with Giles' single-precision erfinv
- * ("Approximating the erfinv function", GPU Computing Gems, 2011): both of its branches are
- * evaluated and the right one selected per lane. 1 - |x| is exact, so the tails stay accurate. */
+ * ("Approximating the erfinv function", GPU Computing Gems, 2011); its tail branch runs only for
+ * vectors that need it. 1 - |x| is exact, so the tails stay accurate. */
 static inline FM__TARGET FM__V FM__OP(normal_from_symmetric)(FM__V x) {
     const FM__V one = FM__OP(set1)(1.0f), ax = FM__OP(abs)(x);
     const FM__V w = FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(log)(FM__OP(mul)(FM__OP(sub)(one, ax), FM__OP(add)(one, ax))));
     const FM__V c = FM__OP(sub)(w, FM__OP(set1)(2.5f));
-    const FM__V t = FM__OP(sub)(FM__OP(sqrt)(w), FM__OP(set1)(3.0f));
-    FM__V p = FM__OP(set1)(2.81022636e-08f), q = FM__OP(set1)(-0.000200214257f);
+    const FM__MASK tail = FM__OP(greater)(w, FM__OP(set1)(5.0f));
+    FM__V p = FM__OP(set1)(2.81022636e-08f);
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(3.43273939e-07f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.000100950558f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(-3.5233877e-06f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00134934322f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(-4.39150654e-06f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.00367342844f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.00021858087f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00573950773f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00125372503f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.0076224613f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00417768164f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00943887047f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.246640727f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(1.00167406f));
     p = FM__OP(fmadd)(p, c, FM__OP(set1)(1.50140941f));
-    q = FM__OP(fmadd)(q, t, FM__OP(set1)(2.83297682f));
-    p = FM__OP(select)(FM__OP(greater)(FM__OP(set1)(5.0f), w), p, q);
+    if (FM__OP(any)(tail)) { /* |x| > 0.9966 in some lane: 1 in 300 draws */
+        const FM__V t = FM__OP(sub)(FM__OP(sqrt)(w), FM__OP(set1)(3.0f));
+        FM__V q = FM__OP(set1)(-0.000200214257f);
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.000100950558f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00134934322f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.00367342844f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00573950773f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.0076224613f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00943887047f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(1.00167406f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(2.83297682f));
+        p = FM__OP(select)(tail, q, p);
+    }
     return FM__OP(mul)(FM__OP(mul)(p, x), FM__OP(set1)(1.41421356237309505f));
 }
 
@@ -885,6 +904,12 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
     const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
     const float *clean = job->clean + (size_t)row0 * job->ld_clean;
     const float *noise = job->training ? job->noise + (size_t)row0 * job->ld_noise : NULL;
+    /* the outputs as locals: stores through them cannot change them, unlike job's fields */
+    int32_t *const indices = job->indices + (size_t)row0 * job->ld_indices;
+    float *const gates = job->gates + (size_t)row0 * job->ld_gates, *const importance = job->importance, *const load = job->load;
+    float *const noisy_out = job->noisy ? job->noisy + (size_t)row0 * job->ld_noisy : NULL;
+    const int32_t *const groups = job->token_group ? job->token_group + row0 : NULL;
+    const int ld_indices = job->ld_indices, ld_gates = job->ld_gates;
     FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
     float stds[FLEXMOE_GATE_MAX_EXPERTS][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
@@ -902,20 +927,25 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
     }
     for (c0 = 0; c0 < E; c0 += FM__W) {
         FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, -INFINITY, cl);
-        if (job->training) FM__OP(load_columns)(noise, job->ld_noise, nrows, c0, E, 0.0f, nz);
-        FM__UNROLL_W
-        for (j = 0; j < FM__W; j++) {
-            if (job->training) {
+        if (job->training) {
+            FM__OP(load_columns)(noise, job->ld_noise, nrows, c0, E, 0.0f, nz);
+            /* the noise first, for the whole chunk (a loop of its own: its temporaries alone fill
+             * the registers), then the network over the chunk in registers */
+            for (j = 0; j < FM__W; j++) {
                 const FM__V std = FM__OP(noise_std)(nz[j], epsilon);
                 const FM__V n = FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j)));
                 v[j] = FM__OP(fmadd)(n, std, cl[j]);
                 if (with_load && c0 + j < E) FM__OP(store)(stds[c0 + j], std);
-            } else {
-                v[j] = cl[j];
             }
-            FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j]), FM__OP(set1)((float)(c0 + j)));
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++)
+                FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j]), FM__OP(set1)((float)(c0 + j)));
+        } else {
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++)
+                FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j] = cl[j]), FM__OP(set1)((float)(c0 + j)));
         }
-        if (job->noisy) FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, E, v);
+        if (noisy_out) FM__OP(store_columns)(noisy_out, job->ld_noisy, nrows, c0, E, v);
     }
 
     if (!job->renormalize) { /* softmax over all experts, then top-k (Mixtral without renormalising) */
@@ -936,18 +966,18 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
     }
     for (i = 0; i < levels; i++) FM__OP(store)(lanes[i], slot[i]);
     for (r = 0; r < nrows; r++) {
-        int32_t *idx = job->indices + (size_t)(row0 + r) * job->ld_indices;
-        float *gates = job->gates + (size_t)(row0 + r) * job->ld_gates;
-        const int group = job->token_group ? job->token_group[row0 + r] : 0;
+        int32_t *idx = indices + (size_t)r * ld_indices;
+        float *g = gates + (size_t)r * ld_gates;
+        const size_t group_row = (size_t)(groups ? groups[r] : 0) * E;
         for (i = 0; i < k; i++) {
             idx[i] = (int32_t)lanes[i][r];
-            gates[i] = gate_lanes[i][r];
+            g[i] = gate_lanes[i][r];
         }
         if (idx[k - 1] < 0) fm__topk_fill_missing(E, k, idx);
-        if (job->importance)
-            for (i = 0; i < k; i++) job->importance[(size_t)group * E + idx[i]] += gates[i];
-        if (job->load && !with_load)
-            for (i = 0; i < k; i++) job->load[(size_t)group * E + idx[i]] += 1.0f;
+        if (importance)
+            for (i = 0; i < k; i++) importance[group_row + idx[i]] += g[i];
+        if (load && !with_load)
+            for (i = 0; i < k; i++) load[group_row + idx[i]] += 1.0f;
     }
 
     if (with_load) { /* FastMoE's P(expert in the top k): threshold = (k+1)-th value if in, k-th if out */
@@ -956,7 +986,7 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
         float mask_lanes[FM__W], sums[FM__W];
         for (g = 0; g < job->groups; g++) {
             for (r = 0; r < FM__W; r++)
-                mask_lanes[r] = r < nrows && (job->token_group ? job->token_group[row0 + r] : 0) == g ? 1.0f : 0.0f;
+                mask_lanes[r] = r < nrows && (groups ? groups[r] : 0) == g ? 1.0f : 0.0f;
             group_mask[g] = FM__OP(greater)(FM__OP(load)(mask_lanes), FM__OP(set1)(0.5f));
         }
         for (c0 = 0; c0 < E; c0 += FM__W) {
@@ -976,7 +1006,7 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
                 FM__UNROLL_W
                 for (j = 0; j < FM__W; j++) masked[j] = FM__OP(select)(group_mask[g], v[j], FM__OP(set1)(0.0f));
                 FM__OP(store)(sums, FM__OP(transpose_reduce)(masked, 0));
-                for (j = 0; j < n; j++) job->load[(size_t)g * E + c0 + j] += sums[j];
+                for (j = 0; j < n; j++) load[(size_t)g * E + c0 + j] += sums[j];
             }
         }
     }
@@ -1157,6 +1187,36 @@ static FM__TARGET void FM__OP(layernorm_param_grad)(int rows, int cols, const fl
         } else {
             if (dgamma) FM__OP(store_part)(dgamma + j, sg, n);
             if (dbeta) FM__OP(store_part)(dbeta + j, sb, n);
+        }
+    }
+}
+
+/* The noise step alone, one token per lane like the fused gate, so both make the same floats. */
+static FM__TARGET void FM__OP(gate_noise)(const fm__gate_job *job) {
+    const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
+    FM__V cl[FM__W], nz[FM__W], v[FM__W];
+    float lanes[FM__W];
+    uint32_t states[FM__W];
+    int row0, r, j, c0;
+    for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
+        const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
+        FM__V state;
+        for (r = 0; r < FM__W; r++)
+            states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
+        memcpy(lanes, states, sizeof states);
+        state = FM__OP(load)(lanes);
+        for (c0 = 0; c0 < job->experts; c0 += FM__W) {
+            FM__OP(load_columns)(job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, nrows, c0, job->experts, 0.0f, cl);
+            FM__OP(load_columns)(job->noise + (size_t)row0 * job->ld_noise, job->ld_noise, nrows, c0, job->experts, 0.0f, nz);
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) {
+                nz[j] = FM__OP(noise_std)(nz[j], epsilon);
+                v[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
+                                     nz[j], cl[j]);
+            }
+            FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, job->experts, v);
+            if (job->stds)
+                FM__OP(store_columns)(job->stds + (size_t)row0 * job->ld_stds, job->ld_stds, nrows, c0, job->experts, nz);
         }
     }
 }

@@ -283,6 +283,19 @@ static void check_gate_case(const gate_case *c) {
         FM_CHECK(worst_load <= GATE_TOLERANCE, "T=%d E=%d k=%d training=%d: load off by %.3g", T, E, k, c->training,
                  worst_load);
 
+    if (c->training) { /* the noise step on its own makes the same floats as inside the fused gate */
+        float *alone = (float *)malloc((size_t)T * E * sizeof(float)), *std = (float *)malloc((size_t)T * E * sizeof(float));
+        fm_gate_desc desc;
+        double worst_std = 0.0;
+        memset(&desc, 0, sizeof desc);
+        desc.tokens = T, desc.experts = E, desc.seed = c->seed, desc.token_offset = c->offset;
+        desc.noise_epsilon = (float)c->epsilon;
+        FM_CHECK(fm_gate_noise_forward(&desc, fclean, E, fraw, E, alone, E, std, E) == FM_OK, "gate noise kernel");
+        FM_CHECK(memcmp(alone, noisy, (size_t)T * E * sizeof(float)) == 0, "T=%d E=%d: noise kernel and fused gate differ", T, E);
+        for (i = 0; i < T * E; i++) worst_std = worse(worst_std, fabs(std[i] - (softplus(raw[i]) + c->epsilon)) / (softplus(raw[i]) + c->epsilon));
+        FM_CHECK(worst_std <= GATE_TOLERANCE, "T=%d E=%d: noise std off by %.3g", T, E, worst_std);
+        free(alone), free(std);
+    }
     if (!c->training) { /* without noise the gate is softmax-then-top-k: identical indices to fm_topk */
         int32_t *want = (int32_t *)malloc((size_t)T * k * sizeof *want);
         FM_CHECK(fm_topk(T, E, k, fclean, E, want, k, NULL, 0) == FM_OK, "fm_topk");

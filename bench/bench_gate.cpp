@@ -1,0 +1,138 @@
+// Routing gates over 4096 tokens, fused against the same chain of separate flexmoe kernels.
+// gate/<impl>/<E>/<k>: the noisy top-k gate in training (FastMoE, as Flex-MoE uses it), from
+// clean and noise logits to expert indices and gates.
+//   flexmoe        fm_noisy_gate_forward: noise, top-k and gates in one pass over tiles of tokens
+//   flexmoe_chain  fm_gate_noise_forward (tokens x experts noisy logits) -> fm_topk (values and
+//                  indices) -> fm_softmax_forward over the k values
+// gate_inference/<impl>/<E>/<k>: softmax-then-top-k routing with renormalised weights (Mixtral).
+//   flexmoe        fm_softmax_topk_forward: top-k of the logits, then k exponentials per token
+//   flexmoe_chain  what ggml runs: fm_softmax_forward over all experts -> fm_topk of the
+//                  probabilities -> divide the k weights by their sum
+// Each impl must give the fused path's indices exactly and its gates to 1e-5.
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace {
+
+constexpr int kTokens = 4096;
+const int kExperts[] = {16, 64, 256};
+const int kTopK[] = {1, 2, 4, 8};
+
+struct GateData {
+    int experts, k;
+    fmbench::Floats clean, noise, noisy, gates, want_gates;
+    std::vector<int32_t> indices, want_indices;
+    GateData(int e, int k_)
+        : experts(e), k(k_), clean(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 300 + e)),
+          noise(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 700 + e)), noisy(clean.size()),
+          gates(size_t(kTokens) * k_), want_gates(gates.size()), indices(gates.size()), want_indices(gates.size()) {
+        fm_gate_desc desc = describe();
+        fm_gate_tensors t = tensors(want_indices.data(), want_gates.data());
+        fm_noisy_gate_forward(&desc, &t);
+    }
+    fm_gate_desc describe() const {
+        fm_gate_desc desc;
+        std::memset(&desc, 0, sizeof desc);
+        desc.tokens = kTokens, desc.experts = experts, desc.top_k = k, desc.training = 1, desc.seed = 2024;
+        return desc;
+    }
+    fm_gate_tensors tensors(int32_t *idx, float *g) const {
+        fm_gate_tensors t;
+        std::memset(&t, 0, sizeof t);
+        t.clean_logits = clean.data(), t.noise_logits = noise.data(), t.indices = idx, t.gates = g;
+        return t;
+    }
+};
+
+GateData &data_for(int e, int k) {
+    static std::vector<GateData *> all;
+    for (auto *d : all)
+        if (d->experts == e && d->k == k) return *d;
+    all.push_back(new GateData(e, k));
+    return *all.back();
+}
+
+void timed(benchmark::State &state, GateData &d, const std::function<void()> &step) {
+    std::fill(d.indices.begin(), d.indices.end(), -1);
+    step();
+    if (d.indices != d.want_indices || !(fmbench::max_abs_diff(d.gates, d.want_gates) <= 1e-5)) {
+        state.SkipWithError("indices or gates differ from the fused gate on the default path");
+        return;
+    }
+    for (auto _ : state) {
+        step();
+        benchmark::ClobberMemory();
+    }
+    state.SetItemsProcessed(int64_t(state.iterations()) * kTokens);
+}
+
+void fused(benchmark::State &state, fm_isa isa, int e, int k) {
+    GateData &d = data_for(e, k);
+    if (!fmbench::use_isa(state, isa)) return;
+    const fm_gate_desc desc = d.describe();
+    const fm_gate_tensors t = d.tensors(d.indices.data(), d.gates.data());
+    timed(state, d, [&] { fm_noisy_gate_forward(&desc, &t); });
+}
+
+void chain(benchmark::State &state, int e, int k) {
+    GateData &d = data_for(e, k);
+    const fm_gate_desc desc = d.describe();
+    timed(state, d, [&] {
+        fm_gate_noise_forward(&desc, d.clean.data(), e, d.noise.data(), e, d.noisy.data(), e, nullptr, 0);
+        fm_topk(kTokens, e, k, d.noisy.data(), e, d.indices.data(), k, d.gates.data(), k);
+        fm_softmax_forward(kTokens, k, d.gates.data(), k, d.gates.data(), k);
+    });
+}
+
+void fused_inference(benchmark::State &state, int e, int k) {
+    GateData &d = data_for(e, k);
+    std::vector<int32_t> want(d.indices.size());
+    fmbench::Floats want_gates(d.gates.size());
+    fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, want.data(), k, want_gates.data(), k);
+    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
+    timed(state, d, [&] { fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, d.indices.data(), k, d.gates.data(), k); });
+    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
+}
+
+void chain_inference(benchmark::State &state, int e, int k) {
+    GateData &d = data_for(e, k);
+    std::vector<int32_t> want(d.indices.size());
+    fmbench::Floats want_gates(d.gates.size());
+    fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, want.data(), k, want_gates.data(), k);
+    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
+    timed(state, d, [&] {
+        fm_softmax_forward(kTokens, e, d.clean.data(), e, d.noisy.data(), e);
+        fm_topk(kTokens, e, k, d.noisy.data(), e, d.indices.data(), k, d.gates.data(), k);
+        for (int t = 0; t < kTokens; t++) {
+            float *g = &d.gates[size_t(t) * k], sum = 0.0f;
+            for (int i = 0; i < k; i++) sum += g[i];
+            for (int i = 0; i < k; i++) g[i] /= sum;
+        }
+    });
+    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
+}
+
+int register_gate() {
+    for (int e : kExperts)
+        for (int k : kTopK) {
+            const std::string tail = "/" + std::to_string(e) + "/" + std::to_string(k);
+            benchmark::RegisterBenchmark(("gate/flexmoe" + tail).c_str(), fused, FM_ISA_AUTO, e, k);
+            benchmark::RegisterBenchmark(("gate/flexmoe_chain" + tail).c_str(), chain, e, k);
+            benchmark::RegisterBenchmark(("gate_inference/flexmoe" + tail).c_str(), fused_inference, e, k);
+            benchmark::RegisterBenchmark(("gate_inference/flexmoe_chain" + tail).c_str(), chain_inference, e, k);
+            for (fm_isa isa : fmbench::forced_isas())
+                if (isa != FM_ISA_SCALAR)
+                    benchmark::RegisterBenchmark(("gate/" + fmbench::impl_name(isa) + tail).c_str(), fused, isa, e, k);
+        }
+    return 0;
+}
+
+const int registered = register_gate();
+
+}  // namespace
