@@ -288,6 +288,7 @@ fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const floa
                                  const int32_t *combination, const float *importance, const float *load,
                                  float *value, float *d_noisy_logits, int lddl, float *d_importance,
                                  float *d_load);
+
 /* ==== 5. LayerNorm and the ConfSMoE confidence gate ======================================== */
 
 /* Row LayerNorm as nn.LayerNorm computes it: for each row, mean and biased variance over its
@@ -1589,9 +1590,9 @@ static fm__confsmoe_saved fm__confsmoe_split(float *saved, const fm_confsmoe_des
 fm_status fm_confsmoe_saved_floats(const fm_confsmoe_desc *desc, size_t *floats) {
     uint64_t total;
     if (!desc || !floats) return FM_ERR_NULL_POINTER;
-    if (desc->tokens <= 0 || desc->k <= 0 || desc->experts <= 0 || desc->dim <= 0 || desc->classes <= 0 ||
-        desc->k > desc->experts)
+    if (desc->tokens <= 0 || desc->k <= 0 || desc->experts <= 0 || desc->dim <= 0 || desc->classes <= 0)
         return FM_ERR_INVALID_SHAPE;
+    if (desc->k > desc->experts) return FM_ERR_INVALID_ARGUMENT; /* as everywhere: k > E is a range error */
     total = 6 * (uint64_t)desc->tokens * (uint64_t)desc->k + 2 * (uint64_t)desc->tokens +
             2 * (uint64_t)desc->experts + 2 * (uint64_t)desc->dim + (uint64_t)desc->classes;
     if ((uint64_t)desc->tokens * (uint64_t)desc->k > (uint64_t)INT32_MAX ||

@@ -725,34 +725,67 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_insert)
     slot[0] = FM__OP(select)(above, column, slot[0]);
 }
 
-/* Runs the network over all columns of a block of up to W rows; on return slot[i] lane r is the
- * column of row r's i-th largest key (-1 where fewer than i + 1 keys exceed -Inf) and top[i]
- * that key. */
-static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_network)(int nrows, int cols, int k,
-                                                                                   const float *x, int ldx,
-                                                                                   FM__V *top, FM__V *slot) {
-    FM__V column[FM__W];
-    int i, c0, j;
+/* One chunk of W key columns (key[j] for column c0 + j) through the k-deep network. The state
+ * stays in memory between chunks and in registers within one: a few loads and stores per W
+ * columns, and one compiled network per depth instead of one per depth and caller. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_chunk)(FM__V *top, FM__V *slot, int k,
+                                                                                 const FM__V *key, int c0) {
+    FM__V t[FLEXMOE_GATE_MAX_TOP_K + 1], s[FLEXMOE_GATE_MAX_TOP_K + 1];
+    int i, j;
+    for (i = 0; i < k; i++) t[i] = top[i], s[i] = slot[i];
+    FM__UNROLL_W
+    for (j = 0; j < FM__W; j++) FM__OP(topk_insert)(t, s, k, key[j], FM__OP(set1)((float)(c0 + j)));
+    for (i = 0; i < k; i++) top[i] = t[i], slot[i] = s[i];
+}
+
+/* The network at fixed depths (unrolled, in registers), and at any depth up to the maximum. */
+#define FM__TOPK_CHUNK_AT(K)                                                                       \
+    static FM__TARGET void FM__OP(FM__CAT(topk_chunk_, K))(FM__V *top, FM__V *slot, int k, const FM__V *key, \
+                                                          int c0) {                                \
+        (void)k;                                                                                   \
+        FM__OP(topk_chunk)(top, slot, K, key, c0);                                                 \
+    }
+FM__TOPK_CHUNK_AT(1)
+FM__TOPK_CHUNK_AT(2)
+FM__TOPK_CHUNK_AT(3)
+FM__TOPK_CHUNK_AT(4)
+FM__TOPK_CHUNK_AT(5)
+FM__TOPK_CHUNK_AT(8)
+FM__TOPK_CHUNK_AT(9)
+#undef FM__TOPK_CHUNK_AT
+static FM__TARGET void FM__OP(topk_chunk_any)(FM__V *top, FM__V *slot, int k, const FM__V *key, int c0) {
+    FM__OP(topk_chunk)(top, slot, k, key, c0);
+}
+
+typedef void (*FM__OP(topk_chunk_fn))(FM__V *top, FM__V *slot, int k, const FM__V *key, int c0);
+
+static inline FM__TARGET FM__OP(topk_chunk_fn) FM__OP(topk_chunk_for)(int k) {
+    switch (k) {
+    case 1: return FM__OP(topk_chunk_1);
+    case 2: return FM__OP(topk_chunk_2);
+    case 3: return FM__OP(topk_chunk_3);
+    case 4: return FM__OP(topk_chunk_4);
+    case 5: return FM__OP(topk_chunk_5);
+    case 8: return FM__OP(topk_chunk_8);
+    case 9: return FM__OP(topk_chunk_9);
+    default: return FM__OP(topk_chunk_any);
+    }
+}
+
+/* An empty network: keys -Inf (only greater keys enter), columns -1. */
+static inline FM__TARGET void FM__OP(topk_reset)(FM__V *top, FM__V *slot, int k) {
+    int i;
     for (i = 0; i < k; i++) {
         top[i] = FM__OP(set1)(-INFINITY);
         slot[i] = FM__OP(set1)(-1.0f);
     }
-    for (c0 = 0; c0 < cols; c0 += FM__W) {
-        FM__OP(load_columns)(x, ldx, nrows, c0, cols, -INFINITY, column); /* -Inf never enters */
-        FM__UNROLL_W
-        for (j = 0; j < FM__W; j++)
-            FM__OP(topk_insert)(top, slot, k, FM__OP(rank_key)(column[j]), FM__OP(set1)((float)(c0 + j)));
-    }
 }
 
-static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_block)(int nrows, int cols, int k,
-                                                                                 const float *x, int ldx,
-                                                                                 int32_t *indices, int ldi,
-                                                                                 float *values, int ldv) {
-    FM__V top[FLEXMOE_GATE_MAX_TOP_K], slot[FLEXMOE_GATE_MAX_TOP_K];
+/* Writes the indices (and values copied from x) of up to W rows from the network's columns. */
+static FM__TARGET void FM__OP(topk_write)(int nrows, int cols, int k, const float *x, int ldx, const FM__V *slot,
+                                          int32_t *indices, int ldi, float *values, int ldv) {
     float columns[FLEXMOE_GATE_MAX_TOP_K][FM__W];
     int i, r;
-    FM__OP(topk_network)(nrows, cols, k, x, ldx, top, slot);
     for (i = 0; i < k; i++) FM__OP(store)(columns[i], slot[i]);
     for (r = 0; r < nrows; r++) {
         int32_t *row_indices = indices + (size_t)r * ldi;
@@ -763,28 +796,30 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(topk_block)(
     }
 }
 
-/* k is made a compile-time constant for the common sizes so that the network is unrolled and
- * its state stays in registers. */
+/* W rows per block, one per lane; rows past the end repeat the last one, columns past the end
+ * read as -Inf and never enter. k above the network's depth runs the scalar insertion. */
 static FM__TARGET void FM__OP(topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices,
                                     int ldi, float *values, int ldv) {
-    int r;
-#define FM__TOPK_BLOCKS(K)                                                                          \
-    for (r = 0; r < rows; r += FM__W)                                                               \
-        FM__OP(topk_block)(rows - r < FM__W ? rows - r : FM__W, cols, K, x + (size_t)r * ldx, ldx,     \
-                           indices + (size_t)r * ldi, ldi, values ? values + (size_t)r * ldv : NULL, ldv)
-    switch (k) {
-    case 1: FM__TOPK_BLOCKS(1); break;
-    case 2: FM__TOPK_BLOCKS(2); break;
-    case 3: FM__TOPK_BLOCKS(3); break;
-    case 4: FM__TOPK_BLOCKS(4); break;
-    case 5: FM__TOPK_BLOCKS(5); break;
-    case 6: FM__TOPK_BLOCKS(6); break;
-    case 8: FM__TOPK_BLOCKS(8); break;
-    default:
-        if (k <= FLEXMOE_GATE_MAX_TOP_K) FM__TOPK_BLOCKS(k);
-        else fm__scalar_topk(rows, cols, k, x, ldx, indices, ldi, values, ldv);
+    const FM__OP(topk_chunk_fn) chunk = FM__OP(topk_chunk_for)(k);
+    FM__V top[FLEXMOE_GATE_MAX_TOP_K], slot[FLEXMOE_GATE_MAX_TOP_K], column[FM__W];
+    int r, c0, j;
+    if (k > FLEXMOE_GATE_MAX_TOP_K) {
+        fm__scalar_topk(rows, cols, k, x, ldx, indices, ldi, values, ldv);
+        return;
     }
-#undef FM__TOPK_BLOCKS
+    for (r = 0; r < rows; r += FM__W) {
+        const int nrows = rows - r < FM__W ? rows - r : FM__W;
+        const float *block = x + (size_t)r * ldx;
+        FM__OP(topk_reset)(top, slot, k);
+        for (c0 = 0; c0 < cols; c0 += FM__W) {
+            FM__OP(load_columns)(block, ldx, nrows, c0, cols, -INFINITY, column);
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) column[j] = FM__OP(rank_key)(column[j]);
+            chunk(top, slot, k, column, c0);
+        }
+        FM__OP(topk_write)(nrows, cols, k, block, ldx, slot, indices + (size_t)r * ldi, ldi,
+                           values ? values + (size_t)r * ldv : NULL, ldv);
+    }
 }
 
 /* ---- routing gates ---- */
@@ -898,8 +933,8 @@ static inline FM__TARGET void FM__OP(store_columns)(float *y, int ldy, int nrows
  * come from the network's registers; a second pass (training with k < E, or softmax over all
  * experts) reads the clean logits again for the load probabilities or the softmax denominator.
  * Nothing of size tokens x experts is written unless the caller asked for the noisy logits. */
-static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0,
-                                                                                 int nrows, int levels) {
+static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int nrows, int levels,
+                                          FM__OP(topk_chunk_fn) chunk) {
     const int E = job->experts, k = job->top_k, with_load = job->training && job->load && k < E;
     const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
     const float *clean = job->clean + (size_t)row0 * job->ld_clean;
@@ -910,7 +945,8 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
     float *const noisy_out = job->noisy ? job->noisy + (size_t)row0 * job->ld_noisy : NULL;
     const int32_t *const groups = job->token_group ? job->token_group + row0 : NULL;
     const int ld_indices = job->ld_indices, ld_gates = job->ld_gates;
-    FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], state = FM__OP(set1)(0.0f);
+    FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], keys[FM__W];
+    FM__V state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
     float stds[FLEXMOE_GATE_MAX_EXPERTS][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
     int i, j, c0, r, g;
@@ -921,30 +957,26 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
         memcpy(lanes[0], states, sizeof states); /* bit patterns ride in a float vector */
         state = FM__OP(load)(lanes[0]);
     }
-    for (i = 0; i <= FLEXMOE_GATE_MAX_TOP_K; i++) { /* all levels: the compiler drops the unused */
-        top[i] = FM__OP(set1)(-INFINITY);
-        slot[i] = FM__OP(set1)(-1.0f);
-    }
+    FM__OP(topk_reset)(top, slot, levels);
     for (c0 = 0; c0 < E; c0 += FM__W) {
         FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, -INFINITY, cl);
         if (job->training) {
             FM__OP(load_columns)(noise, job->ld_noise, nrows, c0, E, 0.0f, nz);
-            /* the noise first, for the whole chunk (a loop of its own: its temporaries alone fill
-             * the registers), then the network over the chunk in registers */
+            /* the noise of the whole chunk first (its temporaries alone fill the registers),
+             * then the network over the chunk */
             for (j = 0; j < FM__W; j++) {
                 const FM__V std = FM__OP(noise_std)(nz[j], epsilon);
                 const FM__V n = FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j)));
                 v[j] = FM__OP(fmadd)(n, std, cl[j]);
                 if (with_load && c0 + j < E) FM__OP(store)(stds[c0 + j], std);
             }
-            FM__UNROLL_W
-            for (j = 0; j < FM__W; j++)
-                FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j]), FM__OP(set1)((float)(c0 + j)));
         } else {
             FM__UNROLL_W
-            for (j = 0; j < FM__W; j++)
-                FM__OP(topk_insert)(top, slot, levels, FM__OP(rank_key)(v[j] = cl[j]), FM__OP(set1)((float)(c0 + j)));
+            for (j = 0; j < FM__W; j++) v[j] = cl[j];
         }
+        FM__UNROLL_W
+        for (j = 0; j < FM__W; j++) keys[j] = FM__OP(rank_key)(v[j]);
+        chunk(top, slot, levels, keys, c0);
         if (noisy_out) FM__OP(store_columns)(noisy_out, job->ld_noisy, nrows, c0, E, v);
     }
 
@@ -1010,6 +1042,44 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(
             }
         }
     }
+}
+
+/* The noise step alone, one token per lane like the fused gate, so both make the same floats. */
+static FM__TARGET void FM__OP(gate_noise)(const fm__gate_job *job) {
+    const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
+    FM__V cl[FM__W], nz[FM__W], v[FM__W];
+    float lanes[FM__W];
+    uint32_t states[FM__W];
+    int row0, r, j, c0;
+    for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
+        const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
+        FM__V state;
+        for (r = 0; r < FM__W; r++)
+            states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
+        memcpy(lanes, states, sizeof states);
+        state = FM__OP(load)(lanes);
+        for (c0 = 0; c0 < job->experts; c0 += FM__W) {
+            FM__OP(load_columns)(job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, nrows, c0, job->experts, 0.0f, cl);
+            FM__OP(load_columns)(job->noise + (size_t)row0 * job->ld_noise, job->ld_noise, nrows, c0, job->experts, 0.0f, nz);
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) {
+                nz[j] = FM__OP(noise_std)(nz[j], epsilon);
+                v[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
+                                     nz[j], cl[j]);
+            }
+            FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, job->experts, v);
+            if (job->stds)
+                FM__OP(store_columns)(job->stds + (size_t)row0 * job->ld_stds, job->ld_stds, nrows, c0, job->experts, nz);
+        }
+    }
+}
+
+static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
+    const int levels = job->training && job->load && job->top_k < job->experts ? job->top_k + 1 : job->top_k;
+    const FM__OP(topk_chunk_fn) chunk = FM__OP(topk_chunk_for)(levels);
+    int r;
+    for (r = 0; r < job->tokens; r += FM__W)
+        FM__OP(gate_block)(job, r, job->tokens - r < FM__W ? job->tokens - r : FM__W, levels, chunk);
 }
 
 /* ---- LayerNorm ---- */
@@ -1187,54 +1257,6 @@ static FM__TARGET void FM__OP(layernorm_param_grad)(int rows, int cols, const fl
         } else {
             if (dgamma) FM__OP(store_part)(dgamma + j, sg, n);
             if (dbeta) FM__OP(store_part)(dbeta + j, sb, n);
-        }
-    }
-}
-
-/* The noise step alone, one token per lane like the fused gate, so both make the same floats. */
-static FM__TARGET void FM__OP(gate_noise)(const fm__gate_job *job) {
-    const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
-    FM__V cl[FM__W], nz[FM__W], v[FM__W];
-    float lanes[FM__W];
-    uint32_t states[FM__W];
-    int row0, r, j, c0;
-    for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
-        const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
-        FM__V state;
-        for (r = 0; r < FM__W; r++)
-            states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
-        memcpy(lanes, states, sizeof states);
-        state = FM__OP(load)(lanes);
-        for (c0 = 0; c0 < job->experts; c0 += FM__W) {
-            FM__OP(load_columns)(job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, nrows, c0, job->experts, 0.0f, cl);
-            FM__OP(load_columns)(job->noise + (size_t)row0 * job->ld_noise, job->ld_noise, nrows, c0, job->experts, 0.0f, nz);
-            FM__UNROLL_W
-            for (j = 0; j < FM__W; j++) {
-                nz[j] = FM__OP(noise_std)(nz[j], epsilon);
-                v[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
-                                     nz[j], cl[j]);
-            }
-            FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, job->experts, v);
-            if (job->stds)
-                FM__OP(store_columns)(job->stds + (size_t)row0 * job->ld_stds, job->ld_stds, nrows, c0, job->experts, nz);
-        }
-    }
-}
-
-static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
-    const int levels = job->training && job->load && job->top_k < job->experts ? job->top_k + 1 : job->top_k;
-    int r;
-    for (r = 0; r < job->tokens; r += FM__W) {
-        const int nrows = job->tokens - r < FM__W ? job->tokens - r : FM__W;
-        switch (levels) { /* constant depths keep the network in registers */
-        case 1: FM__OP(gate_block)(job, r, nrows, 1); break;
-        case 2: FM__OP(gate_block)(job, r, nrows, 2); break;
-        case 3: FM__OP(gate_block)(job, r, nrows, 3); break;
-        case 4: FM__OP(gate_block)(job, r, nrows, 4); break;
-        case 5: FM__OP(gate_block)(job, r, nrows, 5); break;
-        case 8: FM__OP(gate_block)(job, r, nrows, 8); break;
-        case 9: FM__OP(gate_block)(job, r, nrows, 9); break;
-        default: FM__OP(gate_block)(job, r, nrows, levels);
         }
     }
 }

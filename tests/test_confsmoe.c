@@ -725,7 +725,7 @@ static void check_gate_errors(void) {
     p = params, p.probe_b = NULL;
     EXPECT_STATUS(FM_ERR_NULL_POINTER, FWD(&g.desc, &p, g.experts, g.labels, g.h, d, out), UNTOUCHED);
     desc = g.desc, desc.k = E + 1;
-    EXPECT_STATUS(FM_ERR_INVALID_SHAPE, FWD(&desc, &params, g.experts, g.labels, g.h, d, out), UNTOUCHED);
+    EXPECT_STATUS(FM_ERR_INVALID_ARGUMENT, FWD(&desc, &params, g.experts, g.labels, g.h, d, out), UNTOUCHED);
     desc = g.desc, desc.tokens = 0;
     EXPECT_STATUS(FM_ERR_INVALID_SHAPE, FWD(&desc, &params, g.experts, g.labels, g.h, d, out), UNTOUCHED);
     desc = g.desc, desc.classes = -2;
@@ -754,7 +754,7 @@ static void check_gate_errors(void) {
     n = 0;
     EXPECT_STATUS(FM_ERR_NULL_POINTER, fm_confsmoe_saved_floats(&g.desc, NULL), 1);
     desc = g.desc, desc.k = E + 1;
-    EXPECT_STATUS(FM_ERR_INVALID_SHAPE, fm_confsmoe_saved_floats(&desc, &n), n == 0);
+    EXPECT_STATUS(FM_ERR_INVALID_ARGUMENT, fm_confsmoe_saved_floats(&desc, &n), n == 0);
     /* labels NULL: the probe parameters are not needed, target and losses not written */
     p = params, p.probe_w = NULL, p.probe_b = NULL;
     EXPECT_STATUS(FM_OK, FWD(&g.desc, &p, g.experts, NULL, g.h, d, out), all_sentinel(target, T * k) && all_sentinel(losses, 2));

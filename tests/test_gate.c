@@ -113,12 +113,13 @@ static void ref_gate(const gate_case *c, const double *clean, const double *raw,
             noisy[e] = clean[(size_t)t * E + e] + (c->training ? ref_noise(c->seed, c->offset + t, e) * std[e] : 0.0);
         }
         ref_top(noisy, E, levels, top);
-        { /* how close the routing is to a discontinuity: the gaps between consecutive ranks
-           * k-1 .. k+2 (selection at k / k+1, the thresholds' owners at k-1 / k and k+1 / k+2) */
+        { /* how close the routing is to a discontinuity: the gaps between consecutive ranks up
+           * to k + 2 (the order of the slots, the selection at k / k+1, the owners of the
+           * thresholds at k-1 / k and k+1 / k+2) */
             int ranks[FLEXMOE_GATE_MAX_TOP_K + 2];
             const int n = E < k + 2 ? E : k + 2;
             ref_top(noisy, E, n, ranks);
-            for (i = k - 2 > 0 ? k - 2 : 0; i + 1 < n; i++)
+            for (i = 0; i + 1 < n; i++)
                 out->margin = fmin(out->margin, fabs(noisy[ranks[i]] - noisy[ranks[i + 1]]));
         }
         top0 = key_of(noisy[top[0]]);
@@ -375,6 +376,7 @@ static void check_gate_gradient_case(int T, int E, int k, int training) {
         free_ref(&r);
         if (r.margin > 1e-2) break;
     }
+    FM_CHECK(r.margin > 1e-2, "no input away from routing discontinuities in 50 draws (margin %.3g)", r.margin);
     random_fill(a, tk, 1.0);
     random_fill(b, 2 * E, 1.0);
     random_fill(w, 2 * E, 1.0);
