@@ -187,8 +187,8 @@ fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormali
  *     top k, else the k-th: FastMoE's differentiable load. In inference, or with k == experts,
  *     load counts the tokens routed to each expert (FastMoE's _gates_to_load) and has no gradient.
  * One pass over tiles of tokens (one token per vector lane): the tokens x experts noisy logits
- * and probabilities are only written when noisy_logits is given. FastMoE tests "in the top k" as
- * noisy > (k+1)-th value; here it is "selected", which differs only on an exact tie. */
+ * and probabilities are only written when noisy_logits is given. "e in the top k" is FastMoE's
+ * test noisy_e > the (k+1)-th noisy logit. */
 typedef struct fm_gate_desc {
     int tokens;
     int experts;              /* <= FLEXMOE_GATE_MAX_EXPERTS */
@@ -245,6 +245,16 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
  * noise_epsilon, seed, token_offset; top_k and the rest unused). std (optional) receives std. */
 fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noise,
                                 int ldn, float *noisy, int ldy, float *std, int lds);
+
+/* FastMoE's load on its own, the last step of the gate done as separate kernels: from the
+ * clean logits, the noise step's noisy logits and std (fm_gate_noise_forward) and the top k + 1
+ * noisy values of each token (fm_topk with k + 1; tokens x (top_k + 1), leading dimension ldv),
+ * load[g][e] (groups x experts, overwritten) = the sum over the tokens of group g of
+ * Phi((clean - theta) / std) as in fm_noisy_gate_forward. desc: tokens, experts, top_k
+ * (< experts), groups. */
+fm_status fm_gate_load_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noisy, int ldn,
+                               const float *std, int lds, const float *top_values, int ldv,
+                               const int32_t *token_group, float *load);
 
 /* The gate's N(0, 1) noise for a (global token index, expert) pair: a counter-based draw, so a
  * run is reproducible whatever the batching, threads or ISA: h = lowbias32(state(seed, token) ^
@@ -491,6 +501,8 @@ typedef struct fm__gate_job {
     int32_t *indices;
     float *gates, *noisy, *importance, *load; /* importance and load accumulate (zeroed first) */
     float *stds;                              /* the noise kernel's optional std output */
+    const float *noisy_in, *stds_in, *top_values; /* the load kernel's inputs */
+    int ld_values;
     int ld_indices, ld_gates, ld_noisy, ld_stds;
 } fm__gate_job;
 
@@ -547,6 +559,7 @@ struct fm__kernel_table {
                  float *values, int ldv);
     void (*gate)(const fm__gate_job *job);
     void (*gate_noise)(const fm__gate_job *job); /* clean, noise -> noisy (and stds) only */
+    void (*gate_load)(const fm__gate_job *job);  /* clean, stds, top k+1 -> load only */
     /* mean, rstd may be NULL */
     void (*layernorm_forward)(int rows, int cols, const float *x, int ldx, const float *gamma,
                               const float *beta, float eps, float *y, int ldy, float *mean, float *rstd);
@@ -717,6 +730,26 @@ static void fm__scalar_gate_noise(const fm__gate_job *job) {
     }
 }
 
+/* FastMoE's load of one token added to load_row[e]: Phi((clean - threshold) / std), the
+ * threshold the (k+1)-th noisy logit for the experts above it (its top k), the k-th for the rest. */
+static void fm__token_load(int E, const float *clean, const float *noisy, const float *stds, double in_threshold,
+                           double out_threshold, float *load_row) {
+    int e;
+    for (e = 0; e < E; e++)
+        load_row[e] += (float)fm__normal_cdf((clean[e] - (noisy[e] > in_threshold ? in_threshold : out_threshold)) / stds[e]);
+}
+
+static void fm__scalar_gate_load(const fm__gate_job *job) {
+    int t;
+    for (t = 0; t < job->tokens; t++) {
+        const float *values = job->top_values + (size_t)t * job->ld_values;
+        fm__token_load(job->experts, job->clean + (size_t)t * job->ld_clean, job->noisy_in + (size_t)t * job->ld_noisy,
+                       job->stds_in + (size_t)t * job->ld_stds, fm__rank_key(values[job->top_k]),
+                       fm__rank_key(values[job->top_k - 1]),
+                       job->load + (size_t)(job->token_group ? job->token_group[t] : 0) * job->experts);
+    }
+}
+
 /* The reference gate, one token at a time; the SIMD template does the same per lane. */
 static void fm__scalar_gate(const fm__gate_job *job) {
     const int E = job->experts, k = job->top_k;
@@ -754,15 +787,9 @@ static void fm__scalar_gate(const fm__gate_job *job) {
             if (job->importance) job->importance[(size_t)group * E + idx[i]] += gates[i];
             if (job->load && !with_load) job->load[(size_t)group * E + idx[i]] += 1.0f;
         }
-        if (with_load) {
-            const double in_threshold = fm__rank_key(noisy[top[k]]), out_threshold = fm__rank_key(noisy[top[k - 1]]);
-            for (e = 0; e < E; e++) {
-                int in = 0;
-                for (i = 0; i < k; i++) in |= top[i] == e;
-                job->load[(size_t)group * E + e] +=
-                    (float)fm__normal_cdf((clean[e] - (in ? in_threshold : out_threshold)) / stds[e]);
-            }
-        }
+        if (with_load)
+            fm__token_load(E, clean, noisy, stds, fm__rank_key(noisy[top[k]]), fm__rank_key(noisy[top[k - 1]]),
+                           job->load + (size_t)group * E);
     }
 }
 
@@ -851,6 +878,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_topk,
     fm__scalar_gate,
     fm__scalar_gate_noise,
+    fm__scalar_gate_load,
     fm__scalar_layernorm_forward,
     fm__scalar_layernorm_backward,
     fm__scalar_layernorm_param_grad,
@@ -1275,10 +1303,8 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
                 if (!selected && (next < 0 || fm__rank_key(noisy[e]) > fm__rank_key(noisy[next]))) next = e;
             }
             for (e = 0; e < E; e++) {
-                int selected = 0, threshold;
+                const int threshold = noisy[e] > fm__rank_key(noisy[next]) ? next : idx[k - 1];
                 double z, q;
-                for (i = 0; i < k; i++) selected |= idx[i] == e;
-                threshold = selected ? next : idx[k - 1];
                 z = ((double)clean[e] - fm__rank_key(noisy[threshold])) / stds[e];
                 q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
                 d_clean[e] += q;
@@ -1324,6 +1350,45 @@ fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, in
     job.stds = std;
     job.ld_stds = lds;
     kernels->gate_noise(&job);
+    return FM_OK;
+}
+
+fm_status fm_gate_load_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noisy, int ldn,
+                               const float *std, int lds, const float *top_values, int ldv,
+                               const int32_t *token_group, float *load) {
+    const fm__kernel_table *kernels;
+    fm__gate_job job;
+    fm_status status;
+    int t;
+    if (!desc) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_gate_size(desc->tokens, desc->experts, desc->top_k)) != FM_OK) return status;
+    memset(&job, 0, sizeof job);
+    job.tokens = desc->tokens;
+    job.experts = desc->experts;
+    job.top_k = desc->top_k;
+    job.groups = desc->groups ? desc->groups : 1;
+    if (job.top_k >= job.experts || job.groups < 1 || job.groups > FLEXMOE_GATE_MAX_GROUPS) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_matrix(clean, job.tokens, job.experts, ldc)) != FM_OK) return status;
+    if ((status = fm__check_matrix(noisy, job.tokens, job.experts, ldn)) != FM_OK) return status;
+    if ((status = fm__check_matrix(std, job.tokens, job.experts, lds)) != FM_OK) return status;
+    if ((status = fm__check_matrix(top_values, job.tokens, job.top_k + 1, ldv)) != FM_OK) return status;
+    if ((status = fm__check_matrix(load, job.groups, job.experts, job.experts)) != FM_OK) return status;
+    if (token_group)
+        for (t = 0; t < job.tokens; t++)
+            if (token_group[t] < 0 || token_group[t] >= job.groups) return FM_ERR_INVALID_ARGUMENT;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    job.clean = clean;
+    job.ld_clean = ldc;
+    job.noisy_in = noisy;
+    job.ld_noisy = ldn;
+    job.stds_in = std;
+    job.ld_stds = lds;
+    job.top_values = top_values;
+    job.ld_values = ldv;
+    job.token_group = token_group;
+    job.load = load;
+    memset(load, 0, (size_t)job.groups * job.experts * sizeof(float));
+    kernels->gate_load(&job);
     return FM_OK;
 }
 

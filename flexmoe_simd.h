@@ -195,6 +195,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_topk,
     fm__avx2_gate,
     fm__avx2_gate_noise,
+    fm__avx2_gate_load,
     fm__avx2_layernorm_forward,
     fm__avx2_layernorm_backward,
     fm__avx2_layernorm_param_grad,
@@ -288,6 +289,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_topk,
     fm__avx512_gate,
     fm__avx512_gate_noise,
+    fm__avx512_gate_load,
     fm__avx512_layernorm_forward,
     fm__avx512_layernorm_backward,
     fm__avx512_layernorm_param_grad,
@@ -388,6 +390,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_topk,
     fm__neon_gate,
     fm__neon_gate_noise,
+    fm__neon_gate_load,
     fm__neon_layernorm_forward,
     fm__neon_layernorm_backward,
     fm__neon_layernorm_param_grad,
@@ -928,6 +931,48 @@ static inline FM__TARGET void FM__OP(store_columns)(float *y, int ldy, int nrows
     }
 }
 
+/* Adds FastMoE's load probabilities of one block of up to W tokens (one per lane) to
+ * load[g][e]: Phi((clean - threshold) / std), the threshold being the (k+1)-th noisy logit when
+ * noisy > that value (the expert is in the top k) and the k-th otherwise. noisy and std come
+ * from the fused gate's tile (tile[e][0] and tile[e][1], lane r) or, without one, from tokens x
+ * experts matrices. Sums over the lanes of each group are folded by one transposing reduction
+ * per W experts. */
+static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, const int32_t *groups,
+                                          const float *clean, int ld_clean, const float (*tile)[2][FM__W],
+                                          const float *noisy, int ld_noisy, const float *std, int ld_std,
+                                          FM__V in_threshold, FM__V out_threshold, float *load) {
+    FM__MASK group_mask[FLEXMOE_GATE_MAX_GROUPS];
+    FM__V cl[FM__W], nz[FM__W], sd[FM__W], p[FM__W], masked[FM__W];
+    float mask_lanes[FM__W], sums[FM__W];
+    int g, r, c0, j;
+    for (g = 0; g < group_count; g++) {
+        for (r = 0; r < FM__W; r++) mask_lanes[r] = r < nrows && (groups ? groups[r] : 0) == g ? 1.0f : 0.0f;
+        group_mask[g] = FM__OP(greater)(FM__OP(load)(mask_lanes), FM__OP(set1)(0.5f));
+    }
+    for (c0 = 0; c0 < E; c0 += FM__W) {
+        const int n = E - c0 < FM__W ? E - c0 : FM__W;
+        FM__OP(load_columns)(clean, ld_clean, nrows, c0, E, 0.0f, cl);
+        if (!tile) {
+            FM__OP(load_columns)(noisy, ld_noisy, nrows, c0, E, 0.0f, nz);
+            FM__OP(load_columns)(std, ld_std, nrows, c0, E, 1.0f, sd);
+        }
+        FM__UNROLL_W
+        for (j = 0; j < FM__W; j++) {
+            const FM__V v = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][0]) : nz[j];
+            const FM__V s = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][1]) : sd[j];
+            const FM__V threshold = FM__OP(select)(FM__OP(greater)(v, in_threshold), in_threshold, out_threshold);
+            p[j] = j < n ? FM__OP(normal_cdf)(FM__OP(mul)(FM__OP(sub)(cl[j], threshold), FM__OP(recip)(s)))
+                         : FM__OP(set1)(0.0f);
+        }
+        for (g = 0; g < group_count; g++) {
+            FM__UNROLL_W
+            for (j = 0; j < FM__W; j++) masked[j] = FM__OP(select)(group_mask[g], p[j], FM__OP(set1)(0.0f));
+            FM__OP(store)(sums, FM__OP(transpose_reduce)(masked, 0));
+            for (j = 0; j < n; j++) load[(size_t)g * E + c0 + j] += sums[j];
+        }
+    }
+}
+
 /* The fused gate over one block of up to W tokens, one token per lane: a first pass over the
  * expert columns makes the noisy logits and runs them through the top-(k+1) network; the gates
  * come from the network's registers; a second pass (training with k < E, or softmax over all
@@ -948,8 +993,8 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], keys[FM__W];
     FM__V state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
-    float stds[FLEXMOE_GATE_MAX_EXPERTS][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
-    int i, j, c0, r, g;
+    float tile[FLEXMOE_GATE_MAX_EXPERTS][2][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
+    int i, j, c0, r;
 
     if (job->training) {
         uint32_t states[FM__W];
@@ -968,7 +1013,10 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
                 const FM__V std = FM__OP(noise_std)(nz[j], epsilon);
                 const FM__V n = FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j)));
                 v[j] = FM__OP(fmadd)(n, std, cl[j]);
-                if (with_load && c0 + j < E) FM__OP(store)(stds[c0 + j], std);
+                if (with_load && c0 + j < E) {
+                    FM__OP(store)(tile[c0 + j][0], v[j]);
+                    FM__OP(store)(tile[c0 + j][1], std);
+                }
             }
         } else {
             FM__UNROLL_W
@@ -1012,35 +1060,29 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
             for (i = 0; i < k; i++) load[group_row + idx[i]] += 1.0f;
     }
 
-    if (with_load) { /* FastMoE's P(expert in the top k): threshold = (k+1)-th value if in, k-th if out */
-        const FM__V in_threshold = top[k], out_threshold = top[k - 1];
-        FM__MASK group_mask[FLEXMOE_GATE_MAX_GROUPS];
-        float mask_lanes[FM__W], sums[FM__W];
-        for (g = 0; g < job->groups; g++) {
-            for (r = 0; r < FM__W; r++)
-                mask_lanes[r] = r < nrows && (groups ? groups[r] : 0) == g ? 1.0f : 0.0f;
-            group_mask[g] = FM__OP(greater)(FM__OP(load)(mask_lanes), FM__OP(set1)(0.5f));
+    if (with_load)
+        FM__OP(load_block)(nrows, E, job->groups, groups, clean, job->ld_clean, (const float(*)[2][FM__W])tile, NULL, 0,
+                           NULL, 0, top[k], top[k - 1], load);
+}
+
+/* The load kernel on its own, from the noise step's noisy logits and std and the top k + 1
+ * noisy values (leading dimension ld_values). */
+static FM__TARGET void FM__OP(gate_load)(const fm__gate_job *job) {
+    const int k = job->top_k, ld = job->ld_values;
+    float in_lanes[FM__W], out_lanes[FM__W];
+    int row0, r;
+    for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
+        const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
+        const float *values = job->top_values + (size_t)row0 * ld;
+        for (r = 0; r < FM__W; r++) {
+            in_lanes[r] = fm__rank_key(values[(size_t)(r < nrows ? r : 0) * ld + k]);
+            out_lanes[r] = fm__rank_key(values[(size_t)(r < nrows ? r : 0) * ld + k - 1]);
         }
-        for (c0 = 0; c0 < E; c0 += FM__W) {
-            const int n = E - c0 < FM__W ? E - c0 : FM__W;
-            FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, 0.0f, cl);
-            FM__UNROLL_W
-            for (j = 0; j < FM__W; j++) {
-                const FM__V expert = FM__OP(set1)((float)(c0 + j));
-                FM__MASK in = FM__OP(equal)(slot[0], expert);
-                for (i = 1; i < k; i++) in = FM__OP(mask_or)(in, FM__OP(equal)(slot[i], expert));
-                v[j] = j < n ? FM__OP(normal_cdf)(FM__OP(div)(FM__OP(sub)(cl[j], FM__OP(select)(in, in_threshold, out_threshold)),
-                                                              FM__OP(load)(stds[c0 + j])))
-                             : FM__OP(set1)(0.0f);
-            }
-            for (g = 0; g < job->groups; g++) {
-                FM__V masked[FM__W];
-                FM__UNROLL_W
-                for (j = 0; j < FM__W; j++) masked[j] = FM__OP(select)(group_mask[g], v[j], FM__OP(set1)(0.0f));
-                FM__OP(store)(sums, FM__OP(transpose_reduce)(masked, 0));
-                for (j = 0; j < n; j++) load[(size_t)g * E + c0 + j] += sums[j];
-            }
-        }
+        FM__OP(load_block)(nrows, job->experts, job->groups, job->token_group ? job->token_group + row0 : NULL,
+                           job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, NULL,
+                           job->noisy_in + (size_t)row0 * job->ld_noisy, job->ld_noisy,
+                           job->stds_in + (size_t)row0 * job->ld_stds, job->ld_stds, FM__OP(load)(in_lanes),
+                           FM__OP(load)(out_lanes), job->load);
     }
 }
 

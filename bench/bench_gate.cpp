@@ -1,9 +1,12 @@
 // Routing gates over 4096 tokens, fused against the same chain of separate flexmoe kernels.
-// gate/<impl>/<E>/<k>: the noisy top-k gate in training (FastMoE, as Flex-MoE uses it), from
-// clean and noise logits to expert indices and gates.
-//   flexmoe        fm_noisy_gate_forward: noise, top-k and gates in one pass over tiles of tokens
-//   flexmoe_chain  fm_gate_noise_forward (tokens x experts noisy logits) -> fm_topk (values and
-//                  indices) -> fm_softmax_forward over the k values
+// gate/<impl>/<E>/<k>: the noisy top-k gate in training, as Flex-MoE runs it every step (FastMoE's
+// gate: indices, gates, and the importance and load its balancing loss needs), from clean and
+// noise logits.
+//   flexmoe        fm_noisy_gate_forward: noise, top-(k+1), gates, importance and load in one
+//                  pass over tiles of tokens
+//   flexmoe_chain  fm_gate_noise_forward (noisy logits and std, tokens x experts each) -> fm_topk
+//                  (k + 1 values and indices) -> fm_softmax_forward over the first k values ->
+//                  importance (a scatter-add of the gates) -> fm_gate_load_forward
 // gate_inference/<impl>/<E>/<k>: softmax-then-top-k routing with renormalised weights (Mixtral).
 //   flexmoe        fm_softmax_topk_forward: top-k of the logits, then k exponentials per token
 //   flexmoe_chain  what ggml runs: fm_softmax_forward over all experts -> fm_topk of the
@@ -21,19 +24,21 @@
 namespace {
 
 constexpr int kTokens = 4096;
-const int kExperts[] = {16, 64, 256};
+const int kExperts[] = {16, 64, 256};  // k < E everywhere: the load is FastMoE's probability
 const int kTopK[] = {1, 2, 4, 8};
 
 struct GateData {
     int experts, k;
-    fmbench::Floats clean, noise, noisy, gates, want_gates;
-    std::vector<int32_t> indices, want_indices;
+    fmbench::Floats clean, noise, noisy, std, top_values, gates, want_gates, importance, load, want_load;
+    std::vector<int32_t> indices, want_indices, top_indices;
     GateData(int e, int k_)
         : experts(e), k(k_), clean(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 300 + e)),
-          noise(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 700 + e)), noisy(clean.size()),
-          gates(size_t(kTokens) * k_), want_gates(gates.size()), indices(gates.size()), want_indices(gates.size()) {
+          noise(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 700 + e)), noisy(clean.size()), std(clean.size()),
+          top_values(size_t(kTokens) * (k_ + 1)), gates(size_t(kTokens) * k_), want_gates(gates.size()), importance(e),
+          load(e), want_load(e), indices(gates.size()), want_indices(gates.size()), top_indices(top_values.size()) {
         fm_gate_desc desc = describe();
         fm_gate_tensors t = tensors(want_indices.data(), want_gates.data());
+        t.load = want_load.data();
         fm_noisy_gate_forward(&desc, &t);
     }
     fm_gate_desc describe() const {
@@ -58,11 +63,12 @@ GateData &data_for(int e, int k) {
     return *all.back();
 }
 
-void timed(benchmark::State &state, GateData &d, const std::function<void()> &step) {
+void timed(benchmark::State &state, GateData &d, const std::function<void()> &step, bool with_load = false) {
     std::fill(d.indices.begin(), d.indices.end(), -1);
     step();
-    if (d.indices != d.want_indices || !(fmbench::max_abs_diff(d.gates, d.want_gates) <= 1e-5)) {
-        state.SkipWithError("indices or gates differ from the fused gate on the default path");
+    if (d.indices != d.want_indices || !(fmbench::max_abs_diff(d.gates, d.want_gates) <= 1e-5) ||
+        (with_load && !(fmbench::max_abs_diff(d.load, d.want_load) <= 1e-5 * kTokens))) {
+        state.SkipWithError("indices, gates or load differ from the fused gate on the default path");
         return;
     }
     for (auto _ : state) {
@@ -76,18 +82,27 @@ void fused(benchmark::State &state, fm_isa isa, int e, int k) {
     GateData &d = data_for(e, k);
     if (!fmbench::use_isa(state, isa)) return;
     const fm_gate_desc desc = d.describe();
-    const fm_gate_tensors t = d.tensors(d.indices.data(), d.gates.data());
-    timed(state, d, [&] { fm_noisy_gate_forward(&desc, &t); });
+    fm_gate_tensors t = d.tensors(d.indices.data(), d.gates.data());
+    t.importance = d.importance.data(), t.load = d.load.data();
+    timed(state, d, [&] { fm_noisy_gate_forward(&desc, &t); }, true);
 }
 
 void chain(benchmark::State &state, int e, int k) {
     GateData &d = data_for(e, k);
     const fm_gate_desc desc = d.describe();
     timed(state, d, [&] {
-        fm_gate_noise_forward(&desc, d.clean.data(), e, d.noise.data(), e, d.noisy.data(), e, nullptr, 0);
-        fm_topk(kTokens, e, k, d.noisy.data(), e, d.indices.data(), k, d.gates.data(), k);
-        fm_softmax_forward(kTokens, k, d.gates.data(), k, d.gates.data(), k);
-    });
+        fm_gate_noise_forward(&desc, d.clean.data(), e, d.noise.data(), e, d.noisy.data(), e, d.std.data(), e);
+        fm_topk(kTokens, e, k + 1, d.noisy.data(), e, d.top_indices.data(), k + 1, d.top_values.data(), k + 1);
+        fm_softmax_forward(kTokens, k, d.top_values.data(), k + 1, d.gates.data(), k);
+        std::fill(d.importance.begin(), d.importance.end(), 0.0f);
+        for (int t = 0; t < kTokens; t++)
+            for (int i = 0; i < k; i++) {
+                d.indices[size_t(t) * k + i] = d.top_indices[size_t(t) * (k + 1) + i];
+                d.importance[d.indices[size_t(t) * k + i]] += d.gates[size_t(t) * k + i];
+            }
+        fm_gate_load_forward(&desc, d.clean.data(), e, d.noisy.data(), e, d.std.data(), e, d.top_values.data(), k + 1,
+                             nullptr, d.load.data());
+    }, true);
 }
 
 void fused_inference(benchmark::State &state, int e, int k) {

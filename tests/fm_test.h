@@ -63,6 +63,27 @@ static inline double fm_test_normal(void) {
     return sqrt(-2.0 * log(1.0 - u)) * cos(6.283185307179586 * v);
 }
 
+/* ---- buffers whose padding must stay untouched ---------------------------------------------- */
+
+#define FM_TEST_SENTINEL 12345.0f /* fills padding that must stay untouched */
+
+/* A buffer of exactly the matrix extent (so AddressSanitizer sees any overrun), padding filled
+ * with FM_TEST_SENTINEL. */
+static inline float *fm_test_new_matrix(int rows, int cols, int ld) {
+    size_t extent = (size_t)(rows - 1) * ld + cols, i;
+    float *m = (float *)malloc(extent * sizeof(float));
+    for (i = 0; i < extent; i++) m[i] = FM_TEST_SENTINEL;
+    return m;
+}
+
+static inline int fm_test_padding_intact(const float *m, int rows, int cols, int ld) {
+    int r, j;
+    for (r = 0; r + 1 < rows; r++)
+        for (j = cols; j < ld; j++)
+            if (m[(size_t)r * ld + j] != FM_TEST_SENTINEL) return 0;
+    return 1;
+}
+
 /* ---- ISA loop ---------------------------------------------------------------------------- */
 
 /* The paths to test: the one FLEXMOE_ISA forces (checked to be really active), else every

@@ -23,27 +23,12 @@
 #define GRADIENT_FLOOR 0.1
 #define GRADIENT_TOLERANCE 1e-4
 
-static const float SENTINEL = 12345.0f;
+#define SENTINEL FM_TEST_SENTINEL
 
 /* n > 0 elements (the guard keeps GCC's allocation-size analysis quiet about negative ints). */
 static double *dalloc(size_t n) { return (double *)malloc((n ? n : 1) * sizeof(double)); }
 static double *dzero(size_t n) { return (double *)calloc(n ? n : 1, sizeof(double)); }
 static float *falloc(size_t n) { return (float *)malloc((n ? n : 1) * sizeof(float)); }
-
-static float *new_matrix(int rows, int cols, int ld) {
-    size_t extent = (size_t)(rows - 1) * ld + cols, i;
-    float *m = falloc(extent);
-    for (i = 0; i < extent; i++) m[i] = SENTINEL;
-    return m;
-}
-
-static int padding_intact(const float *m, int rows, int cols, int ld) {
-    int r, j;
-    for (r = 0; r + 1 < rows; r++)
-        for (j = cols; j < ld; j++)
-            if (m[(size_t)r * ld + j] != SENTINEL) return 0;
-    return 1;
-}
 
 static int all_sentinel(const float *m, size_t n) {
     size_t i;
@@ -90,8 +75,8 @@ static void fill_rows(float *x, int rows, int cols, int ld) {
 }
 
 static void check_ln_forward(int rows, int cols, int ld, int in_place, int affine) {
-    float *x = new_matrix(rows, cols, ld), *y = in_place ? x : new_matrix(rows, cols, ld);
-    float *x_copy = new_matrix(rows, cols, ld), *gamma = NULL, *beta = NULL;
+    float *x = fm_test_new_matrix(rows, cols, ld), *y = in_place ? x : fm_test_new_matrix(rows, cols, ld);
+    float *x_copy = fm_test_new_matrix(rows, cols, ld), *gamma = NULL, *beta = NULL;
     float *mean = falloc(rows), *rstd = falloc(rows);
     double *xd = dalloc(cols), *want = dalloc(cols);
     double worst = 0.0, worst_stats = 0.0;
@@ -126,7 +111,7 @@ static void check_ln_forward(int rows, int cols, int ld, int in_place, int affin
     FM_CHECK(status == FM_OK && worst <= LN_TOLERANCE && worst_stats <= LN_TOLERANCE,
              "ln forward rows=%d cols=%d ld=%d in_place=%d affine=%d: %s, error %.3g, stats %.3g", rows, cols,
              ld, in_place, affine, fm_status_str(status), worst, worst_stats);
-    FM_CHECK(padding_intact(y, rows, cols, ld), "ln forward rows=%d cols=%d ld=%d wrote into the padding", rows,
+    FM_CHECK(fm_test_padding_intact(y, rows, cols, ld), "ln forward rows=%d cols=%d ld=%d wrote into the padding", rows,
              cols, ld);
     if (!in_place) {
         FM_CHECK(memcmp(x, x_copy, extent * sizeof(float)) == 0, "ln forward modified its input");
@@ -136,8 +121,8 @@ static void check_ln_forward(int rows, int cols, int ld, int in_place, int affin
 }
 
 static void check_ln_backward(int rows, int cols, int ld, int in_place, int affine) {
-    float *x = new_matrix(rows, cols, ld), *dy = new_matrix(rows, cols, ld);
-    float *dx = in_place ? dy : new_matrix(rows, cols, ld), *dy_copy = new_matrix(rows, cols, ld);
+    float *x = fm_test_new_matrix(rows, cols, ld), *dy = fm_test_new_matrix(rows, cols, ld);
+    float *dx = in_place ? dy : fm_test_new_matrix(rows, cols, ld), *dy_copy = fm_test_new_matrix(rows, cols, ld);
     float *gamma = NULL, *mean = falloc(rows), *rstd = falloc(rows);
     float *dgamma = new_filled(cols + 1), *dbeta = new_filled(cols + 1);
     double *xd = dalloc(cols), *tmp = dalloc(cols);
@@ -191,7 +176,7 @@ static void check_ln_backward(int rows, int cols, int ld, int in_place, int affi
     FM_CHECK(status == FM_OK && worst <= LN_TOLERANCE && worst_g <= LN_TOLERANCE && worst_b <= LN_TOLERANCE,
              "ln backward rows=%d cols=%d ld=%d in_place=%d affine=%d: %s, dx %.3g dgamma %.3g dbeta %.3g", rows,
              cols, ld, in_place, affine, fm_status_str(status), worst, worst_g, worst_b);
-    FM_CHECK(padding_intact(dx, rows, cols, ld) && dgamma[cols] == SENTINEL && dbeta[cols] == SENTINEL &&
+    FM_CHECK(fm_test_padding_intact(dx, rows, cols, ld) && dgamma[cols] == SENTINEL && dbeta[cols] == SENTINEL &&
                  (want_params || (dgamma[0] == SENTINEL && dbeta[0] == SENTINEL)),
              "ln backward rows=%d cols=%d wrote outside its outputs", rows, cols);
     if (!in_place) free(dx);
@@ -479,7 +464,7 @@ static void gate_make(gate_case *g, int T, int k, int E, int d, int C, int mode,
             g->experts[t * k + i] = e;
         }
     }
-    g->x = new_matrix(T, d, g->ldx), g->h = new_matrix(T * k, d, g->ldh);
+    g->x = fm_test_new_matrix(T, d, g->ldx), g->h = fm_test_new_matrix(T * k, d, g->ldh);
     for (t = 0; t < T; t++)
         for (j = 0; j < d; j++) g->x[(size_t)t * g->ldx + j] = randn(1.0);
     for (t = 0; t < T * k; t++)
@@ -555,8 +540,8 @@ static void check_gate(gate_case *g, int n_fd) {
     fm_confsmoe_grads grads;
     gate_ref R;
     size_t saved_n = 0;
-    float *saved, *out = new_matrix(T, D, ldout), *conf = new_filled(S), *target = new_filled(S), losses[2];
-    float *dx = new_matrix(T, D, ldout), *dh = new_matrix(S, D, g->ldh), *dh2 = new_matrix(S, D, g->ldh);
+    float *saved, *out = fm_test_new_matrix(T, D, ldout), *conf = new_filled(S), *target = new_filled(S), losses[2];
+    float *dx = fm_test_new_matrix(T, D, ldout), *dh = fm_test_new_matrix(S, D, g->ldh), *dh2 = fm_test_new_matrix(S, D, g->ldh);
     float *gr[P_COUNT];
     double *ref_out = dalloc((size_t)T * D), *ref_conf = dalloc(S);
     double *ref_target = dalloc(S), ref_losses[2] = {0, 0}, *h_base;
@@ -595,7 +580,7 @@ static void check_gate(gate_case *g, int n_fd) {
                  worst_target <= GATE_TOLERANCE && worst_loss <= GATE_TOLERANCE,
              "gate forward %s: %s, out %.3g conf %.3g target %.3g losses %.3g", name, fm_status_str(status), worst_out,
              worst_conf, worst_target, worst_loss);
-    FM_CHECK(padding_intact(out, T, D, ldout) && (labels || (all_sentinel(target, S) && losses[0] == SENTINEL)),
+    FM_CHECK(fm_test_padding_intact(out, T, D, ldout) && (labels || (all_sentinel(target, S) && losses[0] == SENTINEL)),
              "gate forward %s wrote outside its outputs", name);
 
     status = fm_confsmoe_backward(d, &params, g->experts, labels, g->x, g->ldx, g->h, g->ldh, g->dout, D,
@@ -606,7 +591,7 @@ static void check_gate(gate_case *g, int n_fd) {
                          (float)g->bcoef, saved, dx, ldout, dh2, g->ldh, NULL);
     FM_CHECK(memcmp(dh, dh2, ((size_t)(S - 1) * g->ldh + D) * sizeof(float)) == 0,
              "gate %s: a second backward from the same saved state differs", name);
-    FM_CHECK(padding_intact(dx, T, D, ldout) && padding_intact(dh, S, D, g->ldh), "gate backward %s wrote into the padding", name);
+    FM_CHECK(fm_test_padding_intact(dx, T, D, ldout) && fm_test_padding_intact(dh, S, D, g->ldh), "gate backward %s wrote into the padding", name);
     for (which = 0; which < P_COUNT; which++)
         FM_CHECK(gr[which][param_size(g, which)] == SENTINEL, "gate backward %s wrote past d%s", name, param_names[which]);
 

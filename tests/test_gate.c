@@ -129,13 +129,10 @@ static void ref_gate(const gate_case *c, const double *clean, const double *raw,
             out->importance[(size_t)g * E + top[i]] += out->gates[(size_t)t * k + i];
             if (!with_load) out->load[(size_t)g * E + top[i]] += 1.0;
         }
-        if (with_load)
-            for (e = 0; e < E; e++) {
-                int in = 0;
-                for (i = 0; i < k; i++) in |= top[i] == e;
+        if (with_load) /* FastMoE: in the top k when above the (k+1)-th noisy logit */
+            for (e = 0; e < E; e++)
                 out->load[(size_t)g * E + e] +=
-                    cdf((clean[(size_t)t * E + e] - key_of(noisy[top[in ? k : k - 1]])) / std[e]);
-            }
+                    cdf((clean[(size_t)t * E + e] - key_of(noisy[top[noisy[e] > key_of(noisy[top[k]]) ? k : k - 1]])) / std[e]);
     }
     free(std);
 }
@@ -295,6 +292,21 @@ static void check_gate_case(const gate_case *c) {
         FM_CHECK(memcmp(alone, noisy, (size_t)T * E * sizeof(float)) == 0, "T=%d E=%d: noise kernel and fused gate differ", T, E);
         for (i = 0; i < T * E; i++) worst_std = worse(worst_std, fabs(std[i] - (softplus(raw[i]) + c->epsilon)) / (softplus(raw[i]) + c->epsilon));
         FM_CHECK(worst_std <= GATE_TOLERANCE, "T=%d E=%d: noise std off by %.3g", T, E, worst_std);
+        if (k < E) { /* and the load as separate kernels: top k + 1 of those noisy logits, then the load */
+            float *values = (float *)malloc((size_t)T * (k + 1) * sizeof(float));
+            float *chain_load = (float *)malloc((size_t)c->groups * E * sizeof(float));
+            int32_t *top = (int32_t *)malloc((size_t)T * (k + 1) * sizeof(int32_t));
+            double worst_chain = 0.0;
+            desc.top_k = k, desc.groups = c->groups;
+            FM_CHECK(fm_topk(T, E, k + 1, alone, E, top, k + 1, values, k + 1) == FM_OK, "top k + 1");
+            FM_CHECK(fm_gate_load_forward(&desc, fclean, E, alone, E, std, E, values, k + 1, group, chain_load) == FM_OK,
+                     "gate load kernel");
+            for (i = 0; i < c->groups * E; i++)
+                worst_chain = worse(worst_chain, fabs(chain_load[i] - load[i]) / (1.0 + fabs(load[i])));
+            /* the same floats summed in the same order: any difference is a bug, not rounding */
+            FM_CHECK(worst_chain <= 1e-6, "T=%d E=%d k=%d: load kernel and fused gate differ by %.3g", T, E, k, worst_chain);
+            free(values), free(chain_load), free(top);
+        }
         free(alone), free(std);
     }
     if (!c->training) { /* without noise the gate is softmax-then-top-k: identical indices to fm_topk */
@@ -618,6 +630,12 @@ static void check_errors(void) {
     desc.experts = 4, t.ld_clean = 3;
     FM_CHECK(fm_noisy_gate_forward(&desc, &t) == FM_ERR_INVALID_SHAPE, "ld < experts");
     FM_CHECK(fm_softmax_topk_forward(2, 20, 17, 1, clean, 20, idx, 17, gates, 17) == FM_ERR_INVALID_ARGUMENT, "k > 16");
+    desc.top_k = 4, desc.groups = 0;
+    FM_CHECK(fm_gate_load_forward(&desc, clean, 4, clean, 4, clean, 4, clean, 5, NULL, load) == FM_ERR_INVALID_ARGUMENT,
+             "load with k == experts");
+    desc.top_k = 2, desc.groups = 1;
+    FM_CHECK(fm_gate_load_forward(&desc, clean, 4, clean, 4, clean, 4, clean, 3, group, load) == FM_ERR_INVALID_ARGUMENT,
+             "load with a group out of range");
     FM_CHECK(fm_flexmoe_router_loss(2, 4, 1, clean, 4, comb, clean, clean, &value, NULL, 4, NULL, NULL) == FM_ERR_INVALID_ARGUMENT,
              "combination >= experts");
     for (i = 0; i < 8; i++) untouched &= gates[i] == 7.0f && idx[i] == -7 && load[i] == 7.0f;

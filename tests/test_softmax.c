@@ -19,7 +19,7 @@
  * measured like the backward check against the scale of the terms that cancel. */
 #define GRADIENT_TOLERANCE 2e-6
 
-static const float SENTINEL = 12345.0f; /* fills padding that must stay untouched */
+#define SENTINEL FM_TEST_SENTINEL
 
 /* Same formula as the kernels, in double: the classes (NaN, ±Inf, finite) of its results are the
  * documented policy. */
@@ -39,23 +39,6 @@ static void reference_backward(const float *y, const float *dy, int n, double *d
 }
 
 static int value_class(double v) { return v != v ? 0 : v == INFINITY ? 1 : v == -INFINITY ? 2 : 3; }
-
-/* A buffer of exactly the matrix extent (so AddressSanitizer sees any overrun), padding filled
- * with SENTINEL. */
-static float *new_matrix(int rows, int cols, int ld) {
-    size_t extent = (size_t)(rows - 1) * ld + cols, i;
-    float *m = (float *)malloc(extent * sizeof(float));
-    for (i = 0; i < extent; i++) m[i] = SENTINEL;
-    return m;
-}
-
-static int padding_intact(const float *m, int rows, int cols, int ld) {
-    int r, j;
-    for (r = 0; r + 1 < rows; r++)
-        for (j = cols; j < ld; j++)
-            if (m[(size_t)r * ld + j] != SENTINEL) return 0;
-    return 1;
-}
 
 /* Random logits: normal with a per-row scale, and now and then a special value. */
 static float random_logit(double scale, int specials) {
@@ -82,8 +65,8 @@ static double row_error(const float *got, const double *want, int n, double scal
 }
 
 static void check_forward(int rows, int cols, int ld, int in_place, int specials) {
-    float *x = new_matrix(rows, cols, ld), *y = in_place ? x : new_matrix(rows, cols, ld);
-    float *x_copy = new_matrix(rows, cols, ld);
+    float *x = fm_test_new_matrix(rows, cols, ld), *y = in_place ? x : fm_test_new_matrix(rows, cols, ld);
+    float *x_copy = fm_test_new_matrix(rows, cols, ld);
     double *want = (double *)malloc((size_t)cols * sizeof(double)), worst = 0.0;
     int r, j;
     fm_status status;
@@ -103,7 +86,7 @@ static void check_forward(int rows, int cols, int ld, int in_place, int specials
     FM_CHECK(status == FM_OK && worst <= FORWARD_TOLERANCE,
              "forward rows=%d cols=%d ld=%d in_place=%d specials=%d: %s, error %.3g", rows, cols, ld,
              in_place, specials, fm_status_str(status), worst);
-    FM_CHECK(padding_intact(y, rows, cols, ld), "forward rows=%d cols=%d ld=%d wrote into the padding",
+    FM_CHECK(fm_test_padding_intact(y, rows, cols, ld), "forward rows=%d cols=%d ld=%d wrote into the padding",
              rows, cols, ld);
     if (!in_place) {
         FM_CHECK(memcmp(x, x_copy, ((size_t)(rows - 1) * ld + cols) * sizeof(float)) == 0,
@@ -116,8 +99,8 @@ static void check_forward(int rows, int cols, int ld, int in_place, int specials
 }
 
 static void check_backward(int rows, int cols, int ld, int in_place, int specials) {
-    float *y = new_matrix(rows, cols, ld), *dy = new_matrix(rows, cols, ld);
-    float *dx = in_place ? dy : new_matrix(rows, cols, ld), *dy_copy = new_matrix(rows, cols, ld);
+    float *y = fm_test_new_matrix(rows, cols, ld), *dy = fm_test_new_matrix(rows, cols, ld);
+    float *dx = in_place ? dy : fm_test_new_matrix(rows, cols, ld), *dy_copy = fm_test_new_matrix(rows, cols, ld);
     double *want = (double *)malloc((size_t)cols * sizeof(double)), worst = 0.0;
     int r, j;
     fm_status status;
@@ -147,7 +130,7 @@ static void check_backward(int rows, int cols, int ld, int in_place, int special
     FM_CHECK(status == FM_OK && worst <= BACKWARD_TOLERANCE,
              "backward rows=%d cols=%d ld=%d in_place=%d specials=%d: %s, error %.3g", rows, cols,
              ld, in_place, specials, fm_status_str(status), worst);
-    FM_CHECK(padding_intact(dx, rows, cols, ld), "backward rows=%d cols=%d ld=%d wrote into the padding",
+    FM_CHECK(fm_test_padding_intact(dx, rows, cols, ld), "backward rows=%d cols=%d ld=%d wrote into the padding",
              rows, cols, ld);
     if (!in_place) free(dx);
     free(y);
