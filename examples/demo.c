@@ -1,10 +1,12 @@
-/* flexmoe_demo — softmax routing of multimodal tokens on every ISA path of this machine.
+/* flexmoe_demo — Flex-MoE's noisy top-k routing of multimodal tokens on every ISA path of this
+ * machine.
  *
  * Tokens come from samples that observe different combinations of M modalities (Flex-MoE's
  * setting); each combination has its own gate bias, so a router that learned to specialise
- * sends each combination to its own experts. The demo computes the gate probabilities with the
- * active path, shows the mean routing per combination, and checks that every available path
- * agrees with the scalar reference. Run with --help for the options.
+ * sends each combination to its own experts. The demo runs the training-mode noisy top-k gate
+ * (FastMoE's, with Flex-MoE's token groups: full-modality tokens apart from the others), shows
+ * where each combination's tokens go and the Flex-MoE router loss, and checks that every
+ * available path routes like the scalar reference. Run with --help for the options.
  */
 #define FLEXMOE_IMPLEMENTATION
 #include "flexmoe.h"
@@ -15,7 +17,7 @@
 #include <string.h>
 
 typedef struct demo_options {
-    int tokens, experts, modalities;
+    int tokens, experts, modalities, top_k;
     unsigned seed;
     fm_isa isa;
 } demo_options;
@@ -24,8 +26,9 @@ static void usage(FILE *out) {
     fprintf(out,
             "usage: flexmoe_demo [options]\n"
             "  --tokens N       tokens to route (default 4096)\n"
-            "  --experts E      experts (default 16)\n"
+            "  --experts E      experts, 2..1024 and at least the combinations (default 16)\n"
             "  --modalities M   modalities, 1..6 (default 3: 2^M-1 combinations)\n"
+            "  --top-k K        experts per token, 1..16 and < E (default 4, as Flex-MoE)\n"
             "  --seed S         random seed (default 1)\n"
             "  --isa NAME       force a path: scalar, avx2, avx512, neon (default: best)\n"
             "  --list-isas      print the paths this machine supports, one per line, and exit\n"
@@ -60,7 +63,10 @@ static int parse_args(int argc, char **argv, demo_options *o) {
             if (!parse_int(a, v, 1, 1 << 24, &o->tokens)) return 0;
             i++;
         } else if (!strcmp(a, "--experts")) {
-            if (!parse_int(a, v, 1, 4096, &o->experts)) return 0;
+            if (!parse_int(a, v, 2, FLEXMOE_GATE_MAX_EXPERTS, &o->experts)) return 0;
+            i++;
+        } else if (!strcmp(a, "--top-k")) {
+            if (!parse_int(a, v, 1, FLEXMOE_GATE_MAX_TOP_K, &o->top_k)) return 0;
             i++;
         } else if (!strcmp(a, "--modalities")) {
             if (!parse_int(a, v, 1, 6, &o->modalities)) return 0;
@@ -80,6 +86,15 @@ static int parse_args(int argc, char **argv, demo_options *o) {
             usage(stderr);
             return 0;
         }
+    }
+    if ((1 << o->modalities) - 1 > o->experts) {
+        fprintf(stderr, "flexmoe_demo: Flex-MoE's S-Router gives each modality combination its own expert: "
+                        "--modalities %d needs --experts >= %d\n", o->modalities, (1 << o->modalities) - 1);
+        return 0;
+    }
+    if (o->top_k >= o->experts) {
+        fprintf(stderr, "flexmoe_demo: --top-k must be below --experts (%d), got %d\n", o->experts, o->top_k);
+        return 0;
     }
     return 1;
 }
@@ -108,12 +123,28 @@ static void combination_masks(int m, int *masks) {
     }
 }
 
+/* The training-mode gate on the active path: indices, gates, noisy logits, importance, load. */
+static fm_status route(const demo_options *o, const float *clean, const float *noise, const int32_t *group,
+                       int32_t *indices, float *gates, float *noisy, float *importance, float *load) {
+    fm_gate_desc desc;
+    fm_gate_tensors t;
+    memset(&desc, 0, sizeof desc);
+    memset(&t, 0, sizeof t);
+    desc.tokens = o->tokens, desc.experts = o->experts, desc.top_k = o->top_k;
+    desc.training = 1, desc.groups = 2, desc.seed = o->seed;
+    t.clean_logits = clean, t.noise_logits = noise, t.token_group = group;
+    t.indices = indices, t.gates = gates, t.noisy_logits = noisy, t.importance = importance, t.load = load;
+    return fm_noisy_gate_forward(&desc, &t);
+}
+
 int main(int argc, char **argv) {
-    demo_options o = {4096, 16, 3, 1, FM_ISA_AUTO};
-    int combos, masks[63], t, e, c, k;
-    float *logits, *probs, *reference;
-    double *mean;
-    int *count, *combo_of;
+    demo_options o = {4096, 16, 3, 4, 1, FM_ISA_AUTO};
+    int combos, masks[63], t, e, c, k, i;
+    float *clean, *noise, *gates, *noisy, *ref_gates, importance[2 * FLEXMOE_GATE_MAX_EXPERTS],
+        load[2 * FLEXMOE_GATE_MAX_EXPERTS], loss;
+    int32_t *indices, *ref_indices, *combo_of, *group;
+    double *share;
+    int *count;
     fm_status status;
 
     if (!parse_args(argc, argv, &o)) return 2;
@@ -122,38 +153,51 @@ int main(int argc, char **argv) {
     combination_masks(o.modalities, masks);
     rng_state = o.seed;
 
-    logits = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    probs = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    reference = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    mean = (double *)calloc((size_t)combos * o.experts, sizeof(double));
+    clean = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
+    noise = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
+    noisy = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
+    gates = (float *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(float));
+    ref_gates = (float *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(float));
+    indices = (int32_t *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(int32_t));
+    ref_indices = (int32_t *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(int32_t));
+    combo_of = (int32_t *)fm_alloc((size_t)o.tokens * sizeof(int32_t));
+    group = (int32_t *)fm_alloc((size_t)o.tokens * sizeof(int32_t));
+    share = (double *)calloc((size_t)combos * o.experts, sizeof(double));
     count = (int *)calloc((size_t)combos, sizeof(int));
-    combo_of = (int *)malloc((size_t)o.tokens * sizeof(int));
-    if (!logits || !probs || !reference || !mean || !count || !combo_of) {
+    if (!clean || !noise || !noisy || !gates || !ref_gates || !indices || !ref_indices || !combo_of || !group ||
+        !share || !count) {
         fprintf(stderr, "flexmoe_demo: out of memory\n");
         return 1;
     }
-    /* each combination prefers expert (c mod E) and, less, its neighbour */
+    /* each combination prefers expert (c mod E) and, less, its neighbour; the noise logits set a
+     * noise scale of about softplus(-1) */
     for (t = 0; t < o.tokens; t++) {
         c = (int)(uniform() * combos);
         combo_of[t] = c;
-        for (e = 0; e < o.experts; e++) logits[(size_t)t * o.experts + e] = (float)normal();
-        logits[(size_t)t * o.experts + c % o.experts] += 3.0f;
-        logits[(size_t)t * o.experts + (c + 1) % o.experts] += 1.5f;
+        group[t] = c != 0; /* Flex-MoE: full-modality tokens (combination 0) apart from the rest */
+        for (e = 0; e < o.experts; e++) {
+            clean[(size_t)t * o.experts + e] = (float)normal();
+            noise[(size_t)t * o.experts + e] = (float)(normal() * 0.3 - 1.0);
+        }
+        clean[(size_t)t * o.experts + c % o.experts] += 3.0f;
+        clean[(size_t)t * o.experts + (c + 1) % o.experts] += 1.5f;
     }
 
-    status = fm_softmax_forward(o.tokens, o.experts, logits, o.experts, probs, o.experts);
-    if (status != FM_OK) {
-        fprintf(stderr, "flexmoe_demo: fm_softmax_forward: %s\n", fm_status_str(status));
+    if ((status = route(&o, clean, noise, group, indices, gates, noisy, importance, load)) != FM_OK ||
+        (status = fm_flexmoe_router_loss(o.tokens, o.experts, 2, noisy, o.experts, combo_of, importance, load, &loss,
+                                         NULL, 0, NULL, NULL)) != FM_OK) {
+        fprintf(stderr, "flexmoe_demo: %s\n", fm_status_str(status));
         return 1;
     }
-    printf("flexmoe %d.%d.%d: %d tokens, %d experts, %d modalities (%d combinations), %s path\n\n",
-           FLEXMOE_VERSION_MAJOR, FLEXMOE_VERSION_MINOR, FLEXMOE_VERSION_PATCH, o.tokens, o.experts,
+    printf("flexmoe %d.%d.%d: %d tokens, %d experts, top-%d, %d modalities (%d combinations), %s path\n\n",
+           FLEXMOE_VERSION_MAJOR, FLEXMOE_VERSION_MINOR, FLEXMOE_VERSION_PATCH, o.tokens, o.experts, o.top_k,
            o.modalities, combos, fm_isa_name(fm_active_isa()));
     for (t = 0; t < o.tokens; t++) {
         count[combo_of[t]]++;
-        for (e = 0; e < o.experts; e++) mean[(size_t)combo_of[t] * o.experts + e] += probs[(size_t)t * o.experts + e];
+        for (i = 0; i < o.top_k; i++)
+            share[(size_t)combo_of[t] * o.experts + indices[(size_t)t * o.top_k + i]] += gates[(size_t)t * o.top_k + i];
     }
-    printf("mean gate probability per modality combination (rows) and expert (columns, x100)\n");
+    printf("mean gate weight per modality combination (rows) and expert (columns, x100)\n");
     printf("%-14s %6s ", "combination", "tokens");
     for (e = 0; e < o.experts && e < 16; e++) printf("%4d", e);
     printf("%s\n", o.experts > 16 ? " ..." : "");
@@ -164,28 +208,34 @@ int main(int argc, char **argv) {
             if (masks[c] >> k & 1) len += sprintf(name + len, "%d", k);
         printf("%2d {%-10s %6d ", c, strcat(name, "}"), count[c]);
         for (e = 0; e < o.experts && e < 16; e++)
-            printf("%4.0f", count[c] ? 100.0 * mean[(size_t)c * o.experts + e] / count[c] : 0.0);
+            printf("%4.0f", count[c] ? 100.0 * share[(size_t)c * o.experts + e] / count[c] : 0.0);
         printf("\n");
     }
+    printf("\nFlex-MoE router loss (S-Router cross-entropy + cv^2 of importance and load per group): %.4f\n", loss);
 
-    /* every path on this machine against the scalar reference, on the same logits */
-    printf("\nagreement with the scalar path (max |difference| over all probabilities):\n");
+    /* every path on this machine against the scalar reference, on the same logits and noise */
+    printf("\nagreement with the scalar path (tokens routed differently, max |gate difference|):\n");
     fm_set_isa(FM_ISA_SCALAR);
-    fm_softmax_forward(o.tokens, o.experts, logits, o.experts, reference, o.experts);
+    route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load);
     for (k = FM_ISA_SCALAR; k < FM_ISA_COUNT; k++) {
         double worst = 0.0;
-        size_t i;
+        int differ = 0;
         if (!fm_isa_supported((fm_isa)k)) continue;
         fm_set_isa((fm_isa)k);
-        fm_softmax_forward(o.tokens, o.experts, logits, o.experts, probs, o.experts);
-        for (i = 0; i < (size_t)o.tokens * o.experts; i++) worst = fmax(worst, fabs(probs[i] - reference[i]));
-        printf("  %-7s %.2e\n", fm_isa_name((fm_isa)k), worst);
+        route(&o, clean, noise, group, indices, gates, noisy, importance, load);
+        for (t = 0; t < o.tokens; t++) {
+            const size_t row = (size_t)t * o.top_k;
+            if (memcmp(indices + row, ref_indices + row, (size_t)o.top_k * sizeof(int32_t))) {
+                differ++; /* the float noise of two paths can only reorder near-ties */
+                continue;
+            }
+            for (i = 0; i < o.top_k; i++) worst = fmax(worst, fabs(gates[row + i] - ref_gates[row + i]));
+        }
+        printf("  %-7s %d of %d tokens, %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst);
     }
-    fm_free(logits);
-    fm_free(probs);
-    fm_free(reference);
-    free(mean);
+    fm_free(clean), fm_free(noise), fm_free(noisy), fm_free(gates), fm_free(ref_gates);
+    fm_free(indices), fm_free(ref_indices), fm_free(combo_of), fm_free(group);
+    free(share);
     free(count);
-    free(combo_of);
     return 0;
 }
