@@ -188,7 +188,11 @@ fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormali
  *     load counts the tokens routed to each expert (FastMoE's _gates_to_load) and has no gradient.
  * One pass over tiles of tokens (one token per vector lane): the tokens x experts noisy logits
  * and probabilities are only written when noisy_logits is given. "e in the top k" is FastMoE's
- * test noisy_e > the (k+1)-th noisy logit. */
+ * test noisy_e > the (k+1)-th noisy logit.
+ * Across ISA paths the noise agrees to a few ulp (the integers of the draw are identical; exp,
+ * log and erfinv round differently), so gates, importance and load agree to about 2e-5 and the
+ * indices are identical except where two noisy logits are that close (a near-tie); without
+ * noise (inference) the indices are identical to fm_topk's on every path. */
 typedef struct fm_gate_desc {
     int tokens;
     int experts;              /* <= FLEXMOE_GATE_MAX_EXPERTS */

@@ -105,23 +105,24 @@ void chain(benchmark::State &state, int e, int k) {
     }, true);
 }
 
-void fused_inference(benchmark::State &state, int e, int k) {
-    GateData &d = data_for(e, k);
+// gate_inference impls are checked against fm_softmax_topk_forward's output.
+void timed_inference(benchmark::State &state, GateData &d, const std::function<void()> &step) {
     std::vector<int32_t> want(d.indices.size());
     fmbench::Floats want_gates(d.gates.size());
-    fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, want.data(), k, want_gates.data(), k);
+    fm_softmax_topk_forward(kTokens, d.experts, d.k, 1, d.clean.data(), d.experts, want.data(), d.k, want_gates.data(), d.k);
     std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
-    timed(state, d, [&] { fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, d.indices.data(), k, d.gates.data(), k); });
+    timed(state, d, step);
     std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
+}
+
+void fused_inference(benchmark::State &state, int e, int k) {
+    GateData &d = data_for(e, k);
+    timed_inference(state, d, [&] { fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, d.indices.data(), k, d.gates.data(), k); });
 }
 
 void chain_inference(benchmark::State &state, int e, int k) {
     GateData &d = data_for(e, k);
-    std::vector<int32_t> want(d.indices.size());
-    fmbench::Floats want_gates(d.gates.size());
-    fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, want.data(), k, want_gates.data(), k);
-    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
-    timed(state, d, [&] {
+    timed_inference(state, d, [&] {
         fm_softmax_forward(kTokens, e, d.clean.data(), e, d.noisy.data(), e);
         fm_topk(kTokens, e, k, d.noisy.data(), e, d.indices.data(), k, d.gates.data(), k);
         for (int t = 0; t < kTokens; t++) {
@@ -130,7 +131,6 @@ void chain_inference(benchmark::State &state, int e, int k) {
             for (int i = 0; i < k; i++) g[i] /= sum;
         }
     });
-    std::swap(want, d.want_indices), std::swap(want_gates, d.want_gates);
 }
 
 int register_gate() {
