@@ -16,11 +16,12 @@
  *   3. Softmax                                            (public API)
  *   4. Top-k and routing gates                            (public API)
  *   5. LayerNorm and the ConfSMoE confidence gate         (public API)
+ *   6. Routing plan, dispatch and combine                 (public API)
  *   --- implementation (FLEXMOE_IMPLEMENTATION) ---
- *   6. Status strings, allocator, logger
- *   7. Kernel table and scalar reference kernels
- *   8. ISA kernels and run-time selection
- *   9. Argument checking and public entry points
+ *   7. Status strings, allocator, logger
+ *   8. Kernel table and scalar reference kernels
+ *   9. ISA kernels and run-time selection
+ *  10. Argument checking and public entry points
  *
  * Conventions: every fallible call returns fm_status (FM_OK == 0). Buffers are caller-owned,
  * row-major, described by (rows, cols, leading dimension); kernels never allocate. Shapes are
@@ -429,6 +430,64 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
                                float dloss_conf, float dloss_probe, float *saved, float *dx,
                                int lddx, float *dh, int lddh, const fm_confsmoe_grads *grads);
 
+/* ==== 6. Routing plan, dispatch and combine ================================================ */
+
+/* A routing plan turns the (token, slot) -> expert assignments of a top-k router into the
+ * expert-contiguous order the expert FFNs run in. Assignment a = t * top_k + i is token t's
+ * i-th expert. Plans are built by a stable counting sort, so within an expert its assignments
+ * keep token order and the plan is deterministic. Dropless by default; with a capacity factor f
+ * each expert keeps at most ceil(f * tokens * top_k / experts) assignments, chosen by position
+ * (the first in token order, as GShard and Switch) or by gate (the largest gates, ties to the
+ * earlier assignment). Dropped assignments are counted in the plan and contribute nothing to
+ * combine. */
+typedef enum fm_drop_policy {
+    FM_DROP_BY_POSITION = 0, /* keep each expert's earliest assignments */
+    FM_DROP_BY_GATE          /* keep each expert's largest gates */
+} fm_drop_policy;
+
+typedef struct fm_plan_desc {
+    int tokens;
+    int top_k;
+    int experts;
+    float capacity_factor; /* 0: dropless; else > 0 */
+    fm_drop_policy drop_policy;
+} fm_plan_desc;
+
+/* Caller-owned arrays, sized as noted; the build fills them and the sizes. */
+typedef struct fm_routing_plan {
+    int tokens, top_k, experts; /* copied from the desc */
+    int rows;                   /* assignments kept = rows of the dispatched matrix */
+    int dropped;                /* assignments dropped by the capacity */
+    int32_t *counts;            /* experts: rows per expert */
+    int32_t *offsets;           /* experts + 1: expert e owns dispatched rows [offsets[e], offsets[e+1]) */
+    int32_t *order;             /* tokens * top_k: order[r] = the assignment in dispatched row r (r < rows) */
+    int32_t *position;          /* tokens * top_k: the dispatched row of assignment a, -1 if dropped */
+    int32_t *dropped_per_expert;/* experts, optional (NULL: not reported per expert) */
+} fm_routing_plan;
+
+/* indices: tokens x top_k experts (ldi), each in [0, experts); gates (ldg) are needed only by
+ * FM_DROP_BY_GATE (else may be NULL). */
+fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices, int ldi, const float *gates,
+                                int ldg, fm_routing_plan *plan);
+
+/* xe[r] = x[token of order[r]]: plan->rows x dim, expert-contiguous. */
+fm_status fm_dispatch_forward(const fm_routing_plan *plan, int dim, const float *x, int ldx, float *xe, int ldxe);
+
+/* Its transpose: dx[t] = sum over t's kept assignments a of dxe[position[a]] (overwritten). */
+fm_status fm_dispatch_backward(const fm_routing_plan *plan, int dim, const float *dxe, int lddxe, float *dx,
+                               int lddx);
+
+/* y[t] = sum over t's kept assignments a = t * top_k + i of gates[t][i] * ye[position[a]], in
+ * token order without atomics (overwritten; dropped assignments add nothing). */
+fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
+                             int ldg, float *y, int ldy);
+
+/* Its backward: dye[r] = gates[a] * dy[t] for the assignment a in row r (a dispatch of dy, scaled),
+ * and the gate gradient d_gates[t][i] = <dy[t], ye[position[a]]> (0 when dropped); either output
+ * may be NULL. */
+fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
+                              int ldg, const float *dy, int lddy, float *dye, int lddye, float *d_gates, int lddg);
+
 #ifdef __cplusplus
 }
 #endif
@@ -459,7 +518,7 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 6. Status strings, allocator, logger ================================================= */
+/* ==== 7. Status strings, allocator, logger ================================================= */
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -551,7 +610,7 @@ void fm_free(void *ptr) {
     fm__state.allocator.free(raw, fm__state.allocator.user_data);
 }
 
-/* ==== 7. Kernel table and scalar reference kernels ========================================= */
+/* ==== 8. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -579,6 +638,15 @@ struct fm__kernel_table {
     void (*gemv)(int rows, int cols, const float *a, int lda, const float *v, float *out);
     /* y += alpha * x */
     void (*axpy)(int n, float alpha, const float *x, float *y);
+    /* dst[r] = s * src[a / k] for a = order[r], s = scale ? scale[a / k][a % k] : 1, r < rows */
+    void (*gather_rows)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
+                        const float *scale, int ld_scale, float *dst, int ld_dst);
+    /* dst[t] = sum_i (weights ? weights[t][i] : 1) * src[position[t*k+i]] over position >= 0 */
+    void (*combine_rows)(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
+                         const float *weights, int ldw, float *dst, int ld_dst);
+    /* out[t][i] = <a[t], src[position[t*k+i]]>, 0 where position < 0 */
+    void (*row_dots)(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
+                     const int32_t *position, float *out, int ldo);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -875,6 +943,47 @@ static void fm__scalar_axpy(int n, float alpha, const float *x, float *y) {
     for (j = 0; j < n; j++) y[j] += alpha * x[j];
 }
 
+/* ---- dispatch and combine ---- */
+
+static void fm__scalar_gather_rows(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
+                                   const float *scale, int ld_scale, float *dst, int ld_dst) {
+    int r, j;
+    for (r = 0; r < rows; r++) {
+        const float *s = src + (size_t)(order[r] / k) * ld_src;
+        const float f = scale ? scale[(size_t)(order[r] / k) * ld_scale + order[r] % k] : 1.0f;
+        float *d = dst + (size_t)r * ld_dst;
+        for (j = 0; j < dim; j++) d[j] = scale ? f * s[j] : s[j];
+    }
+}
+
+static void fm__scalar_combine_rows(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
+                                    const float *weights, int ldw, float *dst, int ld_dst) {
+    int t, i, j;
+    for (t = 0; t < tokens; t++) {
+        float *d = dst + (size_t)t * ld_dst;
+        for (j = 0; j < dim; j++) d[j] = 0.0f;
+        for (i = 0; i < k; i++) {
+            const int32_t row = position[(size_t)t * k + i];
+            const float w = weights ? weights[(size_t)t * ldw + i] : 1.0f;
+            if (row < 0) continue;
+            for (j = 0; j < dim; j++) d[j] += w * src[(size_t)row * ld_src + j];
+        }
+    }
+}
+
+static void fm__scalar_row_dots(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
+                                const int32_t *position, float *out, int ldo) {
+    int t, i, j;
+    for (t = 0; t < tokens; t++)
+        for (i = 0; i < k; i++) {
+            const int32_t row = position[(size_t)t * k + i];
+            double dot = 0.0;
+            if (row >= 0)
+                for (j = 0; j < dim; j++) dot += (double)a[(size_t)t * lda + j] * src[(size_t)row * ld_src + j];
+            out[(size_t)t * ldo + i] = (float)dot;
+        }
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -888,9 +997,12 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_layernorm_param_grad,
     fm__scalar_gemv,
     fm__scalar_axpy,
+    fm__scalar_gather_rows,
+    fm__scalar_combine_rows,
+    fm__scalar_row_dots,
 };
 
-/* ==== 8. ISA kernels and run-time selection =============================================== */
+/* ==== 9. ISA kernels and run-time selection =============================================== */
 
 #include "flexmoe_simd.h"
 
@@ -1018,7 +1130,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 9. Argument checking and public entry points ========================================= */
+/* ==== 10. Argument checking and public entry points========================================= */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, extent addressable. */
 static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) {
@@ -1886,6 +1998,189 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
             }
         }
     }
+    return FM_OK;
+}
+
+/* ---- routing plan, dispatch and combine ---- */
+
+/* Orders assignments by (gate descending, assignment ascending): the gate-drop priority. */
+static int fm__gate_before(const float *gates, int ldg, int k, int32_t a, int32_t b) {
+    const float ga = gates[(size_t)(a / k) * ldg + a % k], gb = gates[(size_t)(b / k) * ldg + b % k];
+    return ga > gb || (!(ga < gb) && a < b);
+}
+
+/* In-place heapsort of list[0..n) so that it starts with the highest-priority assignments
+ * (no allocation, O(n log n), deterministic since the order is total). */
+static void fm__sort_by_gate(int32_t *list, int n, const float *gates, int ldg, int k) {
+    int end, root, child;
+    int32_t tmp;
+    for (end = n / 2 - 1; end >= 0; end--) { /* heapify: the lowest priority on top */
+        for (root = end; (child = 2 * root + 1) < n; root = child) {
+            if (child + 1 < n && fm__gate_before(gates, ldg, k, list[child], list[child + 1])) child++;
+            if (!fm__gate_before(gates, ldg, k, list[root], list[child])) break;
+            tmp = list[root], list[root] = list[child], list[child] = tmp;
+        }
+    }
+    for (end = n - 1; end > 0; end--) {
+        tmp = list[0], list[0] = list[end], list[end] = tmp;
+        for (root = 0; (child = 2 * root + 1) < end; root = child) {
+            if (child + 1 < end && fm__gate_before(gates, ldg, k, list[child], list[child + 1])) child++;
+            if (!fm__gate_before(gates, ldg, k, list[root], list[child])) break;
+            tmp = list[root], list[root] = list[child], list[child] = tmp;
+        }
+    }
+}
+
+/* Ascending assignment order again for the kept ones, so that dispatched rows stay in token
+ * order whatever the policy. */
+static void fm__sort_ascending(int32_t *list, int n) {
+    int end, root, child;
+    int32_t tmp;
+    for (end = n / 2 - 1; end >= 0; end--)
+        for (root = end; (child = 2 * root + 1) < n; root = child) {
+            if (child + 1 < n && list[child] < list[child + 1]) child++;
+            if (list[root] >= list[child]) break;
+            tmp = list[root], list[root] = list[child], list[child] = tmp;
+        }
+    for (end = n - 1; end > 0; end--) {
+        tmp = list[0], list[0] = list[end], list[end] = tmp;
+        for (root = 0; (child = 2 * root + 1) < end; root = child) {
+            if (child + 1 < end && list[child] < list[child + 1]) child++;
+            if (list[root] >= list[child]) break;
+            tmp = list[root], list[root] = list[child], list[child] = tmp;
+        }
+    }
+}
+
+fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices, int ldi, const float *gates,
+                                int ldg, fm_routing_plan *plan) {
+    fm_status status;
+    int T, k, E, e, t, i, capacity;
+    size_t assignments, a, r;
+    if (!desc || !plan) return FM_ERR_NULL_POINTER;
+    T = desc->tokens, k = desc->top_k, E = desc->experts;
+    if (T <= 0 || k <= 0 || E <= 0) return FM_ERR_INVALID_SHAPE;
+    if (k > E || !(desc->capacity_factor >= 0.0f) || (unsigned)desc->drop_policy > FM_DROP_BY_GATE)
+        return FM_ERR_INVALID_ARGUMENT;
+    if ((uint64_t)T * (uint64_t)k > (uint64_t)INT32_MAX) return FM_ERR_OVERFLOW;
+    if ((status = fm__check_matrix(indices, T, k, ldi)) != FM_OK) return status;
+    if ((status = fm__check_indices(indices, T, k, ldi, E)) != FM_OK) return status;
+    if (desc->capacity_factor > 0.0f && desc->drop_policy == FM_DROP_BY_GATE &&
+        (status = fm__check_matrix(gates, T, k, ldg)) != FM_OK)
+        return status;
+    if (!plan->counts || !plan->offsets || !plan->order || !plan->position) return FM_ERR_NULL_POINTER;
+    assignments = (size_t)T * k;
+    capacity = INT32_MAX;
+    if (desc->capacity_factor > 0.0f) {
+        const double c = ceil((double)desc->capacity_factor * (double)assignments / E);
+        capacity = c < 1.0 ? 1 : c > (double)INT32_MAX ? INT32_MAX : (int)c;
+    }
+    plan->tokens = T, plan->top_k = k, plan->experts = E;
+    /* stable counting sort by expert: offsets from the counts, then each assignment in order */
+    for (e = 0; e < E; e++) plan->counts[e] = 0;
+    for (t = 0; t < T; t++)
+        for (i = 0; i < k; i++) plan->counts[indices[(size_t)t * ldi + i]]++;
+    plan->offsets[0] = 0;
+    for (e = 0; e < E; e++) plan->offsets[e + 1] = plan->offsets[e] + plan->counts[e];
+    for (e = 0; e < E; e++) plan->counts[e] = plan->offsets[e]; /* cursors */
+    for (t = 0; t < T; t++)
+        for (i = 0; i < k; i++) plan->order[plan->counts[indices[(size_t)t * ldi + i]]++] = (int32_t)((size_t)t * k + i);
+    /* capacity: keep the first `capacity` of each expert's list (after ordering it by gate when
+     * dropping by gate), compacting the kept rows to the front of order */
+    plan->dropped = 0;
+    for (a = 0; a < assignments; a++) plan->position[a] = -1;
+    for (e = 0, r = 0; e < E; e++) {
+        int32_t *list = plan->order + plan->offsets[e];
+        const int n = plan->offsets[e + 1] - plan->offsets[e], kept = n < capacity ? n : capacity;
+        if (kept < n && desc->drop_policy == FM_DROP_BY_GATE) {
+            fm__sort_by_gate(list, n, gates, ldg, k);
+            fm__sort_ascending(list, kept);
+        }
+        if (plan->dropped_per_expert) plan->dropped_per_expert[e] = n - kept;
+        plan->dropped += n - kept;
+        plan->counts[e] = kept;
+        for (i = 0; i < kept; i++, r++) {
+            plan->order[r] = list[i]; /* r <= offsets[e] + i: the move never overtakes the reads */
+            plan->position[plan->order[r]] = (int32_t)r;
+        }
+    }
+    plan->offsets[0] = 0;
+    for (e = 0; e < E; e++) plan->offsets[e + 1] = plan->offsets[e] + plan->counts[e];
+    plan->rows = plan->offsets[E];
+    return FM_OK;
+}
+
+/* A plan as the build left it: sizes positive and arrays present. */
+static fm_status fm__check_plan(const fm_routing_plan *plan, int dim) {
+    if (!plan) return FM_ERR_NULL_POINTER;
+    if (plan->tokens <= 0 || plan->top_k <= 0 || plan->experts <= 0 || dim <= 0 || plan->rows < 0 ||
+        (int64_t)plan->rows > (int64_t)plan->tokens * plan->top_k)
+        return FM_ERR_INVALID_SHAPE;
+    if (!plan->order || !plan->position) return FM_ERR_NULL_POINTER;
+    return FM_OK;
+}
+
+fm_status fm_dispatch_forward(const fm_routing_plan *plan, int dim, const float *x, int ldx, float *xe, int ldxe) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    if ((status = fm__check_plan(plan, dim)) != FM_OK) return status;
+    if ((status = fm__check_matrix(x, plan->tokens, dim, ldx)) != FM_OK) return status;
+    if (plan->rows == 0) return FM_OK;
+    if ((status = fm__check_matrix(xe, plan->rows, dim, ldxe)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__FOR_ROW_CHUNKS(plan->rows, r0, n,
+                       kernels->gather_rows(n, dim, x, ldx, plan->order + r0, plan->top_k, NULL, 0, xe + (size_t)r0 * ldxe, ldxe));
+    return FM_OK;
+}
+
+fm_status fm_dispatch_backward(const fm_routing_plan *plan, int dim, const float *dxe, int lddxe, float *dx,
+                               int lddx) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    if ((status = fm__check_plan(plan, dim)) != FM_OK) return status;
+    if ((status = fm__check_matrix(dx, plan->tokens, dim, lddx)) != FM_OK) return status;
+    if (plan->rows > 0 && (status = fm__check_matrix(dxe, plan->rows, dim, lddxe)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
+                       kernels->combine_rows(n, plan->top_k, dim, dxe, lddxe, plan->position + (size_t)t0 * plan->top_k,
+                                             NULL, 0, dx + (size_t)t0 * lddx, lddx));
+    return FM_OK;
+}
+
+fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
+                             int ldg, float *y, int ldy) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    if ((status = fm__check_plan(plan, dim)) != FM_OK) return status;
+    if ((status = fm__check_matrix(gates, plan->tokens, plan->top_k, ldg)) != FM_OK) return status;
+    if ((status = fm__check_matrix(y, plan->tokens, dim, ldy)) != FM_OK) return status;
+    if (plan->rows > 0 && (status = fm__check_matrix(ye, plan->rows, dim, ldye)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
+                       kernels->combine_rows(n, plan->top_k, dim, ye, ldye, plan->position + (size_t)t0 * plan->top_k,
+                                             gates + (size_t)t0 * ldg, ldg, y + (size_t)t0 * ldy, ldy));
+    return FM_OK;
+}
+
+fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
+                              int ldg, const float *dy, int lddy, float *dye, int lddye, float *d_gates, int lddg) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    const int k = plan ? plan->top_k : 1;
+    if ((status = fm__check_plan(plan, dim)) != FM_OK) return status;
+    if ((status = fm__check_matrix(gates, plan->tokens, k, ldg)) != FM_OK) return status;
+    if ((status = fm__check_matrix(dy, plan->tokens, dim, lddy)) != FM_OK) return status;
+    if (plan->rows > 0 && dye && (status = fm__check_matrix(dye, plan->rows, dim, lddye)) != FM_OK) return status;
+    if (plan->rows > 0 && d_gates && (status = fm__check_matrix(ye, plan->rows, dim, ldye)) != FM_OK) return status;
+    if (d_gates && (status = fm__check_matrix(d_gates, plan->tokens, k, lddg)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (dye && plan->rows > 0)
+        FM__FOR_ROW_CHUNKS(plan->rows, r0, n,
+                           kernels->gather_rows(n, dim, dy, lddy, plan->order + r0, k, gates, ldg, dye + (size_t)r0 * lddye, lddye));
+    if (d_gates)
+        FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
+                           kernels->row_dots(n, k, dim, dy + (size_t)t0 * lddy, lddy, ye, ldye,
+                                             plan->position + (size_t)t0 * k, d_gates + (size_t)t0 * lddg, lddg));
     return FM_OK;
 }
 

@@ -201,6 +201,9 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_layernorm_param_grad,
     fm__avx2_gemv,
     fm__avx2_axpy,
+    fm__avx2_gather_rows,
+    fm__avx2_combine_rows,
+    fm__avx2_row_dots,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -295,6 +298,9 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_layernorm_param_grad,
     fm__avx512_gemv,
     fm__avx512_axpy,
+    fm__avx512_gather_rows,
+    fm__avx512_combine_rows,
+    fm__avx512_row_dots,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -396,6 +402,9 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_layernorm_param_grad,
     fm__neon_gemv,
     fm__neon_axpy,
+    fm__neon_gather_rows,
+    fm__neon_combine_rows,
+    fm__neon_row_dots,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -1332,6 +1341,74 @@ static FM__TARGET void FM__OP(axpy)(int n, float alpha, const float *x, float *y
     if (full < n)
         FM__OP(store_part)(y + full, FM__OP(fmadd)(a, FM__OP(load_part)(x + full, n - full, 0.0f),
                                                     FM__OP(load_part)(y + full, n - full, 0.0f)), n - full);
+}
+
+/* ---- dispatch and combine: rows moved and summed a vector at a time ---- */
+
+static FM__TARGET void FM__OP(gather_rows)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
+                                           const float *scale, int ld_scale, float *dst, int ld_dst) {
+    const int full = dim - dim % FM__W, tail = dim - full;
+    int r, j;
+    for (r = 0; r < rows; r++) {
+        const float *s = src + (size_t)(order[r] / k) * ld_src;
+        float *d = dst + (size_t)r * ld_dst;
+        if (scale) {
+            const FM__V f = FM__OP(set1)(scale[(size_t)(order[r] / k) * ld_scale + order[r] % k]);
+            for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(mul)(f, FM__OP(load)(s + j)));
+            if (tail) FM__OP(store_part)(d + full, FM__OP(mul)(f, FM__OP(load_part)(s + full, tail, 0.0f)), tail);
+        } else {
+            for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(load)(s + j));
+            if (tail) FM__OP(store_part)(d + full, FM__OP(load_part)(s + full, tail, 0.0f), tail);
+        }
+    }
+}
+
+/* Token by token: the first kept source row is scaled into the output row, the others are
+ * added to it while it stays in L1, so every source row is read as one sequential stream. */
+static FM__TARGET void FM__OP(combine_rows)(int tokens, int k, int dim, const float *src, int ld_src,
+                                            const int32_t *position, const float *weights, int ldw, float *dst,
+                                            int ld_dst) {
+    const int full = dim - dim % FM__W, tail = dim - full;
+    int t, i, j, first;
+    for (t = 0; t < tokens; t++) {
+        const int32_t *rows = position + (size_t)t * k;
+        float *d = dst + (size_t)t * ld_dst;
+        for (i = 0, first = 1; i < k; i++) {
+            const float *s = src + (size_t)rows[i] * ld_src;
+            FM__V w;
+            if (rows[i] < 0) continue;
+            w = FM__OP(set1)(weights ? weights[(size_t)t * ldw + i] : 1.0f);
+            if (first) {
+                for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(mul)(w, FM__OP(load)(s + j)));
+                if (tail) FM__OP(store_part)(d + full, FM__OP(mul)(w, FM__OP(load_part)(s + full, tail, 0.0f)), tail);
+            } else {
+                for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(fmadd)(w, FM__OP(load)(s + j), FM__OP(load)(d + j)));
+                if (tail)
+                    FM__OP(store_part)(d + full, FM__OP(fmadd)(w, FM__OP(load_part)(s + full, tail, 0.0f),
+                                                               FM__OP(load_part)(d + full, tail, 0.0f)), tail);
+            }
+            first = 0;
+        }
+        if (first) /* every assignment of the token was dropped */
+            for (j = 0; j < dim; j++) d[j] = 0.0f;
+    }
+}
+
+static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
+                                        const int32_t *position, float *out, int ldo) {
+    int t, i;
+    float lanes[FM__W];
+    for (t = 0; t < tokens; t++)
+        for (i = 0; i < k; i++) {
+            const int32_t row = position[(size_t)t * k + i];
+            if (row < 0) {
+                out[(size_t)t * ldo + i] = 0.0f;
+                continue;
+            }
+            FM__OP(store)(lanes, FM__OP(segment_reduce)(FM__OP(dot_partial)(a + (size_t)t * lda, src + (size_t)row * ld_src, dim),
+                                                        FM__W, 0));
+            out[(size_t)t * ldo + i] = lanes[0];
+        }
 }
 
 #undef FM__UNROLL_W
