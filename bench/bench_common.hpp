@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <new>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "flexmoe.h"
@@ -48,6 +50,18 @@ inline double max_abs_diff(const Floats &a, const Floats &b) {
     double worst = 0.0;
     for (size_t i = 0; i < a.size(); i++) worst = std::fmax(worst, std::fabs(double(a[i]) - b[i]));
     return worst;
+}
+
+// One T per distinct constructor arguments, built on first use and kept for the whole run, so
+// that every impl of a shape works on the same data.
+template <class T, class... Args>
+T &cached(Args... args) {
+    static std::vector<std::pair<std::tuple<Args...>, T *>> all;
+    const std::tuple<Args...> key(args...);
+    for (auto &entry : all)
+        if (entry.first == key) return *entry.second;
+    all.emplace_back(key, new T(args...));
+    return *all.back().second;
 }
 
 // Selects a path for the duration of one benchmark; false (and the benchmark skipped) when this

@@ -44,14 +44,6 @@ struct Routed {
     }
 };
 
-Routed &data_for(int d, int k) {
-    static std::vector<Routed *> all;
-    for (auto *r : all)
-        if (r->d == d && r->k == k) return *r;
-    all.push_back(new Routed(d, k));
-    return *all.back();
-}
-
 void timed(benchmark::State &state, size_t bytes_moved, const std::function<void()> &step) {
     for (auto _ : state) {
         step();
@@ -62,7 +54,7 @@ void timed(benchmark::State &state, size_t bytes_moved, const std::function<void
 }
 
 void dispatch(benchmark::State &state, int d, int k) {
-    Routed &r = data_for(d, k);
+    Routed &r = fmbench::cached<Routed>(d, k);
     if (fm_dispatch_forward(&r.plan, d, r.x.data(), d, r.xe.data(), d) != FM_OK ||
         std::memcmp(r.xe.data(), r.x.data() + size_t(r.order[0] / k) * d, size_t(d) * 4) != 0) {
         state.SkipWithError("dispatch failed");
@@ -72,7 +64,7 @@ void dispatch(benchmark::State &state, int d, int k) {
 }
 
 void combine(benchmark::State &state, int d, int k) {
-    Routed &r = data_for(d, k);
+    Routed &r = fmbench::cached<Routed>(d, k);
     if (fm_combine_forward(&r.plan, d, r.ye.data(), d, r.gates.data(), k, r.y.data(), d) != FM_OK) {
         state.SkipWithError("combine failed");
         return;
@@ -83,7 +75,7 @@ void combine(benchmark::State &state, int d, int k) {
 
 // memcpy moving the bytes `kernel` moves (half read, half written).
 void peak(benchmark::State &state, int d, int k, bool is_combine) {
-    Routed &r = data_for(d, k);
+    Routed &r = fmbench::cached<Routed>(d, k);
     const size_t moved = is_combine ? (size_t(r.plan.rows) + kTokens) * d * 4 : 2 * size_t(r.plan.rows) * d * 4;
     timed(state, moved, [&] { std::memcpy(r.scratch_out.data(), r.scratch_in.data(), moved / 2); });
 }

@@ -55,14 +55,6 @@ struct GateData {
     }
 };
 
-GateData &data_for(int e, int k) {
-    static std::vector<GateData *> all;
-    for (auto *d : all)
-        if (d->experts == e && d->k == k) return *d;
-    all.push_back(new GateData(e, k));
-    return *all.back();
-}
-
 void timed(benchmark::State &state, GateData &d, const std::function<void()> &step, bool with_load = false) {
     std::fill(d.indices.begin(), d.indices.end(), -1);
     step();
@@ -79,7 +71,7 @@ void timed(benchmark::State &state, GateData &d, const std::function<void()> &st
 }
 
 void fused(benchmark::State &state, fm_isa isa, int e, int k) {
-    GateData &d = data_for(e, k);
+    GateData &d = fmbench::cached<GateData>(e, k);
     if (!fmbench::use_isa(state, isa)) return;
     const fm_gate_desc desc = d.describe();
     fm_gate_tensors t = d.tensors(d.indices.data(), d.gates.data());
@@ -88,7 +80,7 @@ void fused(benchmark::State &state, fm_isa isa, int e, int k) {
 }
 
 void chain(benchmark::State &state, int e, int k) {
-    GateData &d = data_for(e, k);
+    GateData &d = fmbench::cached<GateData>(e, k);
     const fm_gate_desc desc = d.describe();
     timed(state, d, [&] {
         fm_gate_noise_forward(&desc, d.clean.data(), e, d.noise.data(), e, d.noisy.data(), e, d.std.data(), e);
@@ -116,12 +108,12 @@ void timed_inference(benchmark::State &state, GateData &d, const std::function<v
 }
 
 void fused_inference(benchmark::State &state, int e, int k) {
-    GateData &d = data_for(e, k);
+    GateData &d = fmbench::cached<GateData>(e, k);
     timed_inference(state, d, [&] { fm_softmax_topk_forward(kTokens, e, k, 1, d.clean.data(), e, d.indices.data(), k, d.gates.data(), k); });
 }
 
 void chain_inference(benchmark::State &state, int e, int k) {
-    GateData &d = data_for(e, k);
+    GateData &d = fmbench::cached<GateData>(e, k);
     timed_inference(state, d, [&] {
         fm_softmax_forward(kTokens, e, d.clean.data(), e, d.noisy.data(), e);
         fm_topk(kTokens, e, k, d.noisy.data(), e, d.indices.data(), k, d.gates.data(), k);

@@ -27,14 +27,6 @@ struct SoftmaxData {
     }
 };
 
-SoftmaxData &data_for(int cols) {
-    static std::vector<SoftmaxData *> all;
-    for (auto *d : all)
-        if (d->cols == cols) return *d;
-    all.push_back(new SoftmaxData(cols));
-    return *all.back();
-}
-
 // Runs `step` once, checks `out` against `want`, then times it. Results outside 1e-5 of the
 // reference make the benchmark an error instead of a number.
 void timed(benchmark::State &state, const std::function<void()> &step, const fmbench::Floats &out,
@@ -53,13 +45,13 @@ void timed(benchmark::State &state, const std::function<void()> &step, const fmb
 }
 
 void flexmoe_forward(benchmark::State &state, fm_isa isa, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     if (!fmbench::use_isa(state, isa)) return;
     timed(state, [&] { fm_softmax_forward(kRows, e, d.x.data(), e, d.y.data(), e); }, d.y, d.y_ref);
 }
 
 void flexmoe_backward(benchmark::State &state, fm_isa isa, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     if (!fmbench::use_isa(state, isa)) return;
     timed(state, [&] { fm_softmax_backward(kRows, e, d.y_ref.data(), e, d.dy.data(), e, d.dx.data(), e); },
           d.dx, d.dx_ref);
@@ -67,7 +59,7 @@ void flexmoe_backward(benchmark::State &state, fm_isa isa, int e) {
 
 // What a C programmer writes without a SIMD library: three passes with libm's expf.
 void scalar_forward(benchmark::State &state, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     timed(state,
           [&] {
               for (int r = 0; r < kRows; r++) {
@@ -83,7 +75,7 @@ void scalar_forward(benchmark::State &state, int e) {
 }
 
 void scalar_backward(benchmark::State &state, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     timed(state,
           [&] {
               for (int r = 0; r < kRows; r++) {
@@ -105,7 +97,7 @@ dnnl::engine &onednn_engine() {
 }
 
 void onednn_forward(benchmark::State &state, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     dnnl::stream stream(onednn_engine());
     dnnl::memory::desc md({kRows, e}, dt::f32, tag::ab);
     dnnl::softmax_forward::primitive_desc pd(
@@ -122,7 +114,7 @@ void onednn_forward(benchmark::State &state, int e) {
 }
 
 void onednn_backward(benchmark::State &state, int e) {
-    SoftmaxData &d = data_for(e);
+    SoftmaxData &d = fmbench::cached<SoftmaxData>(e);
     dnnl::stream stream(onednn_engine());
     dnnl::memory::desc md({kRows, e}, dt::f32, tag::ab);
     dnnl::softmax_forward::primitive_desc hint(

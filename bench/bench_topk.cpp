@@ -28,14 +28,6 @@ struct TopkData {
     }
 };
 
-TopkData &data_for(int e, int k) {
-    static std::vector<TopkData *> all;
-    for (auto *d : all)
-        if (d->experts == e && d->k == k) return *d;
-    all.push_back(new TopkData(e, k));
-    return *all.back();
-}
-
 void timed(benchmark::State &state, TopkData &d, const std::function<void()> &step) {
     std::fill(d.indices.begin(), d.indices.end(), -1);
     step();
@@ -51,14 +43,14 @@ void timed(benchmark::State &state, TopkData &d, const std::function<void()> &st
 }
 
 void flexmoe_topk(benchmark::State &state, fm_isa isa, int e, int k) {
-    TopkData &d = data_for(e, k);
+    TopkData &d = fmbench::cached<TopkData>(e, k);
     if (!fmbench::use_isa(state, isa)) return;
     timed(state, d, [&] { fm_topk(kRows, e, k, d.x.data(), e, d.indices.data(), k, d.values.data(), k); });
 }
 
 // The usual C++ way: pairs, then std::partial_sort with "larger value, then lower index".
 void partial_sort_topk(benchmark::State &state, int e, int k) {
-    TopkData &d = data_for(e, k);
+    TopkData &d = fmbench::cached<TopkData>(e, k);
     std::vector<std::pair<float, int32_t>> row(e);
     timed(state, d, [&] {
         for (int r = 0; r < kRows; r++) {
