@@ -788,18 +788,26 @@ static float fm__noise_std(float r, float epsilon) {
 static double fm__normal_cdf(double z) { return 0.5 * erfc(-z * 0.70710678118654752); }
 static double fm__normal_pdf(double z) { return 0.39894228040143268 * exp(-0.5 * z * z); }
 
-static void fm__scalar_gate_noise(const fm__gate_job *job) {
-    int t, e;
-    for (t = 0; t < job->tokens; t++) {
-        const float *clean = job->clean + (size_t)t * job->ld_clean, *noise = job->noise + (size_t)t * job->ld_noise;
-        float *noisy = job->noisy + (size_t)t * job->ld_noisy;
-        const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
-        for (e = 0; e < job->experts; e++) {
-            const float std = fm__noise_std(noise[e], job->noise_epsilon);
-            noisy[e] = fmaf(fm__normal_from_symmetric(fm__noise_symmetric(state, e)), std, clean[e]);
-            if (job->stds) job->stds[(size_t)t * job->ld_stds + e] = std;
-        }
+/* Token t's noise step: stds[e] = softplus(noise[e]) + epsilon, the draw n[e] (into draws, which
+ * may be NULL), noisy[e] = clean[e] + n[e] * stds[e]. */
+static void fm__noise_row(const fm__gate_job *job, int t, float *noisy, float *stds, float *draws) {
+    const float *clean = job->clean + (size_t)t * job->ld_clean, *noise = job->noise + (size_t)t * job->ld_noise;
+    const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
+    int e;
+    for (e = 0; e < job->experts; e++) {
+        const float n = fm__normal_from_symmetric(fm__noise_symmetric(state, e));
+        stds[e] = fm__noise_std(noise[e], job->noise_epsilon);
+        noisy[e] = fmaf(n, stds[e], clean[e]);
+        if (draws) draws[e] = n;
     }
+}
+
+static void fm__scalar_gate_noise(const fm__gate_job *job) {
+    float stds[FLEXMOE_GATE_MAX_EXPERTS];
+    int t;
+    for (t = 0; t < job->tokens; t++)
+        fm__noise_row(job, t, job->noisy + (size_t)t * job->ld_noisy,
+                      job->stds ? job->stds + (size_t)t * job->ld_stds : stds, NULL);
 }
 
 /* FastMoE's load of one token added to load_row[e]: Phi((clean - threshold) / std), the
@@ -837,12 +845,7 @@ static void fm__scalar_gate(const fm__gate_job *job) {
         float key0;
         double denominator = 0.0;
         if (job->training) {
-            const float *noise = job->noise + (size_t)t * job->ld_noise;
-            const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
-            for (e = 0; e < E; e++) {
-                stds[e] = fm__noise_std(noise[e], job->noise_epsilon);
-                noisy[e] = fmaf(fm__normal_from_symmetric(fm__noise_symmetric(state, e)), stds[e], clean[e]);
-            }
+            fm__noise_row(job, t, noisy, stds, NULL);
         } else {
             memcpy(noisy, clean, (size_t)E * sizeof *noisy);
         }
@@ -1293,13 +1296,11 @@ fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormali
         if (renormalize) {
             for (e = 0; e < experts; e++) dl[e] = 0.0f;
             for (i = 0; i < k; i++) dl[idx[i]] = (float)(w[i] * (dw[i] - dot));
-        } else {
-            for (i = 0; i < k; i++) dl[idx[i]] = -dl[idx[i]] * (float)(dot - dw[i]); /* p_j (dw - dot) */
-            for (e = 0; e < experts; e++) {
-                int selected = 0;
-                for (i = 0; i < k; i++) selected |= idx[i] == e;
-                if (!selected) dl[e] *= (float)-dot;
-            }
+        } else { /* dl holds p: p * (0 - dot) everywhere, p * (dw - dot) at the selected experts */
+            float p[FLEXMOE_GATE_MAX_TOP_K];
+            for (i = 0; i < k; i++) p[i] = dl[idx[i]];
+            for (e = 0; e < experts; e++) dl[e] *= (float)-dot;
+            for (i = 0; i < k; i++) dl[idx[i]] = p[i] * (float)(dw[i] - dot);
         }
     }
     return FM_OK;
@@ -1390,12 +1391,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
         const int group = job.token_group ? job.token_group[t] : 0;
         double dot = 0.0, dg[FLEXMOE_GATE_MAX_TOP_K];
         if (job.training) {
-            const uint32_t state = fm__noise_token_state(job.seed, job.token_offset + (uint64_t)t);
-            for (e = 0; e < E; e++) {
-                stds[e] = fm__noise_std(raw[e], job.noise_epsilon);
-                noise[e] = fm__normal_from_symmetric(fm__noise_symmetric(state, e));
-                noisy[e] = fmaf(noise[e], stds[e], clean[e]);
-            }
+            fm__noise_row(&job, t, noisy, stds, noise);
         } else {
             memcpy(noisy, clean, (size_t)E * sizeof *noisy);
         }
@@ -2003,50 +1999,31 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
 
 /* ---- routing plan, dispatch and combine ---- */
 
-/* Orders assignments by (gate descending, assignment ascending): the gate-drop priority. */
-static int fm__gate_before(const float *gates, int ldg, int k, int32_t a, int32_t b) {
-    const float ga = gates[(size_t)(a / k) * ldg + a % k], gb = gates[(size_t)(b / k) * ldg + b % k];
-    return ga > gb || (!(ga < gb) && a < b);
+/* Whether assignment a comes before b: by gate descending, then assignment ascending (the
+ * gate-drop priority); with gates NULL by assignment alone. */
+static int fm__assignment_before(const float *gates, int ldg, int k, int32_t a, int32_t b) {
+    if (gates) {
+        const float ga = gates[(size_t)(a / k) * ldg + a % k], gb = gates[(size_t)(b / k) * ldg + b % k];
+        if (ga != gb) return ga > gb;
+    }
+    return a < b;
 }
 
-/* In-place heapsort of list[0..n) so that it starts with the highest-priority assignments
- * (no allocation, O(n log n), deterministic since the order is total). */
-static void fm__sort_by_gate(int32_t *list, int n, const float *gates, int ldg, int k) {
-    int end, root, child;
+/* In-place heapsort of list[0..n) into fm__assignment_before order: no allocation, O(n log n),
+ * deterministic since the order is total. The heap keeps the element that goes last on top. */
+static void fm__sort_assignments(int32_t *list, int n, const float *gates, int ldg, int k) {
+    int start, end, root, child;
     int32_t tmp;
-    for (end = n / 2 - 1; end >= 0; end--) { /* heapify: the lowest priority on top */
-        for (root = end; (child = 2 * root + 1) < n; root = child) {
-            if (child + 1 < n && fm__gate_before(gates, ldg, k, list[child], list[child + 1])) child++;
-            if (!fm__gate_before(gates, ldg, k, list[root], list[child])) break;
-            tmp = list[root], list[root] = list[child], list[child] = tmp;
+    for (start = n / 2 - 1, end = n; end > 1;) {
+        if (start >= 0) {
+            root = start--; /* building the heap */
+        } else {
+            tmp = list[0], list[0] = list[--end], list[end] = tmp; /* the last element to its place */
+            root = 0;
         }
-    }
-    for (end = n - 1; end > 0; end--) {
-        tmp = list[0], list[0] = list[end], list[end] = tmp;
-        for (root = 0; (child = 2 * root + 1) < end; root = child) {
-            if (child + 1 < end && fm__gate_before(gates, ldg, k, list[child], list[child + 1])) child++;
-            if (!fm__gate_before(gates, ldg, k, list[root], list[child])) break;
-            tmp = list[root], list[root] = list[child], list[child] = tmp;
-        }
-    }
-}
-
-/* Ascending assignment order again for the kept ones, so that dispatched rows stay in token
- * order whatever the policy. */
-static void fm__sort_ascending(int32_t *list, int n) {
-    int end, root, child;
-    int32_t tmp;
-    for (end = n / 2 - 1; end >= 0; end--)
-        for (root = end; (child = 2 * root + 1) < n; root = child) {
-            if (child + 1 < n && list[child] < list[child + 1]) child++;
-            if (list[root] >= list[child]) break;
-            tmp = list[root], list[root] = list[child], list[child] = tmp;
-        }
-    for (end = n - 1; end > 0; end--) {
-        tmp = list[0], list[0] = list[end], list[end] = tmp;
-        for (root = 0; (child = 2 * root + 1) < end; root = child) {
-            if (child + 1 < end && list[child] < list[child + 1]) child++;
-            if (list[root] >= list[child]) break;
+        for (; (child = 2 * root + 1) < end; root = child) {
+            if (child + 1 < end && fm__assignment_before(gates, ldg, k, list[child], list[child + 1])) child++;
+            if (!fm__assignment_before(gates, ldg, k, list[root], list[child])) break;
             tmp = list[root], list[root] = list[child], list[child] = tmp;
         }
     }
@@ -2093,8 +2070,8 @@ fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices
         int32_t *list = plan->order + plan->offsets[e];
         const int n = plan->offsets[e + 1] - plan->offsets[e], kept = n < capacity ? n : capacity;
         if (kept < n && desc->drop_policy == FM_DROP_BY_GATE) {
-            fm__sort_by_gate(list, n, gates, ldg, k);
-            fm__sort_ascending(list, kept);
+            fm__sort_assignments(list, n, gates, ldg, k); /* the largest gates first */
+            fm__sort_assignments(list, kept, NULL, 0, k); /* the kept ones back in token order */
         }
         if (plan->dropped_per_expert) plan->dropped_per_expert[e] = n - kept;
         plan->dropped += n - kept;

@@ -940,6 +940,31 @@ static inline FM__TARGET void FM__OP(store_columns)(float *y, int ldy, int nrows
     }
 }
 
+/* The noise counters' per-token states of a block of tokens, one per lane (lanes past nrows
+ * repeat the first token); the bit patterns ride in a float vector. */
+static inline FM__TARGET FM__V FM__OP(token_states)(const fm__gate_job *job, int row0, int nrows) {
+    uint32_t states[FM__W];
+    float lanes[FM__W];
+    int r;
+    for (r = 0; r < FM__W; r++)
+        states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
+    memcpy(lanes, states, sizeof states);
+    return FM__OP(load)(lanes);
+}
+
+/* The noise step of W expert columns starting at c0: noise[j] (the noise logits) becomes
+ * std = softplus + epsilon, and noisy[j] = clean[j] + n * std. A loop, not unrolled: the
+ * temporaries of one draw alone fill the registers. */
+static inline FM__TARGET void FM__OP(noise_chunk)(FM__V state, FM__V epsilon, int c0, const FM__V *clean, FM__V *noise,
+                                                  FM__V *noisy) {
+    int j;
+    for (j = 0; j < FM__W; j++) {
+        noise[j] = FM__OP(noise_std)(noise[j], epsilon);
+        noisy[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
+                                 noise[j], clean[j]);
+    }
+}
+
 /* Adds FastMoE's load probabilities of one block of up to W tokens (one per lane) to
  * load[g][e]: Phi((clean - threshold) / std), the threshold being the (k+1)-th noisy logit when
  * noisy > that value (the expert is in the top k) and the k-th otherwise. noisy and std come
@@ -1005,27 +1030,18 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     float tile[FLEXMOE_GATE_MAX_EXPERTS][2][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
     int i, j, c0, r;
 
-    if (job->training) {
-        uint32_t states[FM__W];
-        for (r = 0; r < FM__W; r++) states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
-        memcpy(lanes[0], states, sizeof states); /* bit patterns ride in a float vector */
-        state = FM__OP(load)(lanes[0]);
-    }
+    if (job->training) state = FM__OP(token_states)(job, row0, nrows);
     FM__OP(topk_reset)(top, slot, levels);
     for (c0 = 0; c0 < E; c0 += FM__W) {
         FM__OP(load_columns)(clean, job->ld_clean, nrows, c0, E, -INFINITY, cl);
         if (job->training) {
             FM__OP(load_columns)(noise, job->ld_noise, nrows, c0, E, 0.0f, nz);
-            /* the noise of the whole chunk first (its temporaries alone fill the registers),
-             * then the network over the chunk */
-            for (j = 0; j < FM__W; j++) {
-                const FM__V std = FM__OP(noise_std)(nz[j], epsilon);
-                const FM__V n = FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j)));
-                v[j] = FM__OP(fmadd)(n, std, cl[j]);
-                if (with_load && c0 + j < E) {
-                    FM__OP(store)(tile[c0 + j][0], v[j]);
-                    FM__OP(store)(tile[c0 + j][1], std);
-                }
+            /* the noise of the whole chunk first, then the network over the chunk: interleaved,
+             * the two spill each other's registers */
+            FM__OP(noise_chunk)(state, epsilon, c0, cl, nz, v);
+            for (j = 0; with_load && j < FM__W && c0 + j < E; j++) {
+                FM__OP(store)(tile[c0 + j][0], v[j]);
+                FM__OP(store)(tile[c0 + j][1], nz[j]);
             }
         } else {
             FM__UNROLL_W
@@ -1099,25 +1115,14 @@ static FM__TARGET void FM__OP(gate_load)(const fm__gate_job *job) {
 static FM__TARGET void FM__OP(gate_noise)(const fm__gate_job *job) {
     const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
     FM__V cl[FM__W], nz[FM__W], v[FM__W];
-    float lanes[FM__W];
-    uint32_t states[FM__W];
-    int row0, r, j, c0;
+    int row0, c0;
     for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
         const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
-        FM__V state;
-        for (r = 0; r < FM__W; r++)
-            states[r] = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)(row0 + (r < nrows ? r : 0)));
-        memcpy(lanes, states, sizeof states);
-        state = FM__OP(load)(lanes);
+        const FM__V state = FM__OP(token_states)(job, row0, nrows);
         for (c0 = 0; c0 < job->experts; c0 += FM__W) {
             FM__OP(load_columns)(job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, nrows, c0, job->experts, 0.0f, cl);
             FM__OP(load_columns)(job->noise + (size_t)row0 * job->ld_noise, job->ld_noise, nrows, c0, job->experts, 0.0f, nz);
-            FM__UNROLL_W
-            for (j = 0; j < FM__W; j++) {
-                nz[j] = FM__OP(noise_std)(nz[j], epsilon);
-                v[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
-                                     nz[j], cl[j]);
-            }
+            FM__OP(noise_chunk)(state, epsilon, c0, cl, nz, v);
             FM__OP(store_columns)(job->noisy + (size_t)row0 * job->ld_noisy, job->ld_noisy, nrows, c0, job->experts, v);
             if (job->stds)
                 FM__OP(store_columns)(job->stds + (size_t)row0 * job->ld_stds, job->ld_stds, nrows, c0, job->experts, nz);
