@@ -17,11 +17,12 @@
  *   4. Top-k and routing gates                            (public API)
  *   5. LayerNorm and the ConfSMoE confidence gate         (public API)
  *   6. Routing plan, dispatch and combine                 (public API)
+ *   7. Grouped expert GEMM                                (public API)
  *   --- implementation (FLEXMOE_IMPLEMENTATION) ---
- *   7. Status strings, allocator, logger
- *   8. Kernel table and scalar reference kernels
- *   9. ISA kernels and run-time selection
- *  10. Argument checking and public entry points
+ *   8. Status strings, allocator, logger
+ *   9. Kernel table and scalar reference kernels
+ *  10. ISA kernels and run-time selection
+ *  11. Argument checking and public entry points
  *
  * Conventions: every fallible call returns fm_status (FM_OK == 0). Buffers are caller-owned,
  * row-major, described by (rows, cols, leading dimension); kernels never allocate. Shapes are
@@ -488,6 +489,53 @@ fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *
 fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
                               int ldg, const float *dy, int lddy, float *dye, int lddye, float *d_gates, int lddg);
 
+/* ==== 7. Grouped expert GEMM =============================================================== */
+
+/* Every expert e computes Y_e = X_e . W_e + b_e on its own rows: with a routing plan's offsets,
+ * rows [offsets[e], offsets[e+1]) of x (the dispatched matrix) belong to expert e. W_e is
+ * in_features x out_features, stored packed:
+ *
+ *   panel p (columns 64p .. 64p + 63) of expert e starts at
+ *       packed + e * fm_packed_weight_floats(in, out) + p * in * FM_GEMM_PANEL,
+ *   and holds W_e[k][64p + j] at [k * FM_GEMM_PANEL + j], k < in, j < 64;
+ *   columns past out_features are zero.
+ *
+ * The layout is the same on every ISA path, so packed weights move between machines, and it is a
+ * fixed permutation (plus zero padding) of the plain weights, so elementwise optimisers (SGD,
+ * Adam) can update packed weights directly: the backward writes dW in the same layout. */
+#define FM_GEMM_PANEL 64
+
+typedef enum fm_weight_layout {
+    FM_WEIGHTS_IN_BY_OUT = 0, /* w[e][k][j]: the W in x . W */
+    FM_WEIGHTS_OUT_BY_IN      /* w[e][j][k]: PyTorch's nn.Linear.weight */
+} fm_weight_layout;
+
+/* Floats of one expert's packed weights: ceil(out / 64) * 64 * in (0 on a bad shape). */
+size_t fm_packed_weight_floats(int in_features, int out_features);
+
+/* Packs experts plain matrices (rows of ldw floats, expert e's matrix at w + e * rows * ldw where
+ * rows is in_features or out_features per the layout) into packed (fully written, padding
+ * zeroed); unpack is its inverse and writes only the plain matrices' elements. */
+fm_status fm_pack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
+                          const float *w, int ldw, float *packed);
+fm_status fm_unpack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
+                            const float *packed, float *w, int ldw);
+
+/* y[r] = x[r] . W_e + bias[e] for every row r of every expert e (bias: experts x out_features,
+ * may be NULL). offsets: experts + 1 non-decreasing row indices starting at >= 0; rows outside
+ * [offsets[0], offsets[experts]) are neither read nor written. */
+fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_features, int out_features,
+                                  const float *x, int ldx, const float *packed_w, const float *bias, float *y,
+                                  int ldy);
+
+/* The backward of fm_grouped_gemm_forward, each output optional (NULL: not computed), each
+ * overwritten: dx = dy . W_e^T per row; d_packed_w (packed like the weights, padding zero) =
+ * X_e^T . dY_e per expert; d_bias = column sums of dY_e. An expert without rows gets zero
+ * gradients. */
+fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_features, int out_features,
+                                   const float *x, int ldx, const float *packed_w, const float *dy, int lddy,
+                                   float *dx, int lddx, float *d_packed_w, float *d_bias);
+
 #ifdef __cplusplus
 }
 #endif
@@ -518,7 +566,7 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 7. Status strings, allocator, logger ================================================= */
+/* ==== 8. Status strings, allocator, logger ================================================= */
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -610,7 +658,7 @@ void fm_free(void *ptr) {
     fm__state.allocator.free(raw, fm__state.allocator.user_data);
 }
 
-/* ==== 8. Kernel table and scalar reference kernels ========================================= */
+/* ==== 9. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -647,6 +695,13 @@ struct fm__kernel_table {
     /* out[t][i] = <a[t], src[position[t*k+i]]>, 0 where position < 0 */
     void (*row_dots)(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
                      const int32_t *position, float *out, int ldo);
+    /* C[rows x cols] (+)= bias + A . P for one packed panel P (depth x FM_GEMM_PANEL, cols <= 64):
+     * a(i, p) = a[i * a_row + p * a_depth]; bias (cols floats) may be NULL; accumulate adds C */
+    void (*gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel,
+                       const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols);
+    /* dx[r][k] = <dy[r][0..out), W[k][0..out)> for W packed (one expert) */
+    void (*gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
+                     const float *packed, float *dx, ptrdiff_t lddx);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -987,6 +1042,32 @@ static void fm__scalar_row_dots(int tokens, int k, int dim, const float *a, int 
         }
 }
 
+static void fm__scalar_gemm_panel(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                  const float *panel, const float *bias, int accumulate, float *c, ptrdiff_t ldc,
+                                  int cols) {
+    int r, j, p;
+    for (r = 0; r < rows; r++)
+        for (j = 0; j < cols; j++) {
+            double sum = bias ? bias[j] : 0.0;
+            for (p = 0; p < depth; p++) sum += (double)a[r * a_row + p * a_depth] * panel[(size_t)p * FM_GEMM_PANEL + j];
+            c[r * ldc + j] = (float)(accumulate ? c[r * ldc + j] + sum : sum);
+        }
+}
+
+static void fm__scalar_gemm_dot(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
+                                const float *packed, float *dx, ptrdiff_t lddx) {
+    const size_t panel_floats = (size_t)in_features * FM_GEMM_PANEL;
+    int r, k, j;
+    for (r = 0; r < rows; r++)
+        for (k = 0; k < in_features; k++) {
+            double sum = 0.0;
+            for (j = 0; j < out_features; j++)
+                sum += (double)dy[r * lddy + j] *
+                       packed[(size_t)(j / FM_GEMM_PANEL) * panel_floats + (size_t)k * FM_GEMM_PANEL + j % FM_GEMM_PANEL];
+            dx[r * lddx + k] = (float)sum;
+        }
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -1003,9 +1084,11 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gather_rows,
     fm__scalar_combine_rows,
     fm__scalar_row_dots,
+    fm__scalar_gemm_panel,
+    fm__scalar_gemm_dot,
 };
 
-/* ==== 9. ISA kernels and run-time selection =============================================== */
+/* ==== 10. ISA kernels and run-time selection ============================================== */
 
 #include "flexmoe_simd.h"
 
@@ -1133,7 +1216,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 10. Argument checking and public entry points========================================= */
+/* ==== 11. Argument checking and public entry points ======================================== */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, extent addressable. */
 static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) {
@@ -2158,6 +2241,201 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
         FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                            kernels->row_dots(n, k, dim, dy + (size_t)t0 * lddy, lddy, ye, ldye,
                                              plan->position + (size_t)t0 * k, d_gates + (size_t)t0 * lddg, lddg));
+    return FM_OK;
+}
+
+/* ---- grouped GEMM ---- */
+
+/* Depth and row blocks of the forward loops (BLIS's KC and MC): a depth block of a panel
+ * (128 x 64 floats, 32 KiB) stays in L1 while a block of rows streams past it, and the rows'
+ * depth block (256 x 128 floats) stays in L2 across the panels. */
+#ifndef FM__GEMM_DEPTH_BLOCK
+#define FM__GEMM_DEPTH_BLOCK 128
+#endif
+#define FM__GEMM_ROW_BLOCK 256
+
+static int fm__gemm_panels(int out_features) { return (out_features + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL; }
+
+size_t fm_packed_weight_floats(int in_features, int out_features) {
+    if (in_features <= 0 || out_features <= 0) return 0;
+    return (size_t)fm__gemm_panels(out_features) * FM_GEMM_PANEL * (size_t)in_features;
+}
+
+/* Shapes, the plain matrices' extent and the offsets of a grouped GEMM; rows = offsets[experts]. */
+static fm_status fm__check_grouped(int experts, const int32_t *offsets, int in_features, int out_features,
+                                   int *rows) {
+    int e;
+    if (experts <= 0 || in_features <= 0 || out_features <= 0) return FM_ERR_INVALID_SHAPE;
+    if (!offsets) return FM_ERR_NULL_POINTER;
+    if (offsets[0] < 0) return FM_ERR_INVALID_ARGUMENT;
+    for (e = 0; e < experts; e++)
+        if (offsets[e + 1] < offsets[e]) return FM_ERR_INVALID_ARGUMENT;
+    if ((uint64_t)fm_packed_weight_floats(in_features, out_features) * (uint64_t)experts >
+        (uint64_t)(PTRDIFF_MAX / sizeof(float)))
+        return FM_ERR_OVERFLOW;
+    *rows = offsets[experts];
+    return FM_OK;
+}
+
+static fm_status fm__check_plain_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
+                                         const float *w, int ldw) {
+    const int rows = layout == FM_WEIGHTS_OUT_BY_IN ? out_features : in_features;
+    const int cols = layout == FM_WEIGHTS_OUT_BY_IN ? in_features : out_features;
+    if (layout != FM_WEIGHTS_IN_BY_OUT && layout != FM_WEIGHTS_OUT_BY_IN) return FM_ERR_INVALID_ARGUMENT;
+    if ((int64_t)experts * rows > INT32_MAX) return FM_ERR_OVERFLOW;
+    return fm__check_matrix(w, experts * rows, cols, ldw);
+}
+
+/* The element (k, j) of expert e in the plain layout. */
+static size_t fm__plain_weight_index(int in_features, int out_features, fm_weight_layout layout, int ldw, int e,
+                                     int k, int j) {
+    return layout == FM_WEIGHTS_OUT_BY_IN ? ((size_t)e * out_features + j) * ldw + k
+                                          : ((size_t)e * in_features + k) * ldw + j;
+}
+
+fm_status fm_pack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
+                          const float *w, int ldw, float *packed) {
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
+    int rows, e, p, k, j;
+    int32_t offsets[2] = {0, 0};
+    fm_status status;
+    if ((status = fm__check_grouped(1, offsets, in_features, out_features, &rows)) != FM_OK) return status;
+    if (experts <= 0) return FM_ERR_INVALID_SHAPE;
+    if ((status = fm__check_plain_weights(experts, in_features, out_features, layout, w, ldw)) != FM_OK) return status;
+    if (!packed) return FM_ERR_NULL_POINTER;
+    for (e = 0; e < experts; e++)
+        for (p = 0; p < fm__gemm_panels(out_features); p++)
+            for (k = 0; k < in_features; k++) {
+                float *dst = packed + e * per_expert + ((size_t)p * in_features + k) * FM_GEMM_PANEL;
+                for (j = 0; j < FM_GEMM_PANEL; j++) {
+                    const int column = p * FM_GEMM_PANEL + j;
+                    dst[j] = column < out_features
+                                 ? w[fm__plain_weight_index(in_features, out_features, layout, ldw, e, k, column)]
+                                 : 0.0f;
+                }
+            }
+    return FM_OK;
+}
+
+fm_status fm_unpack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
+                            const float *packed, float *w, int ldw) {
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
+    int rows, e, k, j;
+    int32_t offsets[2] = {0, 0};
+    fm_status status;
+    if ((status = fm__check_grouped(1, offsets, in_features, out_features, &rows)) != FM_OK) return status;
+    if (experts <= 0) return FM_ERR_INVALID_SHAPE;
+    if ((status = fm__check_plain_weights(experts, in_features, out_features, layout, w, ldw)) != FM_OK) return status;
+    if (!packed) return FM_ERR_NULL_POINTER;
+    for (e = 0; e < experts; e++)
+        for (k = 0; k < in_features; k++)
+            for (j = 0; j < out_features; j++)
+                w[fm__plain_weight_index(in_features, out_features, layout, ldw, e, k, j)] =
+                    packed[e * per_expert + ((size_t)(j / FM_GEMM_PANEL) * in_features + k) * FM_GEMM_PANEL +
+                           j % FM_GEMM_PANEL];
+    return FM_OK;
+}
+
+fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_features, int out_features,
+                                  const float *x, int ldx, const float *packed_w, const float *bias, float *y,
+                                  int ldy) {
+    const fm__kernel_table *kernels;
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
+    const int panels = fm__gemm_panels(out_features);
+    int rows, item;
+    fm_status status;
+    if ((status = fm__check_grouped(experts, offsets, in_features, out_features, &rows)) != FM_OK) return status;
+    if (!packed_w) return FM_ERR_NULL_POINTER;
+    if (rows == 0) return FM_OK;
+    if ((status = fm__check_matrix(x, rows, in_features, ldx)) != FM_OK) return status;
+    if ((status = fm__check_matrix(y, rows, out_features, ldy)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__OMP_PARALLEL_FOR
+    for (item = 0; item < experts * panels; item++) {
+        const int e = item / panels, p = item % panels, first = offsets[e], count = offsets[e + 1] - first;
+        const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
+        const float *panel = packed_w + e * per_expert + (size_t)p * in_features * FM_GEMM_PANEL;
+        int r0, k0;
+        for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
+            const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
+            for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
+                kernels->gemm_panel(m, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
+                                    x + (size_t)(first + r0) * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
+                                    k0 == 0 && bias ? bias + (size_t)e * out_features + p * FM_GEMM_PANEL : NULL, k0 > 0,
+                                    y + (size_t)(first + r0) * ldy + p * FM_GEMM_PANEL, ldy, cols);
+        }
+    }
+    return FM_OK;
+}
+
+/* dW's rows are taken a block at a time; each block of dy's panel columns is copied, zero
+ * padded, into a panel-shaped buffer so the micro-kernel reads whole vectors past out_features. */
+#define FM__GEMM_GRAD_ROW_BLOCK 64
+
+fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_features, int out_features,
+                                   const float *x, int ldx, const float *packed_w, const float *dy, int lddy,
+                                   float *dx, int lddx, float *d_packed_w, float *d_bias) {
+    const fm__kernel_table *kernels;
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
+    const int panels = fm__gemm_panels(out_features);
+    int rows, item, e;
+    fm_status status;
+    if ((status = fm__check_grouped(experts, offsets, in_features, out_features, &rows)) != FM_OK) return status;
+    if (rows > 0 && (status = fm__check_matrix(dy, rows, out_features, lddy)) != FM_OK) return status;
+    if (dx && rows > 0) {
+        if (!packed_w) return FM_ERR_NULL_POINTER;
+        if ((status = fm__check_matrix(dx, rows, in_features, lddx)) != FM_OK) return status;
+    }
+    if (d_packed_w && rows > 0 && (status = fm__check_matrix(x, rows, in_features, ldx)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (dx && rows > 0) {
+        const int chunks = (rows + FM__GEMM_GRAD_ROW_BLOCK - 1) / FM__GEMM_GRAD_ROW_BLOCK;
+        int chunk;
+        FM__OMP_PARALLEL_FOR
+        for (chunk = 0; chunk < chunks; chunk++) {
+            /* the chunk's rows, split where they change expert */
+            int r = offsets[0] + chunk * FM__GEMM_GRAD_ROW_BLOCK, expert = 0;
+            const int end = r + FM__GEMM_GRAD_ROW_BLOCK < rows ? r + FM__GEMM_GRAD_ROW_BLOCK : rows;
+            while (r < end) {
+                int stop;
+                while (offsets[expert + 1] <= r) expert++;
+                stop = offsets[expert + 1] < end ? offsets[expert + 1] : end;
+                kernels->gemm_dot(stop - r, in_features, out_features, dy + (size_t)r * lddy, lddy,
+                                  packed_w + expert * per_expert, dx + (size_t)r * lddx, lddx);
+                r = stop;
+            }
+        }
+    }
+    if (d_packed_w) {
+        FM__OMP_PARALLEL_FOR
+        for (item = 0; item < experts * panels; item++) {
+            const int ex = item / panels, p = item % panels, first = offsets[ex], count = offsets[ex + 1] - first;
+            const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
+            float *d_panel = d_packed_w + ex * per_expert + (size_t)p * in_features * FM_GEMM_PANEL;
+            float dy_block[FM__GEMM_GRAD_ROW_BLOCK * FM_GEMM_PANEL];
+            int r0, i, j;
+            if (count == 0) memset(d_panel, 0, (size_t)in_features * FM_GEMM_PANEL * sizeof(float));
+            for (r0 = 0; r0 < count; r0 += FM__GEMM_GRAD_ROW_BLOCK) {
+                const int n = count - r0 < FM__GEMM_GRAD_ROW_BLOCK ? count - r0 : FM__GEMM_GRAD_ROW_BLOCK;
+                for (i = 0; i < n; i++) {
+                    const float *src = dy + (size_t)(first + r0 + i) * lddy + p * FM_GEMM_PANEL;
+                    memcpy(dy_block + i * FM_GEMM_PANEL, src, (size_t)cols * sizeof(float));
+                    for (j = cols; j < FM_GEMM_PANEL; j++) dy_block[i * FM_GEMM_PANEL + j] = 0.0f;
+                }
+                kernels->gemm_panel(in_features, n, x + (size_t)(first + r0) * ldx, 1, ldx, dy_block, NULL, r0 > 0,
+                                    d_panel, FM_GEMM_PANEL, FM_GEMM_PANEL);
+            }
+        }
+    }
+    if (d_bias) {
+        FM__OMP_PARALLEL_FOR
+        for (e = 0; e < experts; e++) {
+            float *db = d_bias + (size_t)e * out_features;
+            int r;
+            memset(db, 0, (size_t)out_features * sizeof(float));
+            for (r = offsets[e]; r < offsets[e + 1]; r++) kernels->axpy(out_features, 1.0f, dy + (size_t)r * lddy, db);
+        }
+    }
     return FM_OK;
 }
 

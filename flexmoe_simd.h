@@ -185,6 +185,8 @@ static inline FM__TARGET __m256 fm__avx2_hash_symmetric(__m256 state, uint32_t k
     }
 }
 
+#define FM__GEMM_NV 2
+#define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -204,6 +206,8 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_gather_rows,
     fm__avx2_combine_rows,
     fm__avx2_row_dots,
+    fm__avx2_gemm_panel,
+    fm__avx2_gemm_dot,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -282,6 +286,8 @@ static inline FM__TARGET __m512 fm__avx512_hash_symmetric(__m512 state, uint32_t
     }
 }
 
+#define FM__GEMM_NV 4
+#define FM__GEMM_DOT_ROWS 4
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -301,6 +307,8 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_gather_rows,
     fm__avx512_combine_rows,
     fm__avx512_row_dots,
+    fm__avx512_gemm_panel,
+    fm__avx512_gemm_dot,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -386,6 +394,8 @@ static inline float32x4_t fm__neon_hash_symmetric(float32x4_t state, uint32_t ke
     }
 }
 
+#define FM__GEMM_NV 4
+#define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
@@ -405,6 +415,8 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_gather_rows,
     fm__neon_combine_rows,
     fm__neon_row_dots,
+    fm__neon_gemm_panel,
+    fm__neon_gemm_dot,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -1416,6 +1428,158 @@ static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float 
         }
 }
 
+/* ---- grouped GEMM: register-blocked micro-kernels and the loops over one packed panel ---- */
+/* A micro-tile is FM__GEMM_MR rows by FM__GEMM_NV vectors of columns, held in registers for the
+ * whole depth: per depth step it loads FM__GEMM_NV vectors of the panel and broadcasts one A
+ * value per row, so the loads per FMA are (NV + MR) / (NV * MR). Each ISA section sets
+ * FM__GEMM_NV and FM__GEMM_DOT_ROWS (below) to fit its register file. */
+#define FM__GEMM_MR 6
+#define FM__GEMM_NR (FM__GEMM_NV * FM__W)
+
+/* C[m x cols] (+)= bias + A[m x depth] . B[depth x NR], for m <= MR and cols <= NR: a(i, p) is
+ * a[i * a_row + p * a_depth], B's rows are FM_GEMM_PANEL floats apart (a packed panel), bias
+ * (cols floats, may be NULL) is added once, accumulate adds C's old values. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_tile)(const int m, int depth, const float *a, ptrdiff_t a_row,
+                                                ptrdiff_t a_depth, const float *b, const float *bias,
+                                                int accumulate, float *c, ptrdiff_t ldc, int cols) {
+    FM__V acc[FM__GEMM_MR][FM__GEMM_NV];
+    const float *row[FM__GEMM_MR];
+    int i, v, p;
+    FM__UNROLL_W
+    for (i = 0; i < m; i++) {
+        row[i] = a + i * a_row;
+        FM__UNROLL_W
+        for (v = 0; v < FM__GEMM_NV; v++) {
+            const int n = cols - v * FM__W;
+            acc[i][v] = !bias || n <= 0 ? FM__OP(set1)(0.0f)
+                        : n >= FM__W    ? FM__OP(load)(bias + v * FM__W)
+                                        : FM__OP(load_part)(bias + v * FM__W, n, 0.0f);
+        }
+    }
+    for (p = 0; p < depth; p++) {
+        FM__V panel_row[FM__GEMM_NV];
+        FM__UNROLL_W
+        for (v = 0; v < FM__GEMM_NV; v++) panel_row[v] = FM__OP(load)(b + (size_t)p * FM_GEMM_PANEL + v * FM__W);
+        FM__UNROLL_W
+        for (i = 0; i < m; i++) {
+            const FM__V ai = FM__OP(set1)(row[i][p * a_depth]);
+            FM__UNROLL_W
+            for (v = 0; v < FM__GEMM_NV; v++) acc[i][v] = FM__OP(fmadd)(ai, panel_row[v], acc[i][v]);
+        }
+    }
+    FM__UNROLL_W
+    for (i = 0; i < m; i++) {
+        float *ci = c + i * ldc;
+        FM__UNROLL_W
+        for (v = 0; v < FM__GEMM_NV; v++) {
+            const int n = cols - v * FM__W;
+            if (n >= FM__W)
+                FM__OP(store)(ci + v * FM__W, accumulate ? FM__OP(add)(acc[i][v], FM__OP(load)(ci + v * FM__W)) : acc[i][v]);
+            else if (n > 0)
+                FM__OP(store_part)(ci + v * FM__W,
+                                   accumulate ? FM__OP(add)(acc[i][v], FM__OP(load_part)(ci + v * FM__W, n, 0.0f)) : acc[i][v], n);
+        }
+    }
+}
+
+/* The tile at each fixed row count, compiled once each so the accumulators stay in registers. */
+#define FM__GEMM_TILE_AT(M)                                                                         \
+    static FM__TARGET void FM__OP(FM__CAT(gemm_tile_, M))(int depth, const float *a, ptrdiff_t a_row, \
+                                                          ptrdiff_t a_depth, const float *b,         \
+                                                          const float *bias, int accumulate, float *c, \
+                                                          ptrdiff_t ldc, int cols) {                 \
+        FM__OP(gemm_tile)(M, depth, a, a_row, a_depth, b, bias, accumulate, c, ldc, cols);          \
+    }
+FM__GEMM_TILE_AT(1)
+FM__GEMM_TILE_AT(2)
+FM__GEMM_TILE_AT(3)
+FM__GEMM_TILE_AT(4)
+FM__GEMM_TILE_AT(5)
+FM__GEMM_TILE_AT(6)
+#undef FM__GEMM_TILE_AT
+
+/* C[rows x cols] (+)= bias + A[rows x depth] . P[depth x cols] for one packed panel P (cols <=
+ * FM_GEMM_PANEL): micro-panels of NR columns outside, so each stays in L1 while every row block
+ * of A streams past it. */
+static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                          const float *panel, const float *bias, int accumulate, float *c,
+                                          ptrdiff_t ldc, int cols) {
+    typedef void (*tile_fn)(int, const float *, ptrdiff_t, ptrdiff_t, const float *, const float *, int, float *,
+                            ptrdiff_t, int);
+    static const tile_fn tile_for_rows[FM__GEMM_MR + 1] = {NULL, FM__OP(gemm_tile_1), FM__OP(gemm_tile_2),
+                                                           FM__OP(gemm_tile_3), FM__OP(gemm_tile_4),
+                                                           FM__OP(gemm_tile_5), FM__OP(gemm_tile_6)};
+    /* As few row blocks as MR allows, their sizes within one of each other: 8 rows run as 4 + 4,
+     * not 6 + 2, whose 2-row tile would load as many panel vectors as it does FMAs. */
+    const int blocks = (rows + FM__GEMM_MR - 1) / FM__GEMM_MR;
+    int col0, block, r;
+    for (col0 = 0; col0 < cols; col0 += FM__GEMM_NR) {
+        const int n = cols - col0 < FM__GEMM_NR ? cols - col0 : FM__GEMM_NR;
+        const float *b = bias ? bias + col0 : NULL;
+        for (block = 0, r = 0; block < blocks; block++) {
+            const int m = (rows - r) / (blocks - block) + ((rows - r) % (blocks - block) != 0);
+            tile_for_rows[m](depth, a + r * a_row, a_row, a_depth, panel + col0, b, accumulate, c + r * ldc + col0,
+                             ldc, n);
+            r += m;
+        }
+    }
+}
+
+/* dx = dy . W^T over the packed panels: dx[r][k] = <dy[r][0..out), row k of W>. A tile of
+ * FM__GEMM_DOT_ROWS rows of dy by W / FM__GEMM_DOT_ROWS rows of W keeps W per-lane partial dots in
+ * registers over the whole of out, then one transposing reduction folds them into a vector of W
+ * results. Rows and k past the edges repeat the last one and are not stored. */
+#define FM__GEMM_DOT_COLS (FM__W / FM__GEMM_DOT_ROWS)
+static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
+                                        const float *packed, float *dx, ptrdiff_t lddx) {
+    const size_t panel_floats = (size_t)in_features * FM_GEMM_PANEL;
+    const int full = out_features - out_features % FM__W, tail = out_features - full;
+    FM__V acc[FM__W];
+    float sums[FM__W];
+    const float *dy_row[FM__GEMM_DOT_ROWS], *w_row[FM__GEMM_DOT_COLS];
+    int r, k, i, q, j;
+    for (k = 0; k < in_features; k += FM__GEMM_DOT_COLS) {
+        for (q = 0; q < FM__GEMM_DOT_COLS; q++)
+            w_row[q] = packed + (size_t)(k + q < in_features ? k + q : in_features - 1) * FM_GEMM_PANEL;
+        for (r = 0; r < rows; r += FM__GEMM_DOT_ROWS) {
+            for (i = 0; i < FM__GEMM_DOT_ROWS; i++) dy_row[i] = dy + (r + i < rows ? r + i : rows - 1) * lddy;
+            FM__UNROLL_W
+            for (i = 0; i < FM__W; i++) acc[i] = FM__OP(set1)(0.0f);
+            for (j = 0; j < full; j += FM__W) {
+                const size_t w_offset = (size_t)(j / FM_GEMM_PANEL) * panel_floats + j % FM_GEMM_PANEL;
+                FM__V dyv[FM__GEMM_DOT_ROWS], wv[FM__GEMM_DOT_COLS];
+                FM__UNROLL_W
+                for (i = 0; i < FM__GEMM_DOT_ROWS; i++) dyv[i] = FM__OP(load)(dy_row[i] + j);
+                FM__UNROLL_W
+                for (q = 0; q < FM__GEMM_DOT_COLS; q++) wv[q] = FM__OP(load)(w_row[q] + w_offset);
+                FM__UNROLL_W
+                for (i = 0; i < FM__GEMM_DOT_ROWS; i++)
+                    FM__UNROLL_W
+                    for (q = 0; q < FM__GEMM_DOT_COLS; q++)
+                        acc[i * FM__GEMM_DOT_COLS + q] = FM__OP(fmadd)(dyv[i], wv[q], acc[i * FM__GEMM_DOT_COLS + q]);
+            }
+            if (tail) { /* the panel's padding is zero, so only dy needs the partial load */
+                const size_t w_offset = (size_t)(full / FM_GEMM_PANEL) * panel_floats + full % FM_GEMM_PANEL;
+                FM__UNROLL_W
+                for (i = 0; i < FM__GEMM_DOT_ROWS; i++) {
+                    const FM__V dyv = FM__OP(load_part)(dy_row[i] + full, tail, 0.0f);
+                    FM__UNROLL_W
+                    for (q = 0; q < FM__GEMM_DOT_COLS; q++)
+                        acc[i * FM__GEMM_DOT_COLS + q] =
+                            FM__OP(fmadd)(dyv, FM__OP(load)(w_row[q] + w_offset), acc[i * FM__GEMM_DOT_COLS + q]);
+                }
+            }
+            FM__OP(store)(sums, FM__OP(transpose_reduce)(acc, 0));
+            for (i = 0; i < FM__GEMM_DOT_ROWS && r + i < rows; i++)
+                for (q = 0; q < FM__GEMM_DOT_COLS && k + q < in_features; q++)
+                    dx[(r + i) * lddx + k + q] = sums[i * FM__GEMM_DOT_COLS + q];
+        }
+    }
+}
+#undef FM__GEMM_DOT_COLS
+#undef FM__GEMM_MR
+#undef FM__GEMM_NR
+
 #undef FM__UNROLL_W
 #undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK
@@ -1424,5 +1588,7 @@ static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float 
 #undef FM__V
 #undef FM__W
 #undef FM__MASK
+#undef FM__GEMM_NV
+#undef FM__GEMM_DOT_ROWS
 #undef FM__SIMD_TEMPLATE
 #endif /* FM__SIMD_TEMPLATE */

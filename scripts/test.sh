@@ -60,7 +60,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_cxx)
+tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled
@@ -73,7 +73,7 @@ for isa in $isas; do
   done
 done
 run demo build/release/examples/flexmoe_demo --tokens 1000
-run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$'
+run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$|^gemm_grouped.*/16/128/256$'
 
 # ---- sanitizers -------------------------------------------------------------------------------
 run build-sanitize configure build/sanitize -Dbench=disabled -Dbuildtype=debugoptimized \
@@ -111,6 +111,8 @@ run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c -o bui
 run_tests test_softmax-openmp OMP_NUM_THREADS=2 -- build/test_softmax-openmp
 run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmoe.c -o build/test_confsmoe-openmp -lm
 run_tests test_confsmoe-openmp OMP_NUM_THREADS=2 -- build/test_confsmoe-openmp
+run build-openmp-gemm gcc -fopenmp "${strict[@]}" -Itests tests/test_gemm.c -o build/test_gemm-openmp -lm
+run_tests test_gemm-openmp OMP_NUM_THREADS=2 -- build/test_gemm-openmp
 for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lm && ./build/cxx-$cxx"
 done
