@@ -2249,9 +2249,7 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
 /* Depth and row blocks of the forward loops (BLIS's KC and MC): a depth block of a panel
  * (128 x 64 floats, 32 KiB) stays in L1 while a block of rows streams past it, and the rows'
  * depth block (256 x 128 floats) stays in L2 across the panels. */
-#ifndef FM__GEMM_DEPTH_BLOCK
 #define FM__GEMM_DEPTH_BLOCK 128
-#endif
 #define FM__GEMM_ROW_BLOCK 256
 
 static int fm__gemm_panels(int out_features) { return (out_features + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL; }

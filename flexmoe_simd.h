@@ -185,6 +185,7 @@ static inline FM__TARGET __m256 fm__avx2_hash_symmetric(__m256 state, uint32_t k
     }
 }
 
+#define FM__GEMM_MR 6
 #define FM__GEMM_NV 2
 #define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
@@ -286,6 +287,7 @@ static inline FM__TARGET __m512 fm__avx512_hash_symmetric(__m512 state, uint32_t
     }
 }
 
+#define FM__GEMM_MR 6
 #define FM__GEMM_NV 4
 #define FM__GEMM_DOT_ROWS 4
 #define FM__SIMD_TEMPLATE
@@ -394,6 +396,7 @@ static inline float32x4_t fm__neon_hash_symmetric(float32x4_t state, uint32_t ke
     }
 }
 
+#define FM__GEMM_MR 6
 #define FM__GEMM_NV 4
 #define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
@@ -1433,7 +1436,6 @@ static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float 
  * whole depth: per depth step it loads FM__GEMM_NV vectors of the panel and broadcasts one A
  * value per row, so the loads per FMA are (NV + MR) / (NV * MR). Each ISA section sets
  * FM__GEMM_NV and FM__GEMM_DOT_ROWS (below) to fit its register file. */
-#define FM__GEMM_MR 6
 #define FM__GEMM_NR (FM__GEMM_NV * FM__W)
 
 /* C[m x cols] (+)= bias + A[m x depth] . B[depth x NR], for m <= MR and cols <= NR: a(i, p) is
@@ -1483,12 +1485,12 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_tile)(c
 }
 
 /* The tile at each fixed row count, compiled once each so the accumulators stay in registers. */
-#define FM__GEMM_TILE_AT(M)                                                                         \
-    static FM__TARGET void FM__OP(FM__CAT(gemm_tile_, M))(int depth, const float *a, ptrdiff_t a_row, \
-                                                          ptrdiff_t a_depth, const float *b,         \
-                                                          const float *bias, int accumulate, float *c, \
-                                                          ptrdiff_t ldc, int cols) {                 \
-        FM__OP(gemm_tile)(M, depth, a, a_row, a_depth, b, bias, accumulate, c, ldc, cols);          \
+#define FM__GEMM_TILE_AT(M)                                                                            \
+    static FM__TARGET void FM__OP(FM__CAT(gemm_tile_, M))(int depth, const float *a, ptrdiff_t a_row,    \
+                                                          ptrdiff_t a_depth, const float *b,            \
+                                                          const float *bias, int accumulate, float *c,  \
+                                                          ptrdiff_t ldc, int cols) {                    \
+        FM__OP(gemm_tile)(M, depth, a, a_row, a_depth, b, bias, accumulate, c, ldc, cols);             \
     }
 FM__GEMM_TILE_AT(1)
 FM__GEMM_TILE_AT(2)
@@ -1500,7 +1502,9 @@ FM__GEMM_TILE_AT(6)
 
 /* C[rows x cols] (+)= bias + A[rows x depth] . P[depth x cols] for one packed panel P (cols <=
  * FM_GEMM_PANEL): micro-panels of NR columns outside, so each stays in L1 while every row block
- * of A streams past it. */
+ * of A streams past it. Row blocks are as few as MR allows and within one row of each other (8
+ * rows run as 4 + 4, not 6 + 2, whose 2-row tile would load as many panel vectors as it does
+ * FMAs). */
 static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
                                           const float *panel, const float *bias, int accumulate, float *c,
                                           ptrdiff_t ldc, int cols) {
@@ -1509,8 +1513,6 @@ static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, p
     static const tile_fn tile_for_rows[FM__GEMM_MR + 1] = {NULL, FM__OP(gemm_tile_1), FM__OP(gemm_tile_2),
                                                            FM__OP(gemm_tile_3), FM__OP(gemm_tile_4),
                                                            FM__OP(gemm_tile_5), FM__OP(gemm_tile_6)};
-    /* As few row blocks as MR allows, their sizes within one of each other: 8 rows run as 4 + 4,
-     * not 6 + 2, whose 2-row tile would load as many panel vectors as it does FMAs. */
     const int blocks = (rows + FM__GEMM_MR - 1) / FM__GEMM_MR;
     int col0, block, r;
     for (col0 = 0; col0 < cols; col0 += FM__GEMM_NR) {
@@ -1526,58 +1528,94 @@ static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, p
 }
 
 /* dx = dy . W^T over the packed panels: dx[r][k] = <dy[r][0..out), row k of W>. A tile of
- * FM__GEMM_DOT_ROWS rows of dy by W / FM__GEMM_DOT_ROWS rows of W keeps W per-lane partial dots in
- * registers over the whole of out, then one transposing reduction folds them into a vector of W
- * results. Rows and k past the edges repeat the last one and are not stored. */
-#define FM__GEMM_DOT_COLS (FM__W / FM__GEMM_DOT_ROWS)
-static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
-                                        const float *packed, float *dx, ptrdiff_t lddx) {
+ * `tile_rows` rows of dy by W / tile_rows rows of W (k) keeps W per-lane partial dots in registers
+ * over the whole of out, then one transposing reduction folds them into a vector of W results.
+ * k past the edge repeats the last row of W and is not stored. */
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_dot_tile)(
+    const int tile_rows, int k_begin, int k_end, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
+    const float *packed, float *dx, ptrdiff_t lddx) {
+    const int tile_cols = FM__W / tile_rows;
     const size_t panel_floats = (size_t)in_features * FM_GEMM_PANEL;
     const int full = out_features - out_features % FM__W, tail = out_features - full;
     FM__V acc[FM__W];
     float sums[FM__W];
-    const float *dy_row[FM__GEMM_DOT_ROWS], *w_row[FM__GEMM_DOT_COLS];
-    int r, k, i, q, j;
-    for (k = 0; k < in_features; k += FM__GEMM_DOT_COLS) {
-        for (q = 0; q < FM__GEMM_DOT_COLS; q++)
-            w_row[q] = packed + (size_t)(k + q < in_features ? k + q : in_features - 1) * FM_GEMM_PANEL;
-        for (r = 0; r < rows; r += FM__GEMM_DOT_ROWS) {
-            for (i = 0; i < FM__GEMM_DOT_ROWS; i++) dy_row[i] = dy + (r + i < rows ? r + i : rows - 1) * lddy;
+    const float *w_row[FM__W];
+    int k, i, q, j;
+    for (k = k_begin; k < k_end; k += tile_cols) {
+        FM__UNROLL_W
+        for (q = 0; q < tile_cols; q++) w_row[q] = packed + (size_t)(k + q < k_end ? k + q : k_end - 1) * FM_GEMM_PANEL;
+        FM__UNROLL_W
+        for (i = 0; i < FM__W; i++) acc[i] = FM__OP(set1)(0.0f);
+        for (j = 0; j < full; j += FM__W) {
+            const size_t w_offset = (size_t)(j / FM_GEMM_PANEL) * panel_floats + j % FM_GEMM_PANEL;
+            FM__V wv[FM__W];
             FM__UNROLL_W
-            for (i = 0; i < FM__W; i++) acc[i] = FM__OP(set1)(0.0f);
-            for (j = 0; j < full; j += FM__W) {
-                const size_t w_offset = (size_t)(j / FM_GEMM_PANEL) * panel_floats + j % FM_GEMM_PANEL;
-                FM__V dyv[FM__GEMM_DOT_ROWS], wv[FM__GEMM_DOT_COLS];
+            for (q = 0; q < tile_cols; q++) wv[q] = FM__OP(load)(w_row[q] + w_offset);
+            FM__UNROLL_W
+            for (i = 0; i < tile_rows; i++) {
+                const FM__V dyv = FM__OP(load)(dy + i * lddy + j);
                 FM__UNROLL_W
-                for (i = 0; i < FM__GEMM_DOT_ROWS; i++) dyv[i] = FM__OP(load)(dy_row[i] + j);
-                FM__UNROLL_W
-                for (q = 0; q < FM__GEMM_DOT_COLS; q++) wv[q] = FM__OP(load)(w_row[q] + w_offset);
-                FM__UNROLL_W
-                for (i = 0; i < FM__GEMM_DOT_ROWS; i++)
-                    FM__UNROLL_W
-                    for (q = 0; q < FM__GEMM_DOT_COLS; q++)
-                        acc[i * FM__GEMM_DOT_COLS + q] = FM__OP(fmadd)(dyv[i], wv[q], acc[i * FM__GEMM_DOT_COLS + q]);
+                for (q = 0; q < tile_cols; q++) acc[i * tile_cols + q] = FM__OP(fmadd)(dyv, wv[q], acc[i * tile_cols + q]);
             }
-            if (tail) { /* the panel's padding is zero, so only dy needs the partial load */
-                const size_t w_offset = (size_t)(full / FM_GEMM_PANEL) * panel_floats + full % FM_GEMM_PANEL;
+        }
+        if (tail) { /* the panel's padding is zero, so only dy needs the partial load */
+            const size_t w_offset = (size_t)(full / FM_GEMM_PANEL) * panel_floats + full % FM_GEMM_PANEL;
+            FM__UNROLL_W
+            for (i = 0; i < tile_rows; i++) {
+                const FM__V dyv = FM__OP(load_part)(dy + i * lddy + full, tail, 0.0f);
                 FM__UNROLL_W
-                for (i = 0; i < FM__GEMM_DOT_ROWS; i++) {
-                    const FM__V dyv = FM__OP(load_part)(dy_row[i] + full, tail, 0.0f);
-                    FM__UNROLL_W
-                    for (q = 0; q < FM__GEMM_DOT_COLS; q++)
-                        acc[i * FM__GEMM_DOT_COLS + q] =
-                            FM__OP(fmadd)(dyv, FM__OP(load)(w_row[q] + w_offset), acc[i * FM__GEMM_DOT_COLS + q]);
-                }
+                for (q = 0; q < tile_cols; q++)
+                    acc[i * tile_cols + q] = FM__OP(fmadd)(dyv, FM__OP(load)(w_row[q] + w_offset), acc[i * tile_cols + q]);
             }
-            FM__OP(store)(sums, FM__OP(transpose_reduce)(acc, 0));
-            for (i = 0; i < FM__GEMM_DOT_ROWS && r + i < rows; i++)
-                for (q = 0; q < FM__GEMM_DOT_COLS && k + q < in_features; q++)
-                    dx[(r + i) * lddx + k + q] = sums[i * FM__GEMM_DOT_COLS + q];
+        }
+        FM__OP(store)(sums, FM__OP(transpose_reduce)(acc, 0));
+        for (i = 0; i < tile_rows; i++)
+            for (q = 0; q < tile_cols && k + q < k_end; q++) dx[i * lddx + k + q] = sums[i * tile_cols + q];
+    }
+}
+
+#define FM__GEMM_DOT_AT(R)                                                                              \
+    static FM__TARGET void FM__OP(FM__CAT(gemm_dot_, R))(int k_begin, int k_end, int in_features,         \
+                                                         int out_features, const float *dy, ptrdiff_t lddy, \
+                                                         const float *packed, float *dx, ptrdiff_t lddx) { \
+        FM__OP(gemm_dot_tile)(R, k_begin, k_end, in_features, out_features, dy, lddy, packed, dx, lddx);  \
+    }
+FM__GEMM_DOT_AT(1)
+FM__GEMM_DOT_AT(2)
+#if FM__GEMM_DOT_ROWS == 4
+FM__GEMM_DOT_AT(4)
+#endif
+#undef FM__GEMM_DOT_AT
+
+/* Rows of W are taken a chunk at a time (they stay in L1 or L2 while every row block of dy
+ * passes), rows of dy in tiles of FM__GEMM_DOT_ROWS, then 2, then 1. */
+#define FM__GEMM_DOT_K_CHUNK 32
+static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
+                                        const float *packed, float *dx, ptrdiff_t lddx) {
+    int k0, r;
+    for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DOT_K_CHUNK) {
+        const int k1 = in_features - k0 < FM__GEMM_DOT_K_CHUNK ? in_features : k0 + FM__GEMM_DOT_K_CHUNK;
+        for (r = 0; r < rows;) {
+            const float *dy_r = dy + r * lddy;
+            float *dx_r = dx + r * lddx;
+#if FM__GEMM_DOT_ROWS == 4
+            if (rows - r >= 4) {
+                FM__OP(gemm_dot_4)(k0, k1, in_features, out_features, dy_r, lddy, packed, dx_r, lddx);
+                r += 4;
+                continue;
+            }
+#endif
+            if (rows - r >= 2) {
+                FM__OP(gemm_dot_2)(k0, k1, in_features, out_features, dy_r, lddy, packed, dx_r, lddx);
+                r += 2;
+            } else {
+                FM__OP(gemm_dot_1)(k0, k1, in_features, out_features, dy_r, lddy, packed, dx_r, lddx);
+                r += 1;
+            }
         }
     }
 }
-#undef FM__GEMM_DOT_COLS
-#undef FM__GEMM_MR
+#undef FM__GEMM_DOT_K_CHUNK
 #undef FM__GEMM_NR
 
 #undef FM__UNROLL_W
@@ -1588,6 +1626,7 @@ static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_featu
 #undef FM__V
 #undef FM__W
 #undef FM__MASK
+#undef FM__GEMM_MR
 #undef FM__GEMM_NV
 #undef FM__GEMM_DOT_ROWS
 #undef FM__SIMD_TEMPLATE
