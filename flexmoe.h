@@ -17,7 +17,7 @@
  *   4. Top-k and routing gates                            (public API)
  *   5. LayerNorm and the ConfSMoE confidence gate         (public API)
  *   6. Routing plan, dispatch and combine                 (public API)
- *   7. Grouped expert GEMM                                (public API)
+ *   7. Grouped expert GEMM, GELU and the expert FFN       (public API)
  *   --- implementation (FLEXMOE_IMPLEMENTATION) ---
  *   8. Status strings, allocator, logger
  *   9. Kernel table and scalar reference kernels
@@ -489,7 +489,7 @@ fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *
 fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float *ye, int ldye, const float *gates,
                               int ldg, const float *dy, int lddy, float *dye, int lddye, float *d_gates, int lddg);
 
-/* ==== 7. Grouped expert GEMM =============================================================== */
+/* ==== 7. Grouped expert GEMM, GELU and the expert FFN ==================================== */
 
 /* Every expert e computes Y_e = X_e . W_e + b_e on its own rows: with a routing plan's offsets,
  * rows [offsets[e], offsets[e+1]) of x (the dispatched matrix) belong to expert e. W_e is
@@ -535,6 +535,48 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
 fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_features, int out_features,
                                    const float *x, int ldx, const float *packed_w, const float *dy, int lddy,
                                    float *dx, int lddx, float *d_packed_w, float *d_bias);
+
+/* GELU, elementwise: FM_GELU_ERF is the exact x Phi(x) (PyTorch's default), FM_GELU_TANH the
+ * tanh approximation (approximate="tanh"). Both follow their formulas at the extremes: +Inf gives
+ * +Inf, -Inf gives NaN (Inf times 0, as PyTorch), NaN gives NaN. y may alias x; the backward
+ * gives dx = dy * GELU'(x), and dx may alias x or dy. */
+typedef enum fm_gelu { FM_GELU_ERF = 0, FM_GELU_TANH } fm_gelu;
+
+fm_status fm_gelu_forward(int rows, int cols, fm_gelu kind, const float *x, int ldx, float *y, int ldy);
+fm_status fm_gelu_backward(int rows, int cols, fm_gelu kind, const float *x, int ldx, const float *dy, int lddy,
+                           float *dx, int lddx);
+
+/* The expert FFN: y = GELU(x W1_e + b1_e) W2_e + b2_e for every row of expert e (offsets as in
+ * the grouped GEMM). W1_e is dim x hidden and W2_e hidden x dim, both packed by fm_pack_weights;
+ * biases are experts x hidden and experts x dim, and may be NULL. */
+typedef struct fm_expert_ffn_desc {
+    int experts, dim, hidden;
+    fm_gelu gelu; /* default FM_GELU_ERF */
+} fm_expert_ffn_desc;
+
+typedef struct fm_expert_ffn_params {
+    const float *w1, *b1, *w2, *b2;
+} fm_expert_ffn_params;
+
+/* Gradients, each optional (NULL: not computed) and overwritten; weights packed like the params. */
+typedef struct fm_expert_ffn_grads {
+    float *w1, *b1, *w2, *b2;
+} fm_expert_ffn_grads;
+
+/* hidden (rows x desc->hidden, ldh) receives GELU(x W1 + b1); pre (same shape, ldp), unless NULL,
+ * receives x W1 + b1, which the backward needs. The work goes an expert's block of rows at a time
+ * through both layers, so a block's hidden rows are still in cache when the second layer reads
+ * them. */
+fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                const fm_expert_ffn_params *params, const float *x, int ldx, float *y, int ldy,
+                                float *hidden, int ldh, float *pre, int ldp);
+
+/* The backward from what the forward saved: pre, and hidden (or NULL: recomputed from pre into
+ * d_hidden). d_hidden (rows x desc->hidden, lddh) is scratch; dx may be NULL. */
+fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                 const fm_expert_ffn_params *params, const float *x, int ldx, const float *pre,
+                                 int ldp, const float *hidden, int ldh, const float *dy, int lddy, float *dx,
+                                 int lddx, const fm_expert_ffn_grads *grads, float *d_hidden, int lddh);
 
 #ifdef __cplusplus
 }
@@ -702,6 +744,8 @@ struct fm__kernel_table {
     /* dx[r][k] = <dy[r][0..out), W[k][0..out)> for W packed (one expert) */
     void (*gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
                      const float *packed, float *dx, ptrdiff_t lddx);
+    /* y = GELU(x), or y = dy * GELU'(x) when dy is not NULL (kind: fm_gelu); y may alias x or dy */
+    void (*gelu_row)(int n, int kind, const float *x, const float *dy, float *y);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -1068,6 +1112,21 @@ static void fm__scalar_gemm_dot(int rows, int in_features, int out_features, con
         }
 }
 
+/* GELU in double: x Phi(x) or x sigmoid(2u) (the tanh form), or their derivatives. */
+static double fm__gelu(double x, int kind, int derivative) {
+    if (kind == 0) return derivative ? fm__normal_cdf(x) + x * fm__normal_pdf(x) : x * fm__normal_cdf(x);
+    {
+        const double u = 0.7978845608028654 * (x + 0.044715 * x * x * x), sig = 1.0 / (1.0 + exp(-2.0 * u));
+        return derivative ? sig + 2.0 * x * sig * (1.0 - sig) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+                          : x * sig;
+    }
+}
+
+static void fm__scalar_gelu_row(int n, int kind, const float *x, const float *dy, float *y) {
+    int j;
+    for (j = 0; j < n; j++) y[j] = (float)(dy ? fm__gelu(x[j], kind, 1) * dy[j] : fm__gelu(x[j], kind, 0));
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -1086,6 +1145,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_row_dots,
     fm__scalar_gemm_panel,
     fm__scalar_gemm_dot,
+    fm__scalar_gelu_row,
 };
 
 /* ==== 10. ISA kernels and run-time selection ============================================== */
@@ -2435,6 +2495,147 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         }
     }
     return FM_OK;
+}
+
+/* ---- GELU and the expert FFN ---- */
+
+static fm_status fm__gelu_rows(int rows, int cols, fm_gelu kind, const float *x, int ldx, const float *dy, int lddy,
+                               float *y, int ldy) {
+    const fm__kernel_table *kernels;
+    fm_status status;
+    if (kind != FM_GELU_ERF && kind != FM_GELU_TANH) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
+    if (dy && (status = fm__check_matrix(dy, rows, cols, lddy)) != FM_OK) return status;
+    if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    FM__FOR_ROW_CHUNKS(rows, r0, n, {
+        int r;
+        for (r = r0; r < r0 + n; r++)
+            kernels->gelu_row(cols, kind, x + (size_t)r * ldx, dy ? dy + (size_t)r * lddy : NULL, y + (size_t)r * ldy);
+    });
+    return FM_OK;
+}
+
+fm_status fm_gelu_forward(int rows, int cols, fm_gelu kind, const float *x, int ldx, float *y, int ldy) {
+    return fm__gelu_rows(rows, cols, kind, x, ldx, NULL, 0, y, ldy);
+}
+
+fm_status fm_gelu_backward(int rows, int cols, fm_gelu kind, const float *x, int ldx, const float *dy, int lddy,
+                           float *dx, int lddx) {
+    if (!dy) return FM_ERR_NULL_POINTER;
+    return fm__gelu_rows(rows, cols, kind, x, ldx, dy, lddy, dx, lddx);
+}
+
+static fm_status fm__check_ffn(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                               const fm_expert_ffn_params *params, int *rows) {
+    fm_status status;
+    if (!desc || !params) return FM_ERR_NULL_POINTER;
+    if (desc->gelu != FM_GELU_ERF && desc->gelu != FM_GELU_TANH) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_grouped(desc->experts, offsets, desc->dim, desc->hidden, rows)) != FM_OK) return status;
+    if ((status = fm__check_grouped(desc->experts, offsets, desc->hidden, desc->dim, rows)) != FM_OK) return status;
+    if (!params->w1 || !params->w2) return FM_ERR_NULL_POINTER;
+    return FM_OK;
+}
+
+/* Rows of an expert that go through both layers together: their hidden rows (64 x hidden) stay
+ * in L2 between the layers. */
+#define FM__FFN_ROW_BLOCK 64
+
+/* y[rows] = x[rows] . W (+ bias) for one expert's block of rows: all panels, depth blocked. */
+static void fm__gemm_rows(const fm__kernel_table *kernels, int rows, int in_features, int out_features,
+                          const float *x, int ldx, const float *packed, const float *bias, float *y, int ldy) {
+    int p, k0;
+    for (p = 0; p < fm__gemm_panels(out_features); p++) {
+        const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
+        const float *panel = packed + (size_t)p * in_features * FM_GEMM_PANEL;
+        for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
+            kernels->gemm_panel(rows, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
+                                x + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
+                                k0 == 0 && bias ? bias + p * FM_GEMM_PANEL : NULL, k0 > 0, y + p * FM_GEMM_PANEL, ldy,
+                                cols);
+    }
+}
+
+fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                const fm_expert_ffn_params *params, const float *x, int ldx, float *y, int ldy,
+                                float *hidden, int ldh, float *pre, int ldp) {
+    const fm__kernel_table *kernels;
+    int rows, chunks, chunk;
+    fm_status status;
+    if ((status = fm__check_ffn(desc, offsets, params, &rows)) != FM_OK) return status;
+    if (rows == offsets[0]) return FM_OK;
+    if ((status = fm__check_matrix(x, rows, desc->dim, ldx)) != FM_OK) return status;
+    if ((status = fm__check_matrix(y, rows, desc->dim, ldy)) != FM_OK) return status;
+    if ((status = fm__check_matrix(hidden, rows, desc->hidden, ldh)) != FM_OK) return status;
+    if (pre && (status = fm__check_matrix(pre, rows, desc->hidden, ldp)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    chunks = (rows - offsets[0] + FM__FFN_ROW_BLOCK - 1) / FM__FFN_ROW_BLOCK;
+    FM__OMP_PARALLEL_FOR
+    for (chunk = 0; chunk < chunks; chunk++) {
+        const size_t w1_floats = fm_packed_weight_floats(desc->dim, desc->hidden);
+        const size_t w2_floats = fm_packed_weight_floats(desc->hidden, desc->dim);
+        const int D = desc->dim, H = desc->hidden;
+        const int end = offsets[0] + (chunk + 1) * FM__FFN_ROW_BLOCK < rows ? offsets[0] + (chunk + 1) * FM__FFN_ROW_BLOCK : rows;
+        int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, e = 0;
+        while (r0 < end) { /* the chunk's rows, split where they change expert */
+            int m, i;
+            float *a;
+            int lda;
+            while (offsets[e + 1] <= r0) e++;
+            m = (offsets[e + 1] < end ? offsets[e + 1] : end) - r0;
+            a = pre ? pre + (size_t)r0 * ldp : hidden + (size_t)r0 * ldh;
+            lda = pre ? ldp : ldh;
+            fm__gemm_rows(kernels, m, D, H, x + (size_t)r0 * ldx, ldx, params->w1 + e * w1_floats,
+                          params->b1 ? params->b1 + (size_t)e * H : NULL, a, lda);
+            for (i = 0; i < m; i++) kernels->gelu_row(H, desc->gelu, a + (size_t)i * lda, NULL, hidden + (size_t)(r0 + i) * ldh);
+            fm__gemm_rows(kernels, m, H, D, hidden + (size_t)r0 * ldh, ldh, params->w2 + e * w2_floats,
+                          params->b2 ? params->b2 + (size_t)e * D : NULL, y + (size_t)r0 * ldy, ldy);
+            r0 += m;
+        }
+    }
+    return FM_OK;
+}
+
+fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                 const fm_expert_ffn_params *params, const float *x, int ldx, const float *pre,
+                                 int ldp, const float *hidden, int ldh, const float *dy, int lddy, float *dx,
+                                 int lddx, const fm_expert_ffn_grads *grads, float *d_hidden, int lddh) {
+    static const fm_expert_ffn_grads none = {NULL, NULL, NULL, NULL};
+    int rows;
+    fm_status status;
+    if (!grads) grads = &none;
+    if ((status = fm__check_ffn(desc, offsets, params, &rows)) != FM_OK) return status;
+    if (rows > 0) {
+        if ((status = fm__check_matrix(pre, rows, desc->hidden, ldp)) != FM_OK) return status;
+        if (hidden && (status = fm__check_matrix(hidden, rows, desc->hidden, ldh)) != FM_OK) return status;
+        if ((status = fm__check_matrix(d_hidden, rows, desc->hidden, lddh)) != FM_OK) return status;
+        if ((status = fm__check_matrix(dy, rows, desc->dim, lddy)) != FM_OK) return status;
+        if ((status = fm__check_matrix(x, rows, desc->dim, ldx)) != FM_OK) return status;
+        if (dx && (status = fm__check_matrix(dx, rows, desc->dim, lddx)) != FM_OK) return status;
+    }
+    if (!hidden && rows > offsets[0]) { /* h for dW2 goes into the scratch first; dh overwrites it after */
+        if ((status = fm_gelu_forward(rows - offsets[0], desc->hidden, desc->gelu, pre + (size_t)offsets[0] * ldp, ldp,
+                                      d_hidden + (size_t)offsets[0] * lddh, lddh)) != FM_OK)
+            return status;
+        if ((status = fm_grouped_gemm_backward(desc->experts, offsets, desc->hidden, desc->dim, d_hidden, lddh, params->w2,
+                                               dy, lddy, NULL, 0, grads->w2, grads->b2)) != FM_OK)
+            return status;
+        status = fm_grouped_gemm_backward(desc->experts, offsets, desc->hidden, desc->dim, NULL, 0, params->w2, dy, lddy,
+                                          d_hidden, lddh, NULL, NULL);
+    } else {
+        /* (with no rows to go through, d_hidden only stands in for an unread hidden) */
+        status = fm_grouped_gemm_backward(desc->experts, offsets, desc->hidden, desc->dim, hidden ? hidden : d_hidden,
+                                          hidden ? ldh : lddh, params->w2, dy, lddy, rows > 0 ? d_hidden : NULL, lddh,
+                                          grads->w2, grads->b2);
+    }
+    if (status != FM_OK) return status;
+    if (rows > offsets[0] &&
+        (status = fm_gelu_backward(rows - offsets[0], desc->hidden, desc->gelu, pre + (size_t)offsets[0] * ldp, ldp,
+                                   d_hidden + (size_t)offsets[0] * lddh, lddh, d_hidden + (size_t)offsets[0] * lddh,
+                                   lddh)) != FM_OK)
+        return status;
+    return fm_grouped_gemm_backward(desc->experts, offsets, desc->dim, desc->hidden, x, ldx, params->w1,
+                                    d_hidden, lddh, dx, lddx, grads->w1, grads->b1);
 }
 
 #endif /* FLEXMOE_IMPLEMENTATION */

@@ -209,6 +209,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_row_dots,
     fm__avx2_gemm_panel,
     fm__avx2_gemm_dot,
+    fm__avx2_gelu_row,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -311,6 +312,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_row_dots,
     fm__avx512_gemm_panel,
     fm__avx512_gemm_dot,
+    fm__avx512_gelu_row,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -420,6 +422,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_row_dots,
     fm__neon_gemm_panel,
     fm__neon_gemm_dot,
+    fm__neon_gelu_row,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -927,7 +930,9 @@ static inline FM__TARGET FM__V FM__OP(normal_from_symmetric)(FM__V x) {
 /* The standard normal CDF, 0.5 erfc(-z / sqrt 2), with the Chebyshev-fitted erfc of Numerical
  * Recipes (relative error below 1.2e-7 everywhere, so the far tails stay accurate too). */
 static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
-    const FM__V a = FM__OP(mul)(FM__OP(abs)(z), FM__OP(set1)(0.70710678118654752f));
+    /* |z| / sqrt 2, capped where erfc is 0 in float anyway so that t stays finite for |z| = Inf
+     * (the cap takes the value as its second operand: NaN passes through) */
+    const FM__V a = FM__OP(min)(FM__OP(set1)(30.0f), FM__OP(mul)(FM__OP(abs)(z), FM__OP(set1)(0.70710678118654752f)));
     const FM__V t = FM__OP(recip)(FM__OP(fmadd)(a, FM__OP(set1)(0.5f), FM__OP(set1)(1.0f)));
     FM__V p = FM__OP(set1)(0.17087277f), half_erfc;
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(-0.82215223f));
@@ -1329,6 +1334,51 @@ static FM__TARGET void FM__OP(layernorm_param_grad)(int rows, int cols, const fl
             if (dgamma) FM__OP(store_part)(dgamma + j, sg, n);
             if (dbeta) FM__OP(store_part)(dbeta + j, sb, n);
         }
+    }
+}
+
+/* ---- GELU ---- */
+
+/* GELU (kind 0: x Phi(x), the exact erf form; kind 1: the tanh approximation, written as
+ * x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), which needs one exp and no tanh) and, when
+ * `derivative` is set, its derivative instead: Phi(x) + x phi(x), or s + 2 x s (1 - s) du/dx. */
+static inline FM__TARGET FM__V FM__OP(gelu)(FM__V x, int kind, int derivative) {
+    if (kind == 0) {
+        const FM__V cdf = FM__OP(normal_cdf)(x);
+        if (!derivative) return FM__OP(mul)(x, cdf);
+        {
+            const FM__V pdf = FM__OP(mul)(FM__OP(set1)(0.39894228040143268f),
+                                          FM__OP(exp)(FM__OP(mul)(FM__OP(mul)(x, x), FM__OP(set1)(-0.5f))));
+            return FM__OP(fmadd)(x, pdf, cdf);
+        }
+    } else {
+        const FM__V x2 = FM__OP(mul)(x, x);
+        const FM__V u = FM__OP(mul)(FM__OP(mul)(x, FM__OP(set1)(0.7978845608028654f)),
+                                    FM__OP(fmadd)(x2, FM__OP(set1)(0.044715f), FM__OP(set1)(1.0f)));
+        /* a true division: exp overflows to +Inf for x below about -10, and 1 / Inf must be 0 */
+        const FM__V sig = FM__OP(div)(FM__OP(set1)(1.0f),
+                                      FM__OP(add)(FM__OP(set1)(1.0f), FM__OP(exp)(FM__OP(mul)(u, FM__OP(set1)(-2.0f)))));
+        if (!derivative) return FM__OP(mul)(x, sig);
+        {
+            const FM__V du = FM__OP(mul)(FM__OP(set1)(0.7978845608028654f),
+                                         FM__OP(fmadd)(x2, FM__OP(set1)(3.0f * 0.044715f), FM__OP(set1)(1.0f)));
+            const FM__V slope = FM__OP(mul)(FM__OP(mul)(sig, FM__OP(sub)(FM__OP(set1)(1.0f), sig)), FM__OP(mul)(du, FM__OP(set1)(2.0f)));
+            return FM__OP(fmadd)(x, slope, sig);
+        }
+    }
+}
+
+/* y = GELU(x), or with dy: y = dy * GELU'(x); y may alias x or dy. */
+static FM__TARGET void FM__OP(gelu_row)(int n, int kind, const float *x, const float *dy, float *y) {
+    const int full = n - n % FM__W, tail = n - full;
+    int j;
+    for (j = 0; j < full; j += FM__W) {
+        const FM__V g = FM__OP(gelu)(FM__OP(load)(x + j), kind, dy != NULL);
+        FM__OP(store)(y + j, dy ? FM__OP(mul)(g, FM__OP(load)(dy + j)) : g);
+    }
+    if (tail) {
+        const FM__V g = FM__OP(gelu)(FM__OP(load_part)(x + full, tail, 0.0f), kind, dy != NULL);
+        FM__OP(store_part)(y + full, dy ? FM__OP(mul)(g, FM__OP(load_part)(dy + full, tail, 0.0f)) : g, tail);
     }
 }
 
