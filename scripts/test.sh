@@ -73,7 +73,7 @@ for isa in $isas; do
   done
 done
 run demo build/release/examples/flexmoe_demo --tokens 1000
-run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$|^gemm_grouped.*/16/128/256$'
+run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
 
 # ---- sanitizers -------------------------------------------------------------------------------
 run build-sanitize configure build/sanitize -Dbench=disabled -Dbuildtype=debugoptimized \
