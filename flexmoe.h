@@ -2335,13 +2335,20 @@ static fm_status fm__check_grouped(int experts, const int32_t *offsets, int in_f
     return FM_OK;
 }
 
-static fm_status fm__check_plain_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
-                                         const float *w, int ldw) {
+/* The arguments of pack and unpack: shapes, the plain matrices' extent, the packed buffer. */
+static fm_status fm__check_packing(int experts, int in_features, int out_features, fm_weight_layout layout,
+                                   const float *w, int ldw, const float *packed) {
     const int rows = layout == FM_WEIGHTS_OUT_BY_IN ? out_features : in_features;
     const int cols = layout == FM_WEIGHTS_OUT_BY_IN ? in_features : out_features;
+    fm_status status;
+    if (experts <= 0 || in_features <= 0 || out_features <= 0) return FM_ERR_INVALID_SHAPE;
     if (layout != FM_WEIGHTS_IN_BY_OUT && layout != FM_WEIGHTS_OUT_BY_IN) return FM_ERR_INVALID_ARGUMENT;
-    if ((int64_t)experts * rows > INT32_MAX) return FM_ERR_OVERFLOW;
-    return fm__check_matrix(w, experts * rows, cols, ldw);
+    if ((int64_t)experts * rows > INT32_MAX ||
+        (uint64_t)fm_packed_weight_floats(in_features, out_features) * (uint64_t)experts >
+            (uint64_t)(PTRDIFF_MAX / sizeof(float)))
+        return FM_ERR_OVERFLOW;
+    if ((status = fm__check_matrix(w, experts * rows, cols, ldw)) != FM_OK) return status;
+    return packed ? FM_OK : FM_ERR_NULL_POINTER;
 }
 
 /* The element (k, j) of expert e in the plain layout. */
@@ -2354,13 +2361,9 @@ static size_t fm__plain_weight_index(int in_features, int out_features, fm_weigh
 fm_status fm_pack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
                           const float *w, int ldw, float *packed) {
     const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
-    int rows, e, p, k, j;
-    int32_t offsets[2] = {0, 0};
+    int e, p, k, j;
     fm_status status;
-    if ((status = fm__check_grouped(1, offsets, in_features, out_features, &rows)) != FM_OK) return status;
-    if (experts <= 0) return FM_ERR_INVALID_SHAPE;
-    if ((status = fm__check_plain_weights(experts, in_features, out_features, layout, w, ldw)) != FM_OK) return status;
-    if (!packed) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_packing(experts, in_features, out_features, layout, w, ldw, packed)) != FM_OK) return status;
     for (e = 0; e < experts; e++)
         for (p = 0; p < fm__gemm_panels(out_features); p++)
             for (k = 0; k < in_features; k++) {
@@ -2378,13 +2381,9 @@ fm_status fm_pack_weights(int experts, int in_features, int out_features, fm_wei
 fm_status fm_unpack_weights(int experts, int in_features, int out_features, fm_weight_layout layout,
                             const float *packed, float *w, int ldw) {
     const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
-    int rows, e, k, j;
-    int32_t offsets[2] = {0, 0};
+    int e, k, j;
     fm_status status;
-    if ((status = fm__check_grouped(1, offsets, in_features, out_features, &rows)) != FM_OK) return status;
-    if (experts <= 0) return FM_ERR_INVALID_SHAPE;
-    if ((status = fm__check_plain_weights(experts, in_features, out_features, layout, w, ldw)) != FM_OK) return status;
-    if (!packed) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_packing(experts, in_features, out_features, layout, w, ldw, packed)) != FM_OK) return status;
     for (e = 0; e < experts; e++)
         for (k = 0; k < in_features; k++)
             for (j = 0; j < out_features; j++)
