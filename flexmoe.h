@@ -746,6 +746,8 @@ struct fm__kernel_table {
                      const float *packed, float *dx, ptrdiff_t lddx);
     /* y = GELU(x), or y = dy * GELU'(x) when dy is not NULL (kind: fm_gelu); y may alias x or dy */
     void (*gelu_row)(int n, int kind, const float *x, const float *dy, float *y);
+    /* dst[j][k] = W[k0 + k][j0 + j], j < depth, k < 64 (0 past in_features), from W packed */
+    void (*gemm_transpose_block)(const float *packed, int in_features, int k0, int j0, int depth, float *dst);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -1127,6 +1129,17 @@ static void fm__scalar_gelu_row(int n, int kind, const float *x, const float *dy
     for (j = 0; j < n; j++) y[j] = (float)(dy ? fm__gelu(x[j], kind, 1) * dy[j] : fm__gelu(x[j], kind, 0));
 }
 
+static void fm__scalar_gemm_transpose_block(const float *packed, int in_features, int k0, int j0, int depth,
+                                            float *dst) {
+    int j, k;
+    for (j = 0; j < depth; j++)
+        for (k = 0; k < FM_GEMM_PANEL; k++)
+            dst[(size_t)j * FM_GEMM_PANEL + k] =
+                k0 + k < in_features ? packed[(size_t)((j0 + j) / FM_GEMM_PANEL) * in_features * FM_GEMM_PANEL +
+                                              (size_t)(k0 + k) * FM_GEMM_PANEL + (j0 + j) % FM_GEMM_PANEL]
+                                     : 0.0f;
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -1146,6 +1159,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gemm_panel,
     fm__scalar_gemm_dot,
     fm__scalar_gelu_row,
+    fm__scalar_gemm_transpose_block,
 };
 
 /* ==== 10. ISA kernels and run-time selection ============================================== */
@@ -2428,6 +2442,8 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
 /* dW's rows are taken a block at a time; each block of dy's panel columns is copied, zero
  * padded, into a panel-shaped buffer so the micro-kernel reads whole vectors past out_features. */
 #define FM__GEMM_GRAD_ROW_BLOCK 64
+/* From this many rows an expert's dx goes through transposed blocks of W (see below). */
+#define FM__GEMM_TRANSPOSE_MIN_ROWS 32
 
 fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_features, int out_features,
                                    const float *x, int ldx, const float *packed_w, const float *dy, int lddy,
@@ -2446,20 +2462,42 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
     if (d_packed_w && rows > 0 && (status = fm__check_matrix(x, rows, in_features, ldx)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
     if (dx && rows > 0) {
-        const int chunks = (rows + FM__GEMM_GRAD_ROW_BLOCK - 1) / FM__GEMM_GRAD_ROW_BLOCK;
+        /* Experts with few rows: dot products against W's rows, nothing to prepare. The others:
+         * W^T a block at a time (FM__GEMM_DEPTH_BLOCK x 64, transposed from the packed panels, in
+         * L1) through the forward's micro-kernel, which the block's cost is spread over. */
+        const int chunks = (rows - offsets[0] + FM__GEMM_GRAD_ROW_BLOCK - 1) / FM__GEMM_GRAD_ROW_BLOCK;
+        const int dx_panels = fm__gemm_panels(in_features);
         int chunk;
         FM__OMP_PARALLEL_FOR
         for (chunk = 0; chunk < chunks; chunk++) {
-            /* the chunk's rows, split where they change expert */
+            /* the chunk's rows of experts with few rows, split where they change expert */
             int r = offsets[0] + chunk * FM__GEMM_GRAD_ROW_BLOCK, expert = 0;
             const int end = r + FM__GEMM_GRAD_ROW_BLOCK < rows ? r + FM__GEMM_GRAD_ROW_BLOCK : rows;
             while (r < end) {
                 int stop;
                 while (offsets[expert + 1] <= r) expert++;
                 stop = offsets[expert + 1] < end ? offsets[expert + 1] : end;
-                kernels->gemm_dot(stop - r, in_features, out_features, dy + (size_t)r * lddy, lddy,
-                                  packed_w + expert * per_expert, dx + (size_t)r * lddx, lddx);
+                if (offsets[expert + 1] - offsets[expert] < FM__GEMM_TRANSPOSE_MIN_ROWS)
+                    kernels->gemm_dot(stop - r, in_features, out_features, dy + (size_t)r * lddy, lddy,
+                                      packed_w + expert * per_expert, dx + (size_t)r * lddx, lddx);
                 r = stop;
+            }
+        }
+        FM__OMP_PARALLEL_FOR
+        for (item = 0; item < experts * dx_panels; item++) {
+            const int ex = item / dx_panels, q = item % dx_panels, first = offsets[ex], count = offsets[ex + 1] - first;
+            const int cols = in_features - q * FM_GEMM_PANEL < FM_GEMM_PANEL ? in_features - q * FM_GEMM_PANEL : FM_GEMM_PANEL;
+            float block[FM__GEMM_DEPTH_BLOCK * FM_GEMM_PANEL];
+            int j0, r0;
+            if (count < FM__GEMM_TRANSPOSE_MIN_ROWS) continue;
+            for (j0 = 0; j0 < out_features; j0 += FM__GEMM_DEPTH_BLOCK) {
+                const int depth = out_features - j0 < FM__GEMM_DEPTH_BLOCK ? out_features - j0 : FM__GEMM_DEPTH_BLOCK;
+                kernels->gemm_transpose_block(packed_w + ex * per_expert, in_features, q * FM_GEMM_PANEL, j0, depth, block);
+                for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
+                    const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
+                    kernels->gemm_panel(m, depth, dy + (size_t)(first + r0) * lddy + j0, lddy, 1, block, NULL, j0 > 0,
+                                        dx + (size_t)(first + r0) * lddx + q * FM_GEMM_PANEL, lddx, cols);
+                }
             }
         }
     }

@@ -210,6 +210,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_gemm_panel,
     fm__avx2_gemm_dot,
     fm__avx2_gelu_row,
+    fm__avx2_gemm_transpose_block,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -313,6 +314,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_gemm_panel,
     fm__avx512_gemm_dot,
     fm__avx512_gelu_row,
+    fm__avx512_gemm_transpose_block,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -423,6 +425,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_gemm_panel,
     fm__neon_gemm_dot,
     fm__neon_gelu_row,
+    fm__neon_gemm_transpose_block,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -1636,6 +1639,28 @@ FM__GEMM_DOT_AT(2)
 FM__GEMM_DOT_AT(4)
 #endif
 #undef FM__GEMM_DOT_AT
+
+/* dst[j][k] = W[k0 + k][j0 + j] for j < depth, k < FM_GEMM_PANEL (zero for k0 + k >= in_features):
+ * a depth block of a panel of W^T, built from W's packed panels by W x W in-register transposes,
+ * so that for many rows dx = dy . W^T runs on the forward's micro-kernel. j0 is a multiple of
+ * FM_GEMM_PANEL; rows j past out_features come out zero, from the packed padding. */
+static FM__TARGET void FM__OP(gemm_transpose_block)(const float *packed, int in_features, int k0, int j0, int depth,
+                                                    float *dst) {
+    FM__V tile[FM__W];
+    int kt, jt, i;
+    for (jt = 0; jt < depth; jt += FM__W) {
+        const int j = j0 + jt;
+        const float *column = packed + (size_t)(j / FM_GEMM_PANEL) * in_features * FM_GEMM_PANEL + j % FM_GEMM_PANEL;
+        for (kt = 0; kt < FM_GEMM_PANEL; kt += FM__W) {
+            FM__UNROLL_W
+            for (i = 0; i < FM__W; i++)
+                tile[i] = k0 + kt + i < in_features ? FM__OP(load)(column + (size_t)(k0 + kt + i) * FM_GEMM_PANEL)
+                                                    : FM__OP(set1)(0.0f);
+            FM__OP(transpose)(tile);
+            for (i = 0; i < FM__W && jt + i < depth; i++) FM__OP(store)(dst + (size_t)(jt + i) * FM_GEMM_PANEL + kt, tile[i]);
+        }
+    }
+}
 
 /* Rows of W are taken a chunk at a time (they stay in L1 or L2 while every row block of dy
  * passes), rows of dy in tiles of FM__GEMM_DOT_ROWS, then 2, then 1. */

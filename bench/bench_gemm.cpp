@@ -8,7 +8,8 @@
 //             which is what a per-expert loop of nn.Linear amounts to; backward: sgemm NT for dX,
 //             sgemm TN for dW, saxpy per row for db
 //   libxsmm   a JIT kernel per shape (dispatched once, outside the timing), called per expert;
-//             backward only where libxsmm JITs the transposed operands
+//             backward: its transposed-B kernel for dW, W transposed by libxsmm_otrans then a
+//             plain kernel for dX (libxsmm 1.17 JITs no transposed A), saxpy rows for db
 //   peak      the machine's FMA peak: a register-only FMA loop, counted as the rows per second
 //             that 2 d h flops per row would allow
 // Every impl's Y (or dX, dW, db) is compared with the scalar path's before it is timed.
@@ -158,22 +159,27 @@ void openblas_backward(benchmark::State &state, Shape shape) {
     run(state, s, step);
 }
 
-// Column-major, as for the forward: dX^T (d x rows) = W (d x h) dY^T, with W given transposed
-// (m = d, n = rows, k = h); dW^T (h x d) = dY^T X, with X given transposed (m = h, n = d, k = rows).
+// Column-major, as for the forward. dW^T (h x d) = dY^T X takes X transposed, which libxsmm JITs
+// (m = h, n = d, k = rows). dX^T (d x rows) = W dY^T would take W transposed, which libxsmm 1.17
+// does not JIT, so W is transposed first with libxsmm_otrans (per call: the weights change every
+// step) and the product is a plain kernel (m = d, n = rows, k = h).
 void libxsmm_backward(benchmark::State &state, Shape shape) {
     Experts &s = fmbench::cached<Experts>(shape.rows_per_expert, shape.d, shape.h, shape.experts);
     const float alpha = 1.0f, beta = 0.0f;
-    const int trans_a = LIBXSMM_GEMM_FLAG_TRANS_A, trans_b = LIBXSMM_GEMM_FLAG_TRANS_B;
-    const libxsmm_blasint dx_m = s.d, dx_n = s.R, dx_k = s.h, dx_lda = s.h, dx_ldb = s.h, dx_ldc = s.d;
+    const int trans_b = LIBXSMM_GEMM_FLAG_TRANS_B;
+    const libxsmm_blasint dx_m = s.d, dx_n = s.R, dx_k = s.h, dx_lda = s.d, dx_ldb = s.h, dx_ldc = s.d;
     const libxsmm_blasint dw_m = s.h, dw_n = s.d, dw_k = s.R, dw_lda = s.h, dw_ldb = s.d, dw_ldc = s.h;
     const libxsmm_smmfunction dx_kernel =
-        libxsmm_smmdispatch(dx_m, dx_n, dx_k, &dx_lda, &dx_ldb, &dx_ldc, &alpha, &beta, &trans_a, nullptr);
+        libxsmm_smmdispatch(dx_m, dx_n, dx_k, &dx_lda, &dx_ldb, &dx_ldc, &alpha, &beta, nullptr, nullptr);
     const libxsmm_smmfunction dw_kernel =
         libxsmm_smmdispatch(dw_m, dw_n, dw_k, &dw_lda, &dw_ldb, &dw_ldc, &alpha, &beta, &trans_b, nullptr);
-    if (!dx_kernel || !dw_kernel) return state.SkipWithError("libxsmm JITs no kernel with these transposes");
+    if (!dx_kernel || !dw_kernel) return state.SkipWithError("libxsmm has no kernel for this shape");
+    fmbench::Floats w_transposed(size_t(s.d) * s.h);
     auto step = [&] {
         for (int e = 0; e < s.E; e++) {
-            dx_kernel(s.w_of(e), s.dy_of(e), s.dx_of(e));
+            libxsmm_otrans(w_transposed.data(), s.w_of(e), sizeof(float), libxsmm_blasint(s.h), libxsmm_blasint(s.d),
+                           libxsmm_blasint(s.h), libxsmm_blasint(s.d));
+            dx_kernel(w_transposed.data(), s.dy_of(e), s.dx_of(e));
             dw_kernel(s.dy_of(e), s.x_of(e), s.dw_of(e));
         }
         s.backward_bias_with_saxpy();
