@@ -728,12 +728,14 @@ struct fm__kernel_table {
     void (*gemv)(int rows, int cols, const float *a, int lda, const float *v, float *out);
     /* y += alpha * x */
     void (*axpy)(int n, float alpha, const float *x, float *y);
-    /* dst[r] = s * src[a / k] for a = order[r], s = scale ? scale[a / k][a % k] : 1, r < rows */
-    void (*gather_rows)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
-                        const float *scale, int ld_scale, float *dst, int ld_dst);
-    /* dst[t] = sum_i (weights ? weights[t][i] : 1) * src[position[t*k+i]] over position >= 0 */
+    /* dst[position[t*k+i]] = (scale ? scale[t][i] : 1) * src[t] over position >= 0, t < tokens;
+     * stream: write dst with streaming stores (fm__stream_output) */
+    void (*scatter_rows)(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
+                         const float *scale, int ld_scale, float *dst, int ld_dst, int stream);
+    /* dst[t] = sum_i (weights ? weights[t][i] : 1) * src[position[t*k+i]] over position >= 0, the
+     * first kept term scaled and the others added in slot order; stream as above */
     void (*combine_rows)(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
-                         const float *weights, int ldw, float *dst, int ld_dst);
+                         const float *weights, int ldw, float *dst, int ld_dst, int stream);
     /* out[t][i] = <a[t], src[position[t*k+i]]>, 0 where position < 0 */
     void (*row_dots)(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
                      const int32_t *position, float *out, int ldo);
@@ -1049,20 +1051,23 @@ static void fm__scalar_axpy(int n, float alpha, const float *x, float *y) {
 
 /* ---- dispatch and combine ---- */
 
-static void fm__scalar_gather_rows(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
-                                   const float *scale, int ld_scale, float *dst, int ld_dst) {
-    int r, j;
-    for (r = 0; r < rows; r++) {
-        const float *s = src + (size_t)(order[r] / k) * ld_src;
-        const float f = scale ? scale[(size_t)(order[r] / k) * ld_scale + order[r] % k] : 1.0f;
-        float *d = dst + (size_t)r * ld_dst;
-        for (j = 0; j < dim; j++) d[j] = scale ? f * s[j] : s[j];
-    }
+static void fm__scalar_scatter_rows(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
+                                    const float *scale, int ld_scale, float *dst, int ld_dst, int stream) {
+    int t, i, j;
+    (void)stream;
+    for (t = 0; t < tokens; t++)
+        for (i = 0; i < k; i++) {
+            const int32_t row = position[(size_t)t * k + i];
+            const float f = scale ? scale[(size_t)t * ld_scale + i] : 1.0f;
+            if (row < 0) continue;
+            for (j = 0; j < dim; j++) dst[(size_t)row * ld_dst + j] = scale ? f * src[(size_t)t * ld_src + j] : src[(size_t)t * ld_src + j];
+        }
 }
 
 static void fm__scalar_combine_rows(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
-                                    const float *weights, int ldw, float *dst, int ld_dst) {
+                                    const float *weights, int ldw, float *dst, int ld_dst, int stream) {
     int t, i, j;
+    (void)stream;
     for (t = 0; t < tokens; t++) {
         float *d = dst + (size_t)t * ld_dst;
         for (j = 0; j < dim; j++) d[j] = 0.0f;
@@ -1153,7 +1158,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_layernorm_param_grad,
     fm__scalar_gemv,
     fm__scalar_axpy,
-    fm__scalar_gather_rows,
+    fm__scalar_scatter_rows,
     fm__scalar_combine_rows,
     fm__scalar_row_dots,
     fm__scalar_gemm_panel,
@@ -1303,6 +1308,17 @@ static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) 
 
 /* Rows per parallel chunk: large enough to amortise the fork, small enough to balance. */
 #define FM__ROW_CHUNK 256
+
+/* Outputs of more bytes than this are written with streaming (non-temporal) stores. Past the
+ * cache, an ordinary store first reads its line from memory, and the output evicts inputs still
+ * to be read; a streaming store writes whole lines without reading them. Smaller outputs stay
+ * cached for the kernel that reads them next (the expert FFN after a dispatch). The crossover
+ * measured on Zen 4 lies between 8 and 16 MiB of output (bench/RESULTS.md). */
+#define FM__STREAM_MIN_BYTES ((size_t)8 << 20)
+
+static int fm__stream_output(int rows, int dim) {
+    return (size_t)rows * (size_t)dim * sizeof(float) > FM__STREAM_MIN_BYTES;
+}
 
 /* Runs `call` on consecutive chunks of rows [r0, r0 + n), in parallel under OpenMP. */
 #define FM__FOR_ROW_CHUNKS(rows, r0, n, call)                                                     \
@@ -2262,8 +2278,9 @@ fm_status fm_dispatch_forward(const fm_routing_plan *plan, int dim, const float 
     if (plan->rows == 0) return FM_OK;
     if ((status = fm__check_matrix(xe, plan->rows, dim, ldxe)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
-    FM__FOR_ROW_CHUNKS(plan->rows, r0, n,
-                       kernels->gather_rows(n, dim, x, ldx, plan->order + r0, plan->top_k, NULL, 0, xe + (size_t)r0 * ldxe, ldxe));
+    FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
+                       kernels->scatter_rows(n, plan->top_k, dim, x + (size_t)t0 * ldx, ldx, plan->position + (size_t)t0 * plan->top_k,
+                                             NULL, 0, xe, ldxe, fm__stream_output(plan->rows, dim)));
     return FM_OK;
 }
 
@@ -2277,7 +2294,7 @@ fm_status fm_dispatch_backward(const fm_routing_plan *plan, int dim, const float
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
     FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                        kernels->combine_rows(n, plan->top_k, dim, dxe, lddxe, plan->position + (size_t)t0 * plan->top_k,
-                                             NULL, 0, dx + (size_t)t0 * lddx, lddx));
+                                             NULL, 0, dx + (size_t)t0 * lddx, lddx, fm__stream_output(plan->tokens, dim)));
     return FM_OK;
 }
 
@@ -2292,7 +2309,8 @@ fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
     FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                        kernels->combine_rows(n, plan->top_k, dim, ye, ldye, plan->position + (size_t)t0 * plan->top_k,
-                                             gates + (size_t)t0 * ldg, ldg, y + (size_t)t0 * ldy, ldy));
+                                             gates + (size_t)t0 * ldg, ldg, y + (size_t)t0 * ldy, ldy,
+                                             fm__stream_output(plan->tokens, dim)));
     return FM_OK;
 }
 
@@ -2309,8 +2327,9 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
     if (d_gates && (status = fm__check_matrix(d_gates, plan->tokens, k, lddg)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
     if (dye && plan->rows > 0)
-        FM__FOR_ROW_CHUNKS(plan->rows, r0, n,
-                           kernels->gather_rows(n, dim, dy, lddy, plan->order + r0, k, gates, ldg, dye + (size_t)r0 * lddye, lddye));
+        FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
+                           kernels->scatter_rows(n, k, dim, dy + (size_t)t0 * lddy, lddy, plan->position + (size_t)t0 * k,
+                                                 gates + (size_t)t0 * ldg, ldg, dye, lddye, fm__stream_output(plan->rows, dim)));
     if (d_gates)
         FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                            kernels->row_dots(n, k, dim, dy + (size_t)t0 * lddy, lddy, ye, ldye,

@@ -111,6 +111,10 @@ static inline FM__TARGET __m256 fm__avx2_load_part(const float *p, int n, float 
 static inline FM__TARGET void fm__avx2_store_part(float *p, __m256 v, int n) {
     _mm256_maskstore_ps(p, fm__avx2_first_lanes(n), v);
 }
+/* A streaming (non-temporal) store; p aligned to 32 bytes. The fence orders streaming stores
+ * before whatever the thread does next (another thread reading the output). */
+static inline FM__TARGET void fm__avx2_stream(float *p, __m256 v) { _mm256_stream_ps(p, v); }
+static inline FM__TARGET void fm__avx2_stream_fence(void) { _mm_sfence(); }
 static inline FM__TARGET __m256 fm__avx2_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
@@ -204,7 +208,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_layernorm_param_grad,
     fm__avx2_gemv,
     fm__avx2_axpy,
-    fm__avx2_gather_rows,
+    fm__avx2_scatter_rows,
     fm__avx2_combine_rows,
     fm__avx2_row_dots,
     fm__avx2_gemm_panel,
@@ -229,6 +233,9 @@ static inline FM__TARGET __m512 fm__avx512_load_part(const float *p, int n, floa
 static inline FM__TARGET void fm__avx512_store_part(float *p, __m512 v, int n) {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
 }
+/* p aligned to 64 bytes */
+static inline FM__TARGET void fm__avx512_stream(float *p, __m512 v) { _mm512_stream_ps(p, v); }
+static inline FM__TARGET void fm__avx512_stream_fence(void) { _mm_sfence(); }
 static inline FM__TARGET __m512 fm__avx512_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 static inline FM__TARGET __m512 fm__avx512_sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
 static inline FM__TARGET __m512 fm__avx512_mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
@@ -308,7 +315,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_layernorm_param_grad,
     fm__avx512_gemv,
     fm__avx512_axpy,
-    fm__avx512_gather_rows,
+    fm__avx512_scatter_rows,
     fm__avx512_combine_rows,
     fm__avx512_row_dots,
     fm__avx512_gemm_panel,
@@ -343,6 +350,9 @@ static inline void fm__neon_store_part(float *p, float32x4_t v, int n) {
     vst1q_f32(lanes, v);
     for (i = 0; i < n; i++) p[i] = lanes[i];
 }
+/* NEON intrinsics have no streaming store (STNP is only a hint): plain stores, nothing to fence. */
+static inline void fm__neon_stream(float *p, float32x4_t v) { vst1q_f32(p, v); }
+static inline void fm__neon_stream_fence(void) {}
 static inline float32x4_t fm__neon_add(float32x4_t a, float32x4_t b) { return vaddq_f32(a, b); }
 static inline float32x4_t fm__neon_sub(float32x4_t a, float32x4_t b) { return vsubq_f32(a, b); }
 static inline float32x4_t fm__neon_mul(float32x4_t a, float32x4_t b) { return vmulq_f32(a, b); }
@@ -419,7 +429,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_layernorm_param_grad,
     fm__neon_gemv,
     fm__neon_axpy,
-    fm__neon_gather_rows,
+    fm__neon_scatter_rows,
     fm__neon_combine_rows,
     fm__neon_row_dots,
     fm__neon_gemm_panel,
@@ -1418,53 +1428,110 @@ static FM__TARGET void FM__OP(axpy)(int n, float alpha, const float *x, float *y
 
 /* ---- dispatch and combine: rows moved and summed a vector at a time ---- */
 
-static FM__TARGET void FM__OP(gather_rows)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
-                                           const float *scale, int ld_scale, float *dst, int ld_dst) {
+/* Streaming stores need an address aligned to the vector: the rows of a matrix whose leading
+ * dimension breaks that alignment take ordinary stores. */
+static inline FM__TARGET int FM__OP(streams)(int stream, const float *row) {
+    return stream && (uintptr_t)row % sizeof(FM__V) == 0;
+}
+
+static inline FM__TARGET void FM__OP(put)(float *p, FM__V v, int streamed) {
+    if (streamed)
+        FM__OP(stream)(p, v);
+    else
+        FM__OP(store)(p, v);
+}
+
+/* Token by token: each source row is read once, in order, and written to its k destination rows
+ * from L1, so a top-k dispatch reads x once and sequentially instead of k times in expert order. */
+static FM__TARGET void FM__OP(scatter_rows)(int tokens, int k, int dim, const float *src, int ld_src,
+                                            const int32_t *position, const float *scale, int ld_scale, float *dst,
+                                            int ld_dst, int stream) {
     const int full = dim - dim % FM__W, tail = dim - full;
-    int r, j;
-    for (r = 0; r < rows; r++) {
-        const float *s = src + (size_t)(order[r] / k) * ld_src;
-        float *d = dst + (size_t)r * ld_dst;
-        if (scale) {
-            const FM__V f = FM__OP(set1)(scale[(size_t)(order[r] / k) * ld_scale + order[r] % k]);
-            for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(mul)(f, FM__OP(load)(s + j)));
-            if (tail) FM__OP(store_part)(d + full, FM__OP(mul)(f, FM__OP(load_part)(s + full, tail, 0.0f)), tail);
-        } else {
-            for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(load)(s + j));
-            if (tail) FM__OP(store_part)(d + full, FM__OP(load_part)(s + full, tail, 0.0f), tail);
+    int t, i, j;
+    for (t = 0; t < tokens; t++) {
+        const float *s = src + (size_t)t * ld_src;
+        for (i = 0; i < k; i++) {
+            const int32_t row = position[(size_t)t * k + i];
+            float *d;
+            int streamed;
+            if (row < 0) continue;
+            d = dst + (size_t)row * ld_dst;
+            streamed = FM__OP(streams)(stream, d);
+            if (scale) {
+                const FM__V f = FM__OP(set1)(scale[(size_t)t * ld_scale + i]);
+                for (j = 0; j < full; j += FM__W) FM__OP(put)(d + j, FM__OP(mul)(f, FM__OP(load)(s + j)), streamed);
+                if (tail) FM__OP(store_part)(d + full, FM__OP(mul)(f, FM__OP(load_part)(s + full, tail, 0.0f)), tail);
+            } else {
+                for (j = 0; j < full; j += FM__W) FM__OP(put)(d + j, FM__OP(load)(s + j), streamed);
+                if (tail) FM__OP(store_part)(d + full, FM__OP(load_part)(s + full, tail, 0.0f), tail);
+            }
         }
+    }
+    if (stream) FM__OP(stream_fence)();
+}
+
+/* Vectors of an output row that combine sums in registers at a time. */
+#define FM__COMBINE_VECTORS 8
+/* Cache lines at the start of each of the next token's rows requested one token early. */
+#define FM__COMBINE_PREFETCH_LINES 4
+
+/* acc[0, vectors) = the token's kept rows at column j (the first `lanes` only when lanes > 0,
+ * vectors then 1), weighted: the first kept row scaled, the others added in slot order; zero
+ * when all were dropped. */
+static inline FM__TARGET void FM__OP(weighted_rows)(int k, const int32_t *rows, const float *weights, const float *src,
+                                                    int ld_src, int j, int vectors, int lanes, FM__V *acc) {
+    int i, v, first = 1;
+    for (v = 0; v < vectors; v++) acc[v] = FM__OP(set1)(0.0f);
+    for (i = 0; i < k; i++) {
+        const float *s;
+        FM__V w;
+        if (rows[i] < 0) continue;
+        s = src + (size_t)rows[i] * ld_src + j;
+        w = FM__OP(set1)(weights ? weights[i] : 1.0f);
+        if (first)
+            for (v = 0; v < vectors; v++)
+                acc[v] = FM__OP(mul)(w, lanes ? FM__OP(load_part)(s, lanes, 0.0f) : FM__OP(load)(s + v * FM__W));
+        else
+            for (v = 0; v < vectors; v++)
+                acc[v] = FM__OP(fmadd)(w, lanes ? FM__OP(load_part)(s, lanes, 0.0f) : FM__OP(load)(s + v * FM__W), acc[v]);
+        first = 0;
     }
 }
 
-/* Token by token: the first kept source row is scaled into the output row, the others are
- * added to it while it stays in L1, so every source row is read as one sequential stream. */
+/* Token by token, a block of the output row at a time summed in registers over the token's k
+ * rows and stored once: summing into the output row in L1 (a store after each row) ran at half
+ * this rate at k = 4 on Zen 4. A token's rows lie in k different expert segments, where the
+ * hardware prefetcher has to find each one afresh, so the first lines of the next token's rows
+ * are requested one token early. */
 static FM__TARGET void FM__OP(combine_rows)(int tokens, int k, int dim, const float *src, int ld_src,
                                             const int32_t *position, const float *weights, int ldw, float *dst,
-                                            int ld_dst) {
+                                            int ld_dst, int stream) {
     const int full = dim - dim % FM__W, tail = dim - full;
-    int t, i, j, first;
+    const int blocked = full - full % (FM__COMBINE_VECTORS * FM__W);
+    FM__V acc[FM__COMBINE_VECTORS];
+    int t, i, j, v;
     for (t = 0; t < tokens; t++) {
         const int32_t *rows = position + (size_t)t * k;
+        const float *w = weights ? weights + (size_t)t * ldw : NULL;
         float *d = dst + (size_t)t * ld_dst;
-        for (i = 0, first = 1; i < k; i++) {
-            const float *s = src + (size_t)rows[i] * ld_src;
-            FM__V w;
-            if (rows[i] < 0) continue;
-            w = FM__OP(set1)(weights ? weights[(size_t)t * ldw + i] : 1.0f);
-            if (first) {
-                for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(mul)(w, FM__OP(load)(s + j)));
-                if (tail) FM__OP(store_part)(d + full, FM__OP(mul)(w, FM__OP(load_part)(s + full, tail, 0.0f)), tail);
-            } else {
-                for (j = 0; j < full; j += FM__W) FM__OP(store)(d + j, FM__OP(fmadd)(w, FM__OP(load)(s + j), FM__OP(load)(d + j)));
-                if (tail)
-                    FM__OP(store_part)(d + full, FM__OP(fmadd)(w, FM__OP(load_part)(s + full, tail, 0.0f),
-                                                               FM__OP(load_part)(d + full, tail, 0.0f)), tail);
-            }
-            first = 0;
+        const int streamed = FM__OP(streams)(stream, d);
+        for (i = 0; t + 1 < tokens && i < k; i++)
+            for (j = 0; rows[k + i] >= 0 && j < FM__COMBINE_PREFETCH_LINES * 16 && j < dim; j += 16)
+                __builtin_prefetch(src + (size_t)rows[k + i] * ld_src + j); /* 16 floats: one 64-byte line */
+        for (j = 0; j < blocked; j += FM__COMBINE_VECTORS * FM__W) {
+            FM__OP(weighted_rows)(k, rows, w, src, ld_src, j, FM__COMBINE_VECTORS, 0, acc);
+            for (v = 0; v < FM__COMBINE_VECTORS; v++) FM__OP(put)(d + j + v * FM__W, acc[v], streamed);
         }
-        if (first) /* every assignment of the token was dropped */
-            for (j = 0; j < dim; j++) d[j] = 0.0f;
+        for (; j < full; j += FM__W) {
+            FM__OP(weighted_rows)(k, rows, w, src, ld_src, j, 1, 0, acc);
+            FM__OP(put)(d + j, acc[0], streamed);
+        }
+        if (tail) {
+            FM__OP(weighted_rows)(k, rows, w, src, ld_src, full, 1, tail, acc);
+            FM__OP(store_part)(d + full, acc[0], tail);
+        }
     }
+    if (stream) FM__OP(stream_fence)();
 }
 
 static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src,
@@ -1693,6 +1760,8 @@ static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_featu
 #undef FM__GEMM_DOT_K_CHUNK
 #undef FM__GEMM_NR
 
+#undef FM__COMBINE_VECTORS
+#undef FM__COMBINE_PREFETCH_LINES
 #undef FM__UNROLL_W
 #undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK

@@ -1,7 +1,8 @@
 /* Routing plans, dispatch and combine on every ISA path: plans against a reference that sorts
  * (expert, assignment) pairs and applies the capacity by position or by gate; dispatch against
  * exact copies; combine and the backward passes against double-precision references, with
- * finite-difference checks in double; argument errors that write nothing. */
+ * finite-difference checks in double; outputs large enough to be streamed; argument errors that
+ * write nothing. */
 #define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
@@ -229,6 +230,15 @@ static void check_all(void) {
     }
 }
 
+/* Outputs past the library's streaming threshold (8 MiB), so that the streaming stores run, on
+ * rows both aligned and not (leading dimensions d + 0..3), with a vector tail and drops. */
+static void check_streamed(void) {
+    routed r;
+    build(&r, 4200, 2, 16, 1.25f, (fm_drop_policy)fm_test_int(0, 1));
+    check_moves(&r, 521);
+    release(&r);
+}
+
 static void check_plans(void) {
     int n;
     for (n = 0; n < 60; n++) {
@@ -278,6 +288,7 @@ int main(void) {
     for (i = 0; i < n; i++) {
         fm_test_use_isa(isas[i]);
         check_all();
+        check_streamed();
         check_errors();
     }
     return fm_test_finish("test_dispatch");
