@@ -838,49 +838,49 @@ static uint32_t fm__noise_token_state(uint64_t seed, uint64_t token) {
 
 static uint32_t fm__noise_expert_key(int expert) { return (uint32_t)(expert + 1) * 0x9E3779B9u; }
 
-/* Chris Wellons' lowbias32, then x = (-1)^(h >> 31) (1 - y), y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23:
- * uniform on a grid symmetric about 0, exact in float, whose points next to +-1 keep full
- * precision (1 - |x| = y exactly), which the tails of the normal need. */
-static float fm__noise_symmetric(uint32_t state, int expert) {
+/* Chris Wellons' lowbias32 of the token's state mixed with the expert's key. */
+static uint32_t fm__noise_hash(uint32_t state, int expert) {
     uint32_t h = state ^ fm__noise_expert_key(expert);
-    float y;
     h ^= h >> 16;
     h *= 0x7feb352du;
     h ^= h >> 15;
     h *= 0x846ca68bu;
     h ^= h >> 16;
-    y = (float)((h >> 8) & 0x7FFFFFu) * 0x1p-23f + 0x1p-24f;
-    return h >> 31 ? y - 1.0f : 1.0f - y;
+    return h;
 }
 
-/* sqrt(2) erfinv(x) with Giles' single-precision erfinv, as the SIMD template evaluates it. */
-static float fm__normal_from_symmetric(float x) {
-    const float ax = fabsf(x);
-    float w = -logf((1.0f - ax) * (1.0f + ax)), p;
+/* sqrt(2) erfinv(x) with Giles' single-precision erfinv (sqrt(2) folded into its coefficients), as
+ * the SIMD template evaluates it, for the draw x = (-1)^(h >> 31) (1 - y),
+ * y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23: uniform on a grid symmetric about 0, exact in float,
+ * whose points next to +-1 keep full precision (1 - |x| = y exactly), which the tails of the
+ * normal need; 1 - x^2 = y (2 - y) is rounded once (the product is exact in double). */
+static float fm__normal_from_hash(uint32_t h) {
+    const float y = (float)((h >> 8) & 0x7FFFFFu) * 0x1p-23f + 0x1p-24f;
+    float w = -logf((float)((double)y * (2.0 - (double)y))), p;
     if (!(w > 5.0f)) {
         w -= 2.5f;
-        p = 2.81022636e-08f;
-        p = 3.43273939e-07f + p * w;
-        p = -3.5233877e-06f + p * w;
-        p = -4.39150654e-06f + p * w;
-        p = 0.00021858087f + p * w;
-        p = -0.00125372503f + p * w;
-        p = -0.00417768164f + p * w;
-        p = 0.246640727f + p * w;
-        p = 1.50140941f + p * w;
+        p = 3.97426021e-08f;
+        p = 4.85462635e-07f + p * w;
+        p = -4.9828227e-06f + p * w;
+        p = -6.21052823e-06f + p * w;
+        p = 0.00030912002f + p * w;
+        p = -0.00177303492f + p * w;
+        p = -0.00590813393f + p * w;
+        p = 0.348802656f + p * w;
+        p = 2.12331367f + p * w;
     } else {
         w = sqrtf(w) - 3.0f;
-        p = -0.000200214257f;
-        p = 0.000100950558f + p * w;
-        p = 0.00134934322f + p * w;
-        p = -0.00367342844f + p * w;
-        p = 0.00573950773f + p * w;
-        p = -0.0076224613f + p * w;
-        p = 0.00943887047f + p * w;
-        p = 1.00167406f + p * w;
-        p = 2.83297682f + p * w;
+        p = -0.000283145724f;
+        p = 0.000142765653f + p * w;
+        p = 0.00190825947f + p * w;
+        p = -0.00519501232f + p * w;
+        p = 0.00811688974f + p * w;
+        p = -0.0107797878f + p * w;
+        p = 0.0133485785f + p * w;
+        p = 1.41658103f + p * w;
+        p = 4.00643444f + p * w;
     }
-    return p * x * 1.41421356237309505f;
+    return p * (h >> 31 ? y - 1.0f : 1.0f - y);
 }
 
 /* softplus(r) + epsilon without overflow; NaN stays NaN. */
@@ -898,7 +898,7 @@ static void fm__noise_row(const fm__gate_job *job, int t, float *noisy, float *s
     const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
     int e;
     for (e = 0; e < job->experts; e++) {
-        const float n = fm__normal_from_symmetric(fm__noise_symmetric(state, e));
+        const float n = fm__normal_from_hash(fm__noise_hash(state, e));
         stds[e] = fm__noise_std(noise[e], job->noise_epsilon);
         noisy[e] = fmaf(n, stds[e], clean[e]);
         if (draws) draws[e] = n;
@@ -1678,7 +1678,7 @@ fm_status fm_gate_load_forward(const fm_gate_desc *desc, const float *clean, int
 }
 
 float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
-    return fm__normal_from_symmetric(fm__noise_symmetric(fm__noise_token_state(seed, token), expert));
+    return fm__normal_from_hash(fm__noise_hash(fm__noise_token_state(seed, token), expert));
 }
 
 fm_status fm_gate_logits_forward(int tokens, int dim, int experts, const float *x, int ldx,

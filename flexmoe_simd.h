@@ -163,30 +163,35 @@ static inline FM__TARGET __m256 fm__avx2_rank_key(__m256 v) { return _mm256_min_
 static inline FM__TARGET __m256 fm__avx2_sqrt(__m256 v) { return _mm256_sqrt_ps(v); }
 static inline FM__TARGET __m256 fm__avx2_div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_abs(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
-/* For positive normal x: x = mantissa * 2^exponent with mantissa in [0.5, 1); returns exponent. */
+/* For positive normal x: x = mantissa * 2^exponent with mantissa in [sqrt(1/2), sqrt(2)); returns
+ * the exponent. Subtracting the bits of sqrt(1/2) first makes the exponent field round the right
+ * way, so no compare and fix-up is needed. */
 static inline FM__TARGET __m256 fm__avx2_split_exponent(__m256 x, __m256 *mantissa) {
     const __m256i bits = _mm256_castps_si256(x);
-    *mantissa = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
-                                                    _mm256_set1_epi32(0x3F000000)));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    const __m256i exponent = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3F3504F3)), 23);
+    *mantissa = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(exponent, 23)));
+    return _mm256_cvtepi32_ps(exponent);
 }
-/* The gate noise's uniform draw from the 32-bit lanes of `state` (bit patterns carried in a float
- * vector) mixed with `key`: the lowbias32 hash h, then x = (-1)^(h >> 31) (1 - y) with
- * y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23, uniform on a grid symmetric about 0 whose points
- * next to +-1 keep full precision (both steps below are exact in float). */
-static inline FM__TARGET __m256 fm__avx2_hash_symmetric(__m256 state, uint32_t key) {
+/* The gate noise's lowbias32 hash of the 32-bit lanes of `state` (bit patterns carried in a float
+ * vector) mixed with `key`; the result's bits ride in a float vector too. */
+static inline FM__TARGET __m256 fm__avx2_noise_hash(__m256 state, uint32_t key) {
     __m256i h = _mm256_xor_si256(_mm256_castps_si256(state), _mm256_set1_epi32((int)key));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x846ca68bu));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    {
-        const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h, 8), _mm256_set1_epi32(0x7FFFFF))),
-                                         _mm256_set1_ps(0x1p-23f), _mm256_set1_ps(0x1p-24f));
-        const __m256 sign = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32((int)0x80000000u)));
-        return _mm256_or_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), y), sign);
-    }
+    return _mm256_castsi256_ps(_mm256_xor_si256(h, _mm256_srli_epi32(h, 16)));
+}
+/* y = (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23, the draw's distance from +-1: those bits as the
+ * mantissa of 1.0f, minus 1 - 2^-24 (exact). */
+static inline FM__TARGET __m256 fm__avx2_hash_distance(__m256 h) {
+    const __m256i mantissa = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(h), 8), _mm256_set1_epi32(0x7FFFFF));
+    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(mantissa, _mm256_set1_epi32(0x3F800000))),
+                         _mm256_set1_ps(0x1.fffffep-1f));
+}
+/* v with its sign bit set where h's is: |v| with the sign of h for v >= 0, -|v| for h = -0. */
+static inline FM__TARGET __m256 fm__avx2_with_sign_of(__m256 v, __m256 h) {
+    return _mm256_or_ps(v, _mm256_and_ps(h, _mm256_set1_ps(-0.0f)));
 }
 
 #define FM__GEMM_MR 6
@@ -278,22 +283,27 @@ static inline FM__TARGET __m512 fm__avx512_sqrt(__m512 v) { return _mm512_sqrt_p
 static inline FM__TARGET __m512 fm__avx512_div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
 static inline FM__TARGET __m512 fm__avx512_abs(__m512 v) { return _mm512_abs_ps(v); }
 static inline FM__TARGET __m512 fm__avx512_split_exponent(__m512 x, __m512 *mantissa) {
-    *mantissa = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
-    return _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i exponent = _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3F3504F3)), 23);
+    *mantissa = _mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(exponent, 23)));
+    return _mm512_cvtepi32_ps(exponent);
 }
-static inline FM__TARGET __m512 fm__avx512_hash_symmetric(__m512 state, uint32_t key) {
+static inline FM__TARGET __m512 fm__avx512_noise_hash(__m512 state, uint32_t key) {
     __m512i h = _mm512_xor_si512(_mm512_castps_si512(state), _mm512_set1_epi32((int)key));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    {
-        const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(h, 8), _mm512_set1_epi32(0x7FFFFF))),
-                                         _mm512_set1_ps(0x1p-23f), _mm512_set1_ps(0x1p-24f));
-        const __m512i sign = _mm512_and_si512(h, _mm512_set1_epi32((int)0x80000000u));
-        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_sub_ps(_mm512_set1_ps(1.0f), y)), sign));
-    }
+    return _mm512_castsi512_ps(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)));
+}
+static inline FM__TARGET __m512 fm__avx512_hash_distance(__m512 h) {
+    const __m512i mantissa = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(h), 8), _mm512_set1_epi32(0x7FFFFF));
+    return _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(mantissa, _mm512_set1_epi32(0x3F800000))),
+                         _mm512_set1_ps(0x1.fffffep-1f));
+}
+static inline FM__TARGET __m512 fm__avx512_with_sign_of(__m512 v, __m512 h) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), _mm512_and_si512(_mm512_castps_si512(h),
+                                                                                        _mm512_set1_epi32((int)0x80000000u))));
 }
 
 #define FM__GEMM_MR 6
@@ -391,23 +401,25 @@ static inline float32x4_t fm__neon_sqrt(float32x4_t v) { return vsqrtq_f32(v); }
 static inline float32x4_t fm__neon_div(float32x4_t a, float32x4_t b) { return vdivq_f32(a, b); }
 static inline float32x4_t fm__neon_abs(float32x4_t v) { return vabsq_f32(v); }
 static inline float32x4_t fm__neon_split_exponent(float32x4_t x, float32x4_t *mantissa) {
-    const uint32x4_t bits = vreinterpretq_u32_f32(x);
-    *mantissa = vreinterpretq_f32_u32(vorrq_u32(vandq_u32(bits, vdupq_n_u32(0x007FFFFF)), vdupq_n_u32(0x3F000000)));
-    return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(bits, 23)), vdupq_n_s32(126)));
+    const int32x4_t bits = vreinterpretq_s32_f32(x);
+    const int32x4_t exponent = vshrq_n_s32(vsubq_s32(bits, vdupq_n_s32(0x3F3504F3)), 23);
+    *mantissa = vreinterpretq_f32_s32(vsubq_s32(bits, vshlq_n_s32(exponent, 23)));
+    return vcvtq_f32_s32(exponent);
 }
-static inline float32x4_t fm__neon_hash_symmetric(float32x4_t state, uint32_t key) {
+static inline float32x4_t fm__neon_noise_hash(float32x4_t state, uint32_t key) {
     uint32x4_t h = veorq_u32(vreinterpretq_u32_f32(state), vdupq_n_u32(key));
     h = veorq_u32(h, vshrq_n_u32(h, 16));
     h = vmulq_u32(h, vdupq_n_u32(0x7feb352du));
     h = veorq_u32(h, vshrq_n_u32(h, 15));
     h = vmulq_u32(h, vdupq_n_u32(0x846ca68bu));
-    h = veorq_u32(h, vshrq_n_u32(h, 16));
-    {
-        const float32x4_t y = vfmaq_f32(vdupq_n_f32(0x1p-24f), vcvtq_f32_u32(vandq_u32(vshrq_n_u32(h, 8), vdupq_n_u32(0x7FFFFF))),
-                                        vdupq_n_f32(0x1p-23f));
-        const uint32x4_t sign = vandq_u32(h, vdupq_n_u32(0x80000000u));
-        return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(vsubq_f32(vdupq_n_f32(1.0f), y)), sign));
-    }
+    return vreinterpretq_f32_u32(veorq_u32(h, vshrq_n_u32(h, 16)));
+}
+static inline float32x4_t fm__neon_hash_distance(float32x4_t h) {
+    const uint32x4_t mantissa = vandq_u32(vshrq_n_u32(vreinterpretq_u32_f32(h), 8), vdupq_n_u32(0x7FFFFF));
+    return vsubq_f32(vreinterpretq_f32_u32(vorrq_u32(mantissa, vdupq_n_u32(0x3F800000))), vdupq_n_f32(0x1.fffffep-1f));
+}
+static inline float32x4_t fm__neon_with_sign_of(float32x4_t v, float32x4_t h) {
+    return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(v), vandq_u32(vreinterpretq_u32_f32(h), vdupq_n_u32(0x80000000u))));
 }
 
 #define FM__GEMM_MR 6
@@ -867,86 +879,83 @@ static FM__TARGET void FM__OP(topk)(int rows, int cols, int k, const float *x, i
 
 /* ---- routing gates ---- */
 
-/* log(x) for positive normal x (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
- * degree-9 polynomial in m - 1, and e ln2 added in two parts. About 1 ulp. */
-static inline FM__TARGET FM__V FM__OP(log)(FM__V x) {
-    const FM__V one = FM__OP(set1)(1.0f);
-    FM__V m, e = FM__OP(split_exponent)(x, &m), z, y;
-    const FM__MASK small = FM__OP(greater)(FM__OP(set1)(0.707106781186547524f), m);
-    e = FM__OP(select)(small, FM__OP(sub)(e, one), e);
-    m = FM__OP(sub)(FM__OP(select)(small, FM__OP(add)(m, m), m), one);
-    z = FM__OP(mul)(m, m);
-    y = FM__OP(set1)(7.0376836292e-2f);
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.1514610310e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(1.1676998740e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.2420140846e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(1.4249322787e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-1.6668057665e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(2.0000714765e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(-2.4999993993e-1f));
-    y = FM__OP(fmadd)(y, m, FM__OP(set1)(3.3333331174e-1f));
-    y = FM__OP(mul)(FM__OP(mul)(y, m), z);
-    y = FM__OP(fmadd)(e, FM__OP(set1)(-2.12194440e-4f), y);
-    y = FM__OP(fnmadd)(z, FM__OP(set1)(0.5f), y);
-    return FM__OP(fmadd)(e, FM__OP(set1)(0.693359375f), FM__OP(add)(m, y));
+/* log2(x) for positive normal x: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log2(m) = u Q(u) with
+ * u = m - 1 and Q a degree-8 least-squares fit of log2(1 + u) / u (5e-8 relative), so the
+ * result is e + u Q(u), one fma. */
+static inline FM__TARGET FM__V FM__OP(log2)(FM__V x) {
+    FM__V m, e = FM__OP(split_exponent)(x, &m), u, q;
+    u = FM__OP(sub)(m, FM__OP(set1)(1.0f));
+    q = FM__OP(set1)(0.122805297f);
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(-0.205705613f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(0.216119125f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(-0.2391949f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(0.287901759f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(-0.360692114f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(0.480910778f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(-0.721347511f));
+    q = FM__OP(fmadd)(q, u, FM__OP(set1)(1.44269502f));
+    return FM__OP(fmadd)(q, u, e);
 }
 
 /* softplus(r) + epsilon = max(r, 0) + log1p(y) + epsilon with y = exp(-|r|) in (0, 1]: never
- * overflows. log1p(y) = 2 atanh(s), s = y / (2 + y) <= 1/3, whose odd series to s^13 is within
- * 2e-8 relative: cheaper than a general log. NaN in r gives NaN. */
+ * overflows. log1p(y) = 2 atanh(s), s = y / (2 + y) <= 1/3, = s P(s^2) with P a degree-4
+ * least-squares fit of 2 atanh(s) / s (8e-9 relative): cheaper than a general log. NaN in r
+ * gives NaN. */
 static inline FM__TARGET FM__V FM__OP(noise_std)(FM__V r, FM__V epsilon) {
-    const FM__V y = FM__OP(exp)(FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(abs)(r)));
+    const FM__V y = FM__OP(exp)(FM__OP(with_sign_of)(r, FM__OP(set1)(-0.0f)));
     const FM__V s = FM__OP(mul)(y, FM__OP(recip)(FM__OP(add)(y, FM__OP(set1)(2.0f)))), s2 = FM__OP(mul)(s, s);
-    FM__V p = FM__OP(set1)(2.0f / 13.0f);
-    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 11.0f));
-    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 9.0f));
-    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 7.0f));
-    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 5.0f));
-    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f / 3.0f));
+    FM__V p = FM__OP(set1)(0.281614542f);
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(0.279643446f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(0.400246501f));
+    p = FM__OP(fmadd)(p, s2, FM__OP(set1)(0.666663229f));
     p = FM__OP(fmadd)(p, s2, FM__OP(set1)(2.0f));
     return FM__OP(add)(FM__OP(fmadd)(p, s, FM__OP(max)(r, FM__OP(set1)(0.0f))), epsilon);
 }
 
-/* N(0, 1) as sqrt(2) erfinv(x) for x from hash_symmetric, with Giles' single-precision erfinv
- * ("Approximating the erfinv function", GPU Computing Gems, 2011); its tail branch runs only for
- * vectors that need it. 1 - |x| is exact, so the tails stay accurate. */
-static inline FM__TARGET FM__V FM__OP(normal_from_symmetric)(FM__V x) {
-    const FM__V one = FM__OP(set1)(1.0f), ax = FM__OP(abs)(x);
-    const FM__V w = FM__OP(sub)(FM__OP(set1)(0.0f), FM__OP(log)(FM__OP(mul)(FM__OP(sub)(one, ax), FM__OP(add)(one, ax))));
-    const FM__V c = FM__OP(sub)(w, FM__OP(set1)(2.5f));
-    const FM__MASK tail = FM__OP(greater)(w, FM__OP(set1)(5.0f));
-    FM__V p = FM__OP(set1)(2.81022636e-08f);
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(3.43273939e-07f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-3.5233877e-06f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-4.39150654e-06f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.00021858087f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00125372503f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00417768164f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.246640727f));
-    p = FM__OP(fmadd)(p, c, FM__OP(set1)(1.50140941f));
+/* N(0, 1) as sqrt(2) erfinv(x) for the draw x = (-1)^(h >> 31) (1 - y), y = hash_distance(h),
+ * with Giles' single-precision erfinv ("Approximating the erfinv function", GPU Computing Gems,
+ * 2011), sqrt(2) folded into its coefficients; its tail branch runs only for vectors that need it.
+ * 1 - x^2 = y (2 - y) with one rounding, so the tails stay accurate. */
+static inline FM__TARGET FM__V FM__OP(normal_from_hash)(FM__V h) {
+    const FM__V y = FM__OP(hash_distance)(h);
+    const FM__V x = FM__OP(with_sign_of)(FM__OP(sub)(FM__OP(set1)(1.0f), y), h);
+    /* c = w - 2.5 with w = -log(1 - x^2) */
+    const FM__V c = FM__OP(fmadd)(FM__OP(log2)(FM__OP(fnmadd)(y, y, FM__OP(add)(y, y))), FM__OP(set1)(-0.693147181f),
+                                  FM__OP(set1)(-2.5f));
+    const FM__MASK tail = FM__OP(greater)(c, FM__OP(set1)(2.5f));
+    FM__V p = FM__OP(set1)(3.97426021e-08f);
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(4.85462635e-07f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-4.9828227e-06f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-6.21052823e-06f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.00030912002f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00177303492f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(-0.00590813393f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(0.348802656f));
+    p = FM__OP(fmadd)(p, c, FM__OP(set1)(2.12331367f));
     if (FM__OP(any)(tail)) { /* |x| > 0.9966 in some lane: 1 in 300 draws */
-        const FM__V t = FM__OP(sub)(FM__OP(sqrt)(w), FM__OP(set1)(3.0f));
-        FM__V q = FM__OP(set1)(-0.000200214257f);
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.000100950558f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00134934322f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.00367342844f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00573950773f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.0076224613f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00943887047f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(1.00167406f));
-        q = FM__OP(fmadd)(q, t, FM__OP(set1)(2.83297682f));
+        const FM__V t = FM__OP(sub)(FM__OP(sqrt)(FM__OP(add)(c, FM__OP(set1)(2.5f))), FM__OP(set1)(3.0f));
+        FM__V q = FM__OP(set1)(-0.000283145724f);
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.000142765653f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00190825947f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.00519501232f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.00811688974f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(-0.0107797878f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(0.0133485785f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(1.41658103f));
+        q = FM__OP(fmadd)(q, t, FM__OP(set1)(4.00643444f));
         p = FM__OP(select)(tail, q, p);
     }
-    return FM__OP(mul)(FM__OP(mul)(p, x), FM__OP(set1)(1.41421356237309505f));
+    return FM__OP(mul)(p, x);
 }
 
 /* The standard normal CDF, 0.5 erfc(-z / sqrt 2), with the Chebyshev-fitted erfc of Numerical
- * Recipes (relative error below 1.2e-7 everywhere, so the far tails stay accurate too). */
+ * Recipes (relative error below 1.2e-7 everywhere, so the far tails stay accurate too):
+ * 0.5 erfc(a) = t exp(-a^2 + P(t) - ln 2), t = 1 / (1 + a / 2), a = |z| / sqrt 2. */
 static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
-    /* |z| / sqrt 2, capped where erfc is 0 in float anyway so that t stays finite for |z| = Inf
-     * (the cap takes the value as its second operand: NaN passes through) */
-    const FM__V a = FM__OP(min)(FM__OP(set1)(30.0f), FM__OP(mul)(FM__OP(abs)(z), FM__OP(set1)(0.70710678118654752f)));
-    const FM__V t = FM__OP(recip)(FM__OP(fmadd)(a, FM__OP(set1)(0.5f), FM__OP(set1)(1.0f)));
+    /* |z| capped where erfc is 0 in float anyway, so that t stays finite for |z| = Inf (the cap
+     * takes the value as its second operand: NaN passes through) */
+    const FM__V abs_z = FM__OP(min)(FM__OP(set1)(42.0f), FM__OP(abs)(z)), a = FM__OP(mul)(abs_z, FM__OP(set1)(0.70710678118654752f));
+    const FM__V t = FM__OP(recip)(FM__OP(fmadd)(abs_z, FM__OP(set1)(0.353553391f), FM__OP(set1)(1.0f)));
     FM__V p = FM__OP(set1)(0.17087277f), half_erfc;
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(-0.82215223f));
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(1.48851587f));
@@ -956,8 +965,8 @@ static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.09678418f));
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.37409196f));
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(1.00002368f));
-    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-1.26551223f));
-    half_erfc = FM__OP(mul)(FM__OP(mul)(t, FM__OP(set1)(0.5f)), FM__OP(exp)(FM__OP(fnmadd)(a, a, p)));
+    p = FM__OP(fmadd)(p, t, FM__OP(set1)(-1.95865941f)); /* -1.26551223 - ln 2 */
+    half_erfc = FM__OP(mul)(t, FM__OP(exp)(FM__OP(fnmadd)(a, a, p)));
     return FM__OP(select)(FM__OP(greater)(z, FM__OP(set1)(0.0f)), FM__OP(sub)(FM__OP(set1)(1.0f), half_erfc), half_erfc);
 }
 
@@ -993,19 +1002,19 @@ static inline FM__TARGET void FM__OP(noise_chunk)(FM__V state, FM__V epsilon, in
     int j;
     for (j = 0; j < FM__W; j++) {
         noise[j] = FM__OP(noise_std)(noise[j], epsilon);
-        noisy[j] = FM__OP(fmadd)(FM__OP(normal_from_symmetric)(FM__OP(hash_symmetric)(state, fm__noise_expert_key(c0 + j))),
-                                 noise[j], clean[j]);
+        noisy[j] = FM__OP(fmadd)(FM__OP(normal_from_hash)(FM__OP(noise_hash)(state, fm__noise_expert_key(c0 + j))), noise[j],
+                                 clean[j]);
     }
 }
 
 /* Adds FastMoE's load probabilities of one block of up to W tokens (one per lane) to
  * load[g][e]: Phi((clean - threshold) / std), the threshold being the (k+1)-th noisy logit when
- * noisy > that value (the expert is in the top k) and the k-th otherwise. noisy and std come
- * from the fused gate's tile (tile[e][0] and tile[e][1], lane r) or, without one, from tokens x
- * experts matrices. Sums over the lanes of each group are folded by one transposing reduction
- * per W experts. */
+ * noisy > that value (the expert is in the top k) and the k-th otherwise. noisy, std and clean
+ * come from the fused gate's tile (tile[e][0], [1] and [2], lane r: nothing to transpose again)
+ * or, without one, from tokens x experts matrices. Sums over the lanes of each group are folded
+ * by one transposing reduction per W experts. */
 static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, const int32_t *groups,
-                                          const float *clean, int ld_clean, const float (*tile)[2][FM__W],
+                                          const float *clean, int ld_clean, const float (*tile)[3][FM__W],
                                           const float *noisy, int ld_noisy, const float *std, int ld_std,
                                           FM__V in_threshold, FM__V out_threshold, float *load) {
     FM__MASK group_mask[FLEXMOE_GATE_MAX_GROUPS];
@@ -1018,8 +1027,8 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
     }
     for (c0 = 0; c0 < E; c0 += FM__W) {
         const int n = E - c0 < FM__W ? E - c0 : FM__W;
-        FM__OP(load_columns)(clean, ld_clean, nrows, c0, E, 0.0f, cl);
         if (!tile) {
+            FM__OP(load_columns)(clean, ld_clean, nrows, c0, E, 0.0f, cl);
             FM__OP(load_columns)(noisy, ld_noisy, nrows, c0, E, 0.0f, nz);
             FM__OP(load_columns)(std, ld_std, nrows, c0, E, 1.0f, sd);
         }
@@ -1027,8 +1036,9 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
         for (j = 0; j < FM__W; j++) {
             const FM__V v = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][0]) : nz[j];
             const FM__V s = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][1]) : sd[j];
+            const FM__V c = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][2]) : cl[j];
             const FM__V threshold = FM__OP(select)(FM__OP(greater)(v, in_threshold), in_threshold, out_threshold);
-            p[j] = j < n ? FM__OP(normal_cdf)(FM__OP(mul)(FM__OP(sub)(cl[j], threshold), FM__OP(recip)(s)))
+            p[j] = j < n ? FM__OP(normal_cdf)(FM__OP(mul)(FM__OP(sub)(c, threshold), FM__OP(recip)(s)))
                          : FM__OP(set1)(0.0f);
         }
         for (g = 0; g < group_count; g++) {
@@ -1042,8 +1052,9 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
 
 /* The fused gate over one block of up to W tokens, one token per lane: a first pass over the
  * expert columns makes the noisy logits and runs them through the top-(k+1) network; the gates
- * come from the network's registers; a second pass (training with k < E, or softmax over all
- * experts) reads the clean logits again for the load probabilities or the softmax denominator.
+ * come from the network's registers; a second pass makes the load probabilities (training with
+ * k < E) from a tile of the first pass's noisy logits, std and clean logits, or the softmax
+ * denominator over all experts from the clean logits read again.
  * Nothing of size tokens x experts is written unless the caller asked for the noisy logits. */
 static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int nrows, int levels,
                                           FM__OP(topk_chunk_fn) chunk) {
@@ -1060,7 +1071,7 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], keys[FM__W];
     FM__V state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
-    float tile[FLEXMOE_GATE_MAX_EXPERTS][2][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
+    float tile[FLEXMOE_GATE_MAX_EXPERTS][3][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
     int i, j, c0, r;
 
     if (job->training) state = FM__OP(token_states)(job, row0, nrows);
@@ -1075,6 +1086,7 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
             for (j = 0; with_load && j < FM__W && c0 + j < E; j++) {
                 FM__OP(store)(tile[c0 + j][0], v[j]);
                 FM__OP(store)(tile[c0 + j][1], nz[j]);
+                FM__OP(store)(tile[c0 + j][2], cl[j]);
             }
         } else {
             FM__UNROLL_W
@@ -1119,7 +1131,7 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     }
 
     if (with_load)
-        FM__OP(load_block)(nrows, E, job->groups, groups, clean, job->ld_clean, (const float(*)[2][FM__W])tile, NULL, 0,
+        FM__OP(load_block)(nrows, E, job->groups, groups, NULL, 0, (const float(*)[3][FM__W])tile, NULL, 0,
                            NULL, 0, top[k], top[k - 1], load);
 }
 
