@@ -750,6 +750,11 @@ struct fm__kernel_table {
     void (*gelu_row)(int n, int kind, const float *x, const float *dy, float *y);
     /* dst[j][k] = W[k0 + k][j0 + j], j < depth, k < 64 (0 past in_features), from W packed */
     void (*gemm_transpose_block)(const float *packed, int in_features, int k0, int j0, int depth, float *dst);
+    /* for a = order[r], r < rows: dst[r] = scale[a / k][a % k] * src[a / k] and
+     * dots[a / k][a % k] = <src[a / k], dot_src[r]>; stream as for scatter_rows */
+    void (*gather_scale_dot)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
+                             const float *scale, int ld_scale, const float *dot_src, int ld_dot, float *dst, int ld_dst,
+                             float *dots, int ld_dots, int stream);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -1145,6 +1150,22 @@ static void fm__scalar_gemm_transpose_block(const float *packed, int in_features
                                      : 0.0f;
 }
 
+static void fm__scalar_gather_scale_dot(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
+                                        const float *scale, int ld_scale, const float *dot_src, int ld_dot, float *dst,
+                                        int ld_dst, float *dots, int ld_dots, int stream) {
+    int r, j;
+    (void)stream;
+    for (r = 0; r < rows; r++) {
+        const int t = order[r] / k, i = order[r] % k;
+        double dot = 0.0;
+        for (j = 0; j < dim; j++) {
+            dst[(size_t)r * ld_dst + j] = scale[(size_t)t * ld_scale + i] * src[(size_t)t * ld_src + j];
+            dot += (double)src[(size_t)t * ld_src + j] * dot_src[(size_t)r * ld_dot + j];
+        }
+        dots[(size_t)t * ld_dots + i] = (float)dot;
+    }
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -1165,6 +1186,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gemm_dot,
     fm__scalar_gelu_row,
     fm__scalar_gemm_transpose_block,
+    fm__scalar_gather_scale_dot,
 };
 
 /* ==== 10. ISA kernels and run-time selection ============================================== */
@@ -2326,6 +2348,17 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
     if (plan->rows > 0 && d_gates && (status = fm__check_matrix(ye, plan->rows, dim, ldye)) != FM_OK) return status;
     if (d_gates && (status = fm__check_matrix(d_gates, plan->tokens, k, lddg)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (dye && d_gates) { /* both in one pass over the dispatched rows; dropped assignments get 0 first */
+        int a;
+        for (a = 0; a < plan->tokens * k; a++)
+            if (plan->position[a] < 0) d_gates[(size_t)(a / k) * lddg + a % k] = 0.0f;
+        if (plan->rows > 0)
+            FM__FOR_ROW_CHUNKS(plan->rows, r0, n,
+                               kernels->gather_scale_dot(n, dim, dy, lddy, plan->order + r0, k, gates, ldg,
+                                                         ye + (size_t)r0 * ldye, ldye, dye + (size_t)r0 * lddye, lddye,
+                                                         d_gates, lddg, fm__stream_output(plan->rows, dim)));
+        return FM_OK;
+    }
     if (dye && plan->rows > 0)
         FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                            kernels->scatter_rows(n, k, dim, dy + (size_t)t0 * lddy, lddy, plan->position + (size_t)t0 * k,

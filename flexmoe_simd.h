@@ -220,6 +220,7 @@ static const fm__kernel_table fm__avx2_kernels = {
     fm__avx2_gemm_dot,
     fm__avx2_gelu_row,
     fm__avx2_gemm_transpose_block,
+    fm__avx2_gather_scale_dot,
 };
 
 /* ==== AVX-512 ============================================================================== */
@@ -332,6 +333,7 @@ static const fm__kernel_table fm__avx512_kernels = {
     fm__avx512_gemm_dot,
     fm__avx512_gelu_row,
     fm__avx512_gemm_transpose_block,
+    fm__avx512_gather_scale_dot,
 };
 #endif /* FM__HAVE_X86 */
 
@@ -448,6 +450,7 @@ static const fm__kernel_table fm__neon_kernels = {
     fm__neon_gemm_dot,
     fm__neon_gelu_row,
     fm__neon_gemm_transpose_block,
+    fm__neon_gather_scale_dot,
 };
 #endif /* FM__HAVE_NEON */
 
@@ -1478,6 +1481,45 @@ static FM__TARGET void FM__OP(scatter_rows)(int tokens, int k, int dim, const fl
                 if (tail) FM__OP(store_part)(d + full, FM__OP(load_part)(s + full, tail, 0.0f), tail);
             }
         }
+    }
+    if (stream) FM__OP(stream_fence)();
+}
+
+/* Combine's backward in dispatched-row order: dst[r] = scale[a] * src[a / k] and dots[a] =
+ * <src[a / k], dot_src[r]> for a = order[r]. dot_src and dst stream through in order; only the
+ * src rows are gathered, and each is read k times while it is still in cache. The dot is summed
+ * as dot_partial does. */
+static FM__TARGET void FM__OP(gather_scale_dot)(int rows, int dim, const float *src, int ld_src, const int32_t *order,
+                                                int k, const float *scale, int ld_scale, const float *dot_src,
+                                                int ld_dot, float *dst, int ld_dst, float *dots, int ld_dots,
+                                                int stream) {
+    const int full = dim - dim % FM__W, tail = dim - full;
+    float lanes[FM__W];
+    int r, j, block;
+    for (r = 0; r < rows; r++) {
+        const int32_t a = order[r];
+        const float *s = src + (size_t)(a / k) * ld_src, *o = dot_src + (size_t)r * ld_dot;
+        float *d = dst + (size_t)r * ld_dst;
+        const int streamed = FM__OP(streams)(stream, d);
+        const FM__V f = FM__OP(set1)(scale[(size_t)(a / k) * ld_scale + a % k]);
+        FM__V dot = FM__OP(set1)(0.0f);
+        for (block = 0; block < full; block += FM__SUM_BLOCK * FM__W) {
+            const int end = block + FM__SUM_BLOCK * FM__W < full ? block + FM__SUM_BLOCK * FM__W : full;
+            FM__V partial = FM__OP(set1)(0.0f);
+            for (j = block; j < end; j += FM__W) {
+                const FM__V v = FM__OP(load)(s + j);
+                FM__OP(put)(d + j, FM__OP(mul)(f, v), streamed);
+                partial = FM__OP(fmadd)(v, FM__OP(load)(o + j), partial);
+            }
+            dot = FM__OP(add)(dot, partial);
+        }
+        if (tail) {
+            const FM__V v = FM__OP(load_part)(s + full, tail, 0.0f);
+            FM__OP(store_part)(d + full, FM__OP(mul)(f, v), tail);
+            dot = FM__OP(fmadd)(v, FM__OP(load_part)(o + full, tail, 0.0f), dot);
+        }
+        FM__OP(store)(lanes, FM__OP(segment_reduce)(dot, FM__W, 0));
+        dots[(size_t)(a / k) * ld_dots + a % k] = lanes[0];
     }
     if (stream) FM__OP(stream_fence)();
 }

@@ -12,6 +12,11 @@ import json
 import sys
 
 
+def millions(rate):
+    """A rate in millions: one decimal from 10M up, three significant digits below."""
+    return f"{rate / 1e6:.1f}M" if rate >= 1e7 else f"{rate / 1e6:.3g}M"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", help="JSON file written with --benchmark_format=json (- for stdin)")
@@ -57,9 +62,9 @@ def main():
                 if r is None:
                     cells.append("")
                 elif peer and impl != args.peer:
-                    cells.append(f"{r / 1e6:.1f}M ({r / peer:.2f}×)")
+                    cells.append(f"{millions(r)} ({r / peer:.2f}×)")
                 else:
-                    cells.append(f"{r / 1e6:.1f}M")
+                    cells.append(millions(r))
             print(f"| {shape} | " + " | ".join(cells) + " |")
 
 
