@@ -5,8 +5,10 @@
  * setting); each combination has its own gate bias, so a router that learned to specialise
  * sends each combination to its own experts. The demo runs the training-mode noisy top-k gate
  * (FastMoE's, with Flex-MoE's token groups: full-modality tokens apart from the others), shows
- * where each combination's tokens go and the Flex-MoE router loss, and checks that every
- * available path routes like the scalar reference. Run with --help for the options.
+ * where each combination's tokens go and the Flex-MoE router loss, then runs the sparse MoE layer
+ * those routes feed (routing plan -> dispatch -> every expert's FFN -> gate-weighted combine),
+ * and checks that every available path routes, and computes the layer, like the scalar
+ * reference. Run with --help for the options.
  */
 #define FLEXMOE_IMPLEMENTATION
 #include "flexmoe.h"
@@ -17,7 +19,7 @@
 #include <string.h>
 
 typedef struct demo_options {
-    int tokens, experts, modalities, top_k;
+    int tokens, experts, modalities, top_k, dim, hidden;
     unsigned seed;
     fm_isa isa;
 } demo_options;
@@ -29,6 +31,8 @@ static void usage(FILE *out) {
             "  --experts E      experts, 2..1024 and at least the combinations (default 16)\n"
             "  --modalities M   modalities, 1..6 (default 3: 2^M-1 combinations)\n"
             "  --top-k K        experts per token, 1..16 and < E (default 4, as Flex-MoE)\n"
+            "  --dim D          token width of the MoE layer (default 128, as Flex-MoE)\n"
+            "  --hidden H       hidden width of each expert's FFN (default 256)\n"
             "  --seed S         random seed (default 1)\n"
             "  --isa NAME       force a path: scalar, avx2, avx512, neon (default: best)\n"
             "  --list-isas      print the paths this machine supports, one per line, and exit\n"
@@ -67,6 +71,12 @@ static int parse_args(int argc, char **argv, demo_options *o) {
             i++;
         } else if (!strcmp(a, "--top-k")) {
             if (!parse_int(a, v, 1, FLEXMOE_GATE_MAX_TOP_K, &o->top_k)) return 0;
+            i++;
+        } else if (!strcmp(a, "--dim")) {
+            if (!parse_int(a, v, 1, 1 << 14, &o->dim)) return 0;
+            i++;
+        } else if (!strcmp(a, "--hidden")) {
+            if (!parse_int(a, v, 1, 1 << 15, &o->hidden)) return 0;
             i++;
         } else if (!strcmp(a, "--modalities")) {
             if (!parse_int(a, v, 1, 6, &o->modalities)) return 0;
@@ -137,13 +147,81 @@ static fm_status route(const demo_options *o, const float *clean, const float *n
     return fm_noisy_gate_forward(&desc, &t);
 }
 
+/* The sparse MoE layer on the active path: y[t] = sum_i gates[t][i] * FFN_{indices[t][i]}(x[t]).
+ * rows_per_expert (experts) receives the plan's counts. */
+typedef struct moe_layer {
+    fm_expert_ffn_desc desc;
+    fm_expert_ffn_params params;
+} moe_layer;
+
+static fm_status run_moe_layer(const demo_options *o, const moe_layer *layer, const float *x, const int32_t *indices,
+                               const float *gates, float *y, int32_t *rows_per_expert) {
+    const size_t assignments = (size_t)o->tokens * o->top_k;
+    fm_plan_desc desc;
+    fm_routing_plan plan;
+    int32_t *offsets = (int32_t *)fm_alloc((size_t)(o->experts + 1) * sizeof(int32_t));
+    int32_t *order = (int32_t *)fm_alloc(assignments * sizeof(int32_t));
+    int32_t *position = (int32_t *)fm_alloc(assignments * sizeof(int32_t));
+    float *xe = (float *)fm_alloc(assignments * o->dim * sizeof(float));
+    float *ye = (float *)fm_alloc(assignments * o->dim * sizeof(float));
+    float *hidden = (float *)fm_alloc(assignments * o->hidden * sizeof(float));
+    fm_status status = FM_ERR_OUT_OF_MEMORY;
+    memset(&desc, 0, sizeof desc);
+    memset(&plan, 0, sizeof plan);
+    desc.tokens = o->tokens, desc.top_k = o->top_k, desc.experts = o->experts; /* dropless */
+    plan.counts = rows_per_expert, plan.offsets = offsets, plan.order = order, plan.position = position;
+    if (offsets && order && position && xe && ye && hidden &&
+        (status = fm_routing_plan_build(&desc, indices, o->top_k, gates, o->top_k, &plan)) == FM_OK &&
+        (status = fm_dispatch_forward(&plan, o->dim, x, o->dim, xe, o->dim)) == FM_OK &&
+        (status = fm_expert_ffn_forward(&layer->desc, offsets, &layer->params, xe, o->dim, ye, o->dim, hidden,
+                                        o->hidden, NULL, 0)) == FM_OK)
+        status = fm_combine_forward(&plan, o->dim, ye, o->dim, gates, o->top_k, y, o->dim);
+    fm_free(offsets), fm_free(order), fm_free(position), fm_free(xe), fm_free(ye), fm_free(hidden);
+    return status;
+}
+
+/* Random expert weights, packed as the FFN reads them (fm_pack_weights). */
+static moe_layer new_moe_layer(const demo_options *o) {
+    moe_layer layer;
+    const size_t plain = (size_t)o->experts * o->dim * o->hidden;
+    float *w = (float *)fm_alloc(plain * sizeof(float));
+    float *w1 = (float *)fm_alloc(o->experts * fm_packed_weight_floats(o->dim, o->hidden) * sizeof(float));
+    float *w2 = (float *)fm_alloc(o->experts * fm_packed_weight_floats(o->hidden, o->dim) * sizeof(float));
+    float *b1 = (float *)fm_alloc((size_t)o->experts * o->hidden * sizeof(float));
+    float *b2 = (float *)fm_alloc((size_t)o->experts * o->dim * sizeof(float));
+    size_t i;
+    memset(&layer, 0, sizeof layer);
+    if (!w || !w1 || !w2 || !b1 || !b2) {
+        fm_free(w), fm_free(w1), fm_free(w2), fm_free(b1), fm_free(b2);
+        return layer;
+    }
+    for (i = 0; i < plain; i++) w[i] = (float)(normal() / sqrt((double)o->dim));
+    fm_pack_weights(o->experts, o->dim, o->hidden, FM_WEIGHTS_IN_BY_OUT, w, o->hidden, w1);
+    for (i = 0; i < plain; i++) w[i] = (float)(normal() / sqrt((double)o->hidden));
+    fm_pack_weights(o->experts, o->hidden, o->dim, FM_WEIGHTS_IN_BY_OUT, w, o->dim, w2);
+    for (i = 0; i < (size_t)o->experts * o->hidden; i++) b1[i] = (float)(0.1 * normal());
+    for (i = 0; i < (size_t)o->experts * o->dim; i++) b2[i] = (float)(0.1 * normal());
+    fm_free(w);
+    layer.desc.experts = o->experts, layer.desc.dim = o->dim, layer.desc.hidden = o->hidden;
+    layer.desc.gelu = FM_GELU_ERF;
+    layer.params.w1 = w1, layer.params.b1 = b1, layer.params.w2 = w2, layer.params.b2 = b2;
+    return layer;
+}
+
+static void free_moe_layer(moe_layer *layer) {
+    fm_free((void *)layer->params.w1), fm_free((void *)layer->params.b1);
+    fm_free((void *)layer->params.w2), fm_free((void *)layer->params.b2);
+}
+
 int main(int argc, char **argv) {
-    demo_options o = {4096, 16, 3, 4, 1, FM_ISA_AUTO};
+    demo_options o = {4096, 16, 3, 4, 128, 256, 1, FM_ISA_AUTO};
     int combos, masks[63], t, e, c, k, i;
     float *clean, *noise, *gates, *noisy, *ref_gates, importance[2 * FLEXMOE_GATE_MAX_EXPERTS],
         load[2 * FLEXMOE_GATE_MAX_EXPERTS], loss;
-    int32_t *indices, *ref_indices, *combo_of, *group;
-    double *share;
+    int32_t *indices, *ref_indices, *combo_of, *group, *rows_per_expert;
+    float *x, *y, *y_ref;
+    moe_layer layer;
+    double *share, scale, layer_error;
     int *count;
     fm_status status;
 
@@ -213,15 +291,42 @@ int main(int argc, char **argv) {
     }
     printf("\nFlex-MoE router loss (S-Router cross-entropy + cv^2 of importance and load per group): %.4f\n", loss);
 
+    /* the sparse MoE layer those routes feed, on the active path */
+    layer = new_moe_layer(&o);
+    x = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
+    y = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
+    y_ref = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
+    rows_per_expert = (int32_t *)fm_alloc((size_t)o.experts * sizeof(int32_t));
+    if (!layer.params.w1 || !x || !y || !y_ref || !rows_per_expert) {
+        fprintf(stderr, "flexmoe_demo: out of memory\n");
+        return 1;
+    }
+    for (i = 0; i < o.tokens * o.dim; i++) x[i] = (float)normal();
+    if ((status = run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert)) != FM_OK) {
+        fprintf(stderr, "flexmoe_demo: MoE layer: %s\n", fm_status_str(status));
+        return 1;
+    }
+    printf("\nsparse MoE layer (d = %d, expert FFN %d -> %d -> %d with GELU): rows per expert\n ", o.dim, o.dim,
+           o.hidden, o.dim);
+    for (e = 0; e < o.experts && e < 16; e++) printf(" %d", rows_per_expert[e]);
+    printf("%s\n", o.experts > 16 ? " ..." : "");
+
     /* every path on this machine against the scalar reference, on the same logits and noise */
-    printf("\nagreement with the scalar path (tokens routed differently, max |gate difference|):\n");
+    printf("\nagreement with the scalar path (tokens routed differently, max |gate difference|; MoE layer output\n"
+           "on the same routes, max |difference| / max |output|):\n");
+    memcpy(ref_indices, indices, (size_t)o.tokens * o.top_k * sizeof(int32_t));
+    memcpy(ref_gates, gates, (size_t)o.tokens * o.top_k * sizeof(float));
     fm_set_isa(FM_ISA_SCALAR);
+    run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y_ref, rows_per_expert);
+    for (i = 0, scale = 0.0; i < o.tokens * o.dim; i++) scale = fmax(scale, fabs(y_ref[i]));
     route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load);
     for (k = FM_ISA_SCALAR; k < FM_ISA_COUNT; k++) {
         double worst = 0.0;
         int differ = 0;
         if (!fm_isa_supported((fm_isa)k)) continue;
         fm_set_isa((fm_isa)k);
+        run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert); /* the active path's routes */
+        for (i = 0, layer_error = 0.0; i < o.tokens * o.dim; i++) layer_error = fmax(layer_error, fabs(y[i] - y_ref[i]));
         route(&o, clean, noise, group, indices, gates, noisy, importance, load);
         for (t = 0; t < o.tokens; t++) {
             const size_t row = (size_t)t * o.top_k;
@@ -231,10 +336,13 @@ int main(int argc, char **argv) {
             }
             for (i = 0; i < o.top_k; i++) worst = fmax(worst, fabs(gates[row + i] - ref_gates[row + i]));
         }
-        printf("  %-7s %d of %d tokens, %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst);
+        printf("  %-7s %d of %d tokens, %.2e; layer %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst,
+               layer_error / scale);
     }
     fm_free(clean), fm_free(noise), fm_free(noisy), fm_free(gates), fm_free(ref_gates);
     fm_free(indices), fm_free(ref_indices), fm_free(combo_of), fm_free(group);
+    fm_free(x), fm_free(y), fm_free(y_ref), fm_free(rows_per_expert);
+    free_moe_layer(&layer);
     free(share);
     free(count);
     return 0;
