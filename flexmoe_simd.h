@@ -194,7 +194,6 @@ static inline FM__TARGET __m256 fm__avx2_with_sign_of(__m256 v, __m256 h) {
     return _mm256_or_ps(v, _mm256_and_ps(h, _mm256_set1_ps(-0.0f)));
 }
 
-#define FM__GEMM_MR 6
 #define FM__GEMM_NV 2
 #define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
@@ -307,7 +306,6 @@ static inline FM__TARGET __m512 fm__avx512_with_sign_of(__m512 v, __m512 h) {
                                                                                         _mm512_set1_epi32((int)0x80000000u))));
 }
 
-#define FM__GEMM_MR 6
 #define FM__GEMM_NV 4
 #define FM__GEMM_DOT_ROWS 4
 #define FM__SIMD_TEMPLATE
@@ -424,7 +422,6 @@ static inline float32x4_t fm__neon_with_sign_of(float32x4_t v, float32x4_t h) {
     return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(v), vandq_u32(vreinterpretq_u32_f32(h), vdupq_n_u32(0x80000000u))));
 }
 
-#define FM__GEMM_MR 6
 #define FM__GEMM_NV 4
 #define FM__GEMM_DOT_ROWS 2
 #define FM__SIMD_TEMPLATE
@@ -1610,6 +1607,7 @@ static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float 
  * whole depth: per depth step it loads FM__GEMM_NV vectors of the panel and broadcasts one A
  * value per row, so the loads per FMA are (NV + MR) / (NV * MR). Each ISA section sets
  * FM__GEMM_NV and FM__GEMM_DOT_ROWS (below) to fit its register file. */
+#define FM__GEMM_MR 6
 #define FM__GEMM_NR (FM__GEMM_NV * FM__W)
 
 /* C[m x cols] (+)= bias + A[m x depth] . B[depth x NR], for m <= MR and cols <= NR: a(i, p) is
@@ -1812,6 +1810,7 @@ static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_featu
     }
 }
 #undef FM__GEMM_DOT_K_CHUNK
+#undef FM__GEMM_MR
 #undef FM__GEMM_NR
 
 #undef FM__COMBINE_VECTORS
@@ -1824,7 +1823,6 @@ static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_featu
 #undef FM__V
 #undef FM__W
 #undef FM__MASK
-#undef FM__GEMM_MR
 #undef FM__GEMM_NV
 #undef FM__GEMM_DOT_ROWS
 #undef FM__SIMD_TEMPLATE
