@@ -2380,6 +2380,25 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
 
 static int fm__gemm_panels(int out_features) { return (out_features + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL; }
 
+/* Live columns of panel p. */
+static int fm__panel_cols(int out_features, int p) {
+    return out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
+}
+
+/* y[rows][0..cols) = x[rows] . P (+ bias) for one packed panel P of in_features rows: the BLIS
+ * loops around the micro-kernel, rows and depth in blocks. */
+static void fm__gemm_panel_blocked(const fm__kernel_table *kernels, int rows, int in_features, const float *x,
+                                   int ldx, const float *panel, const float *bias, float *y, int ldy, int cols) {
+    int r0, k0;
+    for (r0 = 0; r0 < rows; r0 += FM__GEMM_ROW_BLOCK) {
+        const int m = rows - r0 < FM__GEMM_ROW_BLOCK ? rows - r0 : FM__GEMM_ROW_BLOCK;
+        for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
+            kernels->gemm_panel(m, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
+                                x + (size_t)r0 * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
+                                k0 == 0 ? bias : NULL, k0 > 0, y + (size_t)r0 * ldy, ldy, cols);
+    }
+}
+
 size_t fm_packed_weight_floats(int in_features, int out_features) {
     if (in_features <= 0 || out_features <= 0) return 0;
     return (size_t)fm__gemm_panels(out_features) * FM_GEMM_PANEL * (size_t)in_features;
@@ -2475,18 +2494,11 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
     if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
     FM__OMP_PARALLEL_FOR
     for (item = 0; item < experts * panels; item++) {
-        const int e = item / panels, p = item % panels, first = offsets[e], count = offsets[e + 1] - first;
-        const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
-        const float *panel = packed_w + e * per_expert + (size_t)p * in_features * FM_GEMM_PANEL;
-        int r0, k0;
-        for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
-            const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
-            for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
-                kernels->gemm_panel(m, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
-                                    x + (size_t)(first + r0) * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
-                                    k0 == 0 && bias ? bias + (size_t)e * out_features + p * FM_GEMM_PANEL : NULL, k0 > 0,
-                                    y + (size_t)(first + r0) * ldy + p * FM_GEMM_PANEL, ldy, cols);
-        }
+        const int e = item / panels, p = item % panels, first = offsets[e];
+        fm__gemm_panel_blocked(kernels, offsets[e + 1] - first, in_features, x + (size_t)first * ldx, ldx,
+                               packed_w + e * per_expert + (size_t)p * in_features * FM_GEMM_PANEL,
+                               bias ? bias + (size_t)e * out_features + p * FM_GEMM_PANEL : NULL,
+                               y + (size_t)first * ldy + p * FM_GEMM_PANEL, ldy, fm__panel_cols(out_features, p));
     }
     return FM_OK;
 }
@@ -2538,7 +2550,7 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         FM__OMP_PARALLEL_FOR
         for (item = 0; item < experts * dx_panels; item++) {
             const int ex = item / dx_panels, q = item % dx_panels, first = offsets[ex], count = offsets[ex + 1] - first;
-            const int cols = in_features - q * FM_GEMM_PANEL < FM_GEMM_PANEL ? in_features - q * FM_GEMM_PANEL : FM_GEMM_PANEL;
+            const int cols = fm__panel_cols(in_features, q);
             float block[FM__GEMM_DEPTH_BLOCK * FM_GEMM_PANEL];
             int j0, r0;
             if (count < FM__GEMM_TRANSPOSE_MIN_ROWS) continue;
@@ -2557,7 +2569,7 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         FM__OMP_PARALLEL_FOR
         for (item = 0; item < experts * panels; item++) {
             const int ex = item / panels, p = item % panels, first = offsets[ex], count = offsets[ex + 1] - first;
-            const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
+            const int cols = fm__panel_cols(out_features, p);
             float *d_panel = d_packed_w + ex * per_expert + (size_t)p * in_features * FM_GEMM_PANEL;
             float dy_block[FM__GEMM_GRAD_ROW_BLOCK * FM_GEMM_PANEL];
             int r0, i, j;
@@ -2632,19 +2644,14 @@ static fm_status fm__check_ffn(const fm_expert_ffn_desc *desc, const int32_t *of
  * still in L2 or L3 when the second layer reads them. */
 #define FM__FFN_ROW_BLOCK 256
 
-/* y[rows] = x[rows] . W (+ bias) for one expert's block of rows: all panels, depth blocked. */
+/* y[rows] = x[rows] . W (+ bias) for one expert's block of rows: every panel. */
 static void fm__gemm_rows(const fm__kernel_table *kernels, int rows, int in_features, int out_features,
                           const float *x, int ldx, const float *packed, const float *bias, float *y, int ldy) {
-    int p, k0;
-    for (p = 0; p < fm__gemm_panels(out_features); p++) {
-        const int cols = out_features - p * FM_GEMM_PANEL < FM_GEMM_PANEL ? out_features - p * FM_GEMM_PANEL : FM_GEMM_PANEL;
-        const float *panel = packed + (size_t)p * in_features * FM_GEMM_PANEL;
-        for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
-            kernels->gemm_panel(rows, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
-                                x + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
-                                k0 == 0 && bias ? bias + p * FM_GEMM_PANEL : NULL, k0 > 0, y + p * FM_GEMM_PANEL, ldy,
-                                cols);
-    }
+    int p;
+    for (p = 0; p < fm__gemm_panels(out_features); p++)
+        fm__gemm_panel_blocked(kernels, rows, in_features, x, ldx, packed + (size_t)p * in_features * FM_GEMM_PANEL,
+                               bias ? bias + p * FM_GEMM_PANEL : NULL, y + p * FM_GEMM_PANEL, ldy,
+                               fm__panel_cols(out_features, p));
 }
 
 fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *offsets,

@@ -180,6 +180,18 @@ static void check_moves(routed *r, int d) {
     FM_CHECK(fm_test_padding_intact(xe, rows, d, lde) && fm_test_padding_intact(y, T, d, ldy) &&
                  fm_test_padding_intact(dx, T, d, ldx) && fm_test_padding_intact(dye, rows, d, lde),
              "padding written");
+    { /* each output alone (a separate pass) gives the floats of the one-pass call with both */
+        float *dye_alone = fm_test_new_matrix(rows, d, lde), *dg_alone = (float *)malloc((size_t)T * k * 4);
+        int same_rows = 1;
+        FM_CHECK(fm_combine_backward(&r->plan, d, ye, lde, r->gates, k, dy, ldy, dye_alone, lde, NULL, 0) == FM_OK &&
+                     fm_combine_backward(&r->plan, d, ye, lde, r->gates, k, dy, ldy, NULL, 0, dg_alone, k) == FM_OK,
+                 "combine backward, one output at a time");
+        for (row = 0; row < r->rows; row++)
+            same_rows &= memcmp(dye_alone + (size_t)row * lde, dye + (size_t)row * lde, (size_t)d * 4) == 0;
+        FM_CHECK(same_rows, "combine backward: dye alone differs from dye with d_gates (d=%d)", d);
+        FM_CHECK(memcmp(dg_alone, dg, (size_t)T * k * 4) == 0, "combine backward: d_gates alone differs (d=%d)", d);
+        free(dye_alone), free(dg_alone);
+    }
     free(x), free(xe), free(ye), free(y), free(dy), free(dye), free(dx), free(dg);
 }
 
