@@ -36,7 +36,10 @@ static void usage(FILE *out) {
             "  --seed S         random seed (default 1)\n"
             "  --isa NAME       force a path: scalar, avx2, avx512, neon (default: best)\n"
             "  --list-isas      print the paths this machine supports, one per line, and exit\n"
-            "  --help           this text\n");
+            "  --help           this text\n"
+            "environment:\n"
+            "  FLEXMOE_DEMO_FAIL_ALLOC=N  testing aid: the Nth allocation fails, to walk the\n"
+            "                             out-of-memory paths (tests/demo_alloc_failures.sh)\n");
 }
 
 static int parse_int(const char *flag, const char *text, int lo, int hi, int *out) {
@@ -133,18 +136,66 @@ static void combination_masks(int m, int *masks) {
     }
 }
 
+/* FLEXMOE_DEMO_FAIL_ALLOC=N: the Nth allocation through the library's allocator hook fails. Real
+ * out-of-memory is too rare to test the error paths by, so tests/demo_alloc_failures.sh walks N
+ * = 1, 2, ... instead. Only the Nth fails, and it says so on stderr: a run that succeeds without
+ * that line has proved the walk is over, one that succeeds with it has swallowed a failure. */
+typedef struct fail_alloc {
+    int fail_at; /* 0: never */
+    int count;
+} fail_alloc;
+
+static void *failing_alloc(size_t size, void *user_data) {
+    fail_alloc *f = (fail_alloc *)user_data;
+    if (++f->count == f->fail_at) {
+        fprintf(stderr, "flexmoe_demo: FLEXMOE_DEMO_FAIL_ALLOC=%d: failing this allocation\n", f->fail_at);
+        return NULL;
+    }
+    return malloc(size);
+}
+
+static void failing_free(void *ptr, void *user_data) {
+    (void)user_data;
+    free(ptr);
+}
+
+/* Every failure is reported where it happens, by the helper that saw it, so callers only unwind;
+ * each message names the step, because a bare "out of memory" does not say which option to shrink. */
+static void *new_buffer(size_t bytes, const char *what) {
+    void *p = fm_alloc(bytes);
+    if (!p) fprintf(stderr, "flexmoe_demo: out of memory allocating %s (%zu bytes)\n", what, bytes);
+    return p;
+}
+
+static int failed(fm_status status, const char *step) {
+    if (status == FM_OK) return 0;
+    fprintf(stderr, "flexmoe_demo: %s on the %s path: %s\n", step, fm_isa_name(fm_active_isa()),
+            fm_status_str(status));
+    return 1;
+}
+
+static int select_failed(fm_status status, fm_isa isa) {
+    if (status == FM_OK) return 0;
+    fprintf(stderr, "flexmoe_demo: selecting the %s path: %s\n", isa == FM_ISA_AUTO ? "default" : fm_isa_name(isa),
+            fm_status_str(status));
+    return 1;
+}
+
 /* The training-mode gate on the active path: indices, gates, noisy logits, importance, load. */
 static fm_status route(const demo_options *o, const float *clean, const float *noise, const int32_t *group,
                        int32_t *indices, float *gates, float *noisy, float *importance, float *load) {
     fm_gate_desc desc;
     fm_gate_tensors t;
+    fm_status status;
     memset(&desc, 0, sizeof desc);
     memset(&t, 0, sizeof t);
     desc.tokens = o->tokens, desc.experts = o->experts, desc.top_k = o->top_k;
     desc.training = 1, desc.groups = 2, desc.seed = o->seed;
     t.clean_logits = clean, t.noise_logits = noise, t.token_group = group;
     t.indices = indices, t.gates = gates, t.noisy_logits = noisy, t.importance = importance, t.load = load;
-    return fm_noisy_gate_forward(&desc, &t);
+    status = fm_noisy_gate_forward(&desc, &t);
+    failed(status, "noisy top-k gate");
+    return status;
 }
 
 /* The sparse MoE layer on the active path: y[t] = sum_i gates[t][i] * FFN_{indices[t][i]}(x[t]).
@@ -159,94 +210,117 @@ static fm_status run_moe_layer(const demo_options *o, const moe_layer *layer, co
     const size_t assignments = (size_t)o->tokens * o->top_k;
     fm_plan_desc desc;
     fm_routing_plan plan;
-    int32_t *offsets = (int32_t *)fm_alloc((size_t)(o->experts + 1) * sizeof(int32_t));
-    int32_t *order = (int32_t *)fm_alloc(assignments * sizeof(int32_t));
-    int32_t *position = (int32_t *)fm_alloc(assignments * sizeof(int32_t));
-    float *xe = (float *)fm_alloc(assignments * o->dim * sizeof(float));
-    float *ye = (float *)fm_alloc(assignments * o->dim * sizeof(float));
-    float *hidden = (float *)fm_alloc(assignments * o->hidden * sizeof(float));
+    int32_t *offsets = NULL, *order = NULL, *position = NULL;
+    float *xe = NULL, *ye = NULL, *hidden = NULL;
     fm_status status = FM_ERR_OUT_OF_MEMORY;
+    if (!(offsets = (int32_t *)new_buffer((size_t)(o->experts + 1) * sizeof(int32_t), "the plan's expert offsets")) ||
+        !(order = (int32_t *)new_buffer(assignments * sizeof(int32_t), "the plan's row order")) ||
+        !(position = (int32_t *)new_buffer(assignments * sizeof(int32_t), "the plan's row positions")) ||
+        !(xe = (float *)new_buffer(assignments * o->dim * sizeof(float), "the dispatched tokens")) ||
+        !(ye = (float *)new_buffer(assignments * o->dim * sizeof(float), "the experts' outputs")) ||
+        !(hidden = (float *)new_buffer(assignments * o->hidden * sizeof(float), "the experts' hidden activations")))
+        goto done;
     memset(&desc, 0, sizeof desc);
     memset(&plan, 0, sizeof plan);
     desc.tokens = o->tokens, desc.top_k = o->top_k, desc.experts = o->experts; /* dropless */
     plan.counts = rows_per_expert, plan.offsets = offsets, plan.order = order, plan.position = position;
-    if (offsets && order && position && xe && ye && hidden &&
-        (status = fm_routing_plan_build(&desc, indices, o->top_k, gates, o->top_k, &plan)) == FM_OK &&
-        (status = fm_dispatch_forward(&plan, o->dim, x, o->dim, xe, o->dim)) == FM_OK &&
-        (status = fm_expert_ffn_forward(&layer->desc, offsets, &layer->params, xe, o->dim, ye, o->dim, hidden,
-                                        o->hidden, NULL, 0)) == FM_OK)
-        status = fm_combine_forward(&plan, o->dim, ye, o->dim, gates, o->top_k, y, o->dim);
+    if (failed(status = fm_routing_plan_build(&desc, indices, o->top_k, gates, o->top_k, &plan), "routing plan") ||
+        failed(status = fm_dispatch_forward(&plan, o->dim, x, o->dim, xe, o->dim), "dispatch") ||
+        failed(status = fm_expert_ffn_forward(&layer->desc, offsets, &layer->params, xe, o->dim, ye, o->dim, hidden,
+                                              o->hidden, NULL, 0),
+               "expert FFN"))
+        goto done;
+    failed(status = fm_combine_forward(&plan, o->dim, ye, o->dim, gates, o->top_k, y, o->dim), "combine");
+done:
     fm_free(offsets), fm_free(order), fm_free(position), fm_free(xe), fm_free(ye), fm_free(hidden);
     return status;
 }
 
-/* Random expert weights, packed as the FFN reads them (fm_pack_weights). */
-static moe_layer new_moe_layer(const demo_options *o) {
-    moe_layer layer;
+/* Random expert weights, packed as the FFN reads them (fm_pack_weights). The buffers go into
+ * *layer as soon as they exist, so free_moe_layer releases them whether this succeeds or not. */
+static fm_status new_moe_layer(const demo_options *o, moe_layer *layer) {
     const size_t plain = (size_t)o->experts * o->dim * o->hidden;
-    float *w = (float *)fm_alloc(plain * sizeof(float));
-    float *w1 = (float *)fm_alloc(o->experts * fm_packed_weight_floats(o->dim, o->hidden) * sizeof(float));
-    float *w2 = (float *)fm_alloc(o->experts * fm_packed_weight_floats(o->hidden, o->dim) * sizeof(float));
-    float *b1 = (float *)fm_alloc((size_t)o->experts * o->hidden * sizeof(float));
-    float *b2 = (float *)fm_alloc((size_t)o->experts * o->dim * sizeof(float));
+    float *w = NULL, *w1, *w2, *b1, *b2;
     size_t i;
-    memset(&layer, 0, sizeof layer);
-    if (!w || !w1 || !w2 || !b1 || !b2) {
-        fm_free(w), fm_free(w1), fm_free(w2), fm_free(b1), fm_free(b2);
-        return layer;
-    }
+    fm_status status = FM_ERR_OUT_OF_MEMORY;
+    memset(layer, 0, sizeof *layer);
+    if (!(w = (float *)new_buffer(plain * sizeof(float), "the plain expert weights")) ||
+        !(layer->params.w1 = w1 = (float *)new_buffer(
+              o->experts * fm_packed_weight_floats(o->dim, o->hidden) * sizeof(float), "packed weights W1")) ||
+        !(layer->params.w2 = w2 = (float *)new_buffer(
+              o->experts * fm_packed_weight_floats(o->hidden, o->dim) * sizeof(float), "packed weights W2")) ||
+        !(layer->params.b1 = b1 = (float *)new_buffer((size_t)o->experts * o->hidden * sizeof(float), "biases b1")) ||
+        !(layer->params.b2 = b2 = (float *)new_buffer((size_t)o->experts * o->dim * sizeof(float), "biases b2")))
+        goto done;
     for (i = 0; i < plain; i++) w[i] = (float)(normal() / sqrt((double)o->dim));
-    fm_pack_weights(o->experts, o->dim, o->hidden, FM_WEIGHTS_IN_BY_OUT, w, o->hidden, w1);
+    if (failed(status = fm_pack_weights(o->experts, o->dim, o->hidden, FM_WEIGHTS_IN_BY_OUT, w, o->hidden, w1),
+               "packing W1"))
+        goto done;
     for (i = 0; i < plain; i++) w[i] = (float)(normal() / sqrt((double)o->hidden));
-    fm_pack_weights(o->experts, o->hidden, o->dim, FM_WEIGHTS_IN_BY_OUT, w, o->dim, w2);
+    if (failed(status = fm_pack_weights(o->experts, o->hidden, o->dim, FM_WEIGHTS_IN_BY_OUT, w, o->dim, w2),
+               "packing W2"))
+        goto done;
     for (i = 0; i < (size_t)o->experts * o->hidden; i++) b1[i] = (float)(0.1 * normal());
     for (i = 0; i < (size_t)o->experts * o->dim; i++) b2[i] = (float)(0.1 * normal());
+    layer->desc.experts = o->experts, layer->desc.dim = o->dim, layer->desc.hidden = o->hidden;
+    layer->desc.gelu = FM_GELU_ERF;
+done:
     fm_free(w);
-    layer.desc.experts = o->experts, layer.desc.dim = o->dim, layer.desc.hidden = o->hidden;
-    layer.desc.gelu = FM_GELU_ERF;
-    layer.params.w1 = w1, layer.params.b1 = b1, layer.params.w2 = w2, layer.params.b2 = b2;
-    return layer;
+    return status;
 }
 
 static void free_moe_layer(moe_layer *layer) {
     fm_free((void *)layer->params.w1), fm_free((void *)layer->params.b1);
     fm_free((void *)layer->params.w2), fm_free((void *)layer->params.b2);
+    memset(layer, 0, sizeof *layer);
 }
 
 int main(int argc, char **argv) {
     demo_options o = {4096, 16, 3, 4, 128, 256, 1, FM_ISA_AUTO};
-    int combos, masks[63], t, e, c, k, i;
-    float *clean, *noise, *gates, *noisy, *ref_gates, importance[2 * FLEXMOE_GATE_MAX_EXPERTS],
-        load[2 * FLEXMOE_GATE_MAX_EXPERTS], loss;
-    int32_t *indices, *ref_indices, *combo_of, *group, *rows_per_expert;
-    float *x, *y, *y_ref;
+    fail_alloc fail = {0, 0};
+    const char *fail_env = getenv("FLEXMOE_DEMO_FAIL_ALLOC");
+    fm_desc setup;
+    int combos, masks[63], t, e, c, k, i, rc = 1;
+    float *clean = NULL, *noise = NULL, *gates = NULL, *noisy = NULL, *ref_gates = NULL,
+          importance[2 * FLEXMOE_GATE_MAX_EXPERTS], load[2 * FLEXMOE_GATE_MAX_EXPERTS], loss;
+    int32_t *indices = NULL, *ref_indices = NULL, *combo_of = NULL, *group = NULL, *rows_per_expert = NULL;
+    float *x = NULL, *y = NULL, *y_ref = NULL;
     moe_layer layer;
-    double *share, scale, layer_error;
-    int *count;
-    fm_status status;
+    double *share = NULL, scale, layer_error;
+    int *count = NULL;
+    size_t logits_bytes, routes, tokens_bytes, layer_bytes;
 
+    memset(&layer, 0, sizeof layer); /* before the first goto done: free_moe_layer reads it */
     if (!parse_args(argc, argv, &o)) return 2;
-    if ((status = fm_set_isa(o.isa)) != FM_OK) return 1; /* the library logged why */
+    if (fail_env && *fail_env && !parse_int("FLEXMOE_DEMO_FAIL_ALLOC", fail_env, 1, 1 << 30, &fail.fail_at)) return 2;
+    memset(&setup, 0, sizeof setup);
+    setup.isa = o.isa;
+    if (fail.fail_at) {
+        setup.allocator.alloc = failing_alloc, setup.allocator.free = failing_free;
+        setup.allocator.user_data = &fail;
+    }
+    if (select_failed(fm_setup(&setup), o.isa)) goto done; /* the library logged why as well */
     combos = (1 << o.modalities) - 1;
     combination_masks(o.modalities, masks);
     rng_state = o.seed;
 
-    clean = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    noise = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    noisy = (float *)fm_alloc((size_t)o.tokens * o.experts * sizeof(float));
-    gates = (float *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(float));
-    ref_gates = (float *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(float));
-    indices = (int32_t *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(int32_t));
-    ref_indices = (int32_t *)fm_alloc((size_t)o.tokens * o.top_k * sizeof(int32_t));
-    combo_of = (int32_t *)fm_alloc((size_t)o.tokens * sizeof(int32_t));
-    group = (int32_t *)fm_alloc((size_t)o.tokens * sizeof(int32_t));
-    share = (double *)calloc((size_t)combos * o.experts, sizeof(double));
-    count = (int *)calloc((size_t)combos, sizeof(int));
-    if (!clean || !noise || !noisy || !gates || !ref_gates || !indices || !ref_indices || !combo_of || !group ||
-        !share || !count) {
-        fprintf(stderr, "flexmoe_demo: out of memory\n");
-        return 1;
-    }
+    logits_bytes = (size_t)o.tokens * o.experts * sizeof(float);
+    routes = (size_t)o.tokens * o.top_k;
+    tokens_bytes = (size_t)o.tokens * sizeof(int32_t);
+    if (!(clean = (float *)new_buffer(logits_bytes, "the clean logits")) ||
+        !(noise = (float *)new_buffer(logits_bytes, "the noise logits")) ||
+        !(noisy = (float *)new_buffer(logits_bytes, "the noisy logits")) ||
+        !(gates = (float *)new_buffer(routes * sizeof(float), "the gates")) ||
+        !(ref_gates = (float *)new_buffer(routes * sizeof(float), "the scalar path's gates")) ||
+        !(indices = (int32_t *)new_buffer(routes * sizeof(int32_t), "the expert indices")) ||
+        !(ref_indices = (int32_t *)new_buffer(routes * sizeof(int32_t), "the scalar path's expert indices")) ||
+        !(combo_of = (int32_t *)new_buffer(tokens_bytes, "the tokens' modality combinations")) ||
+        !(group = (int32_t *)new_buffer(tokens_bytes, "the tokens' groups")) ||
+        !(share = (double *)new_buffer((size_t)combos * o.experts * sizeof(double), "the gate weight table")) ||
+        !(count = (int *)new_buffer((size_t)combos * sizeof(int), "the combination counts")))
+        goto done;
+    memset(share, 0, (size_t)combos * o.experts * sizeof(double));
+    memset(count, 0, (size_t)combos * sizeof(int));
     /* each combination prefers expert (c mod E) and, less, its neighbour; the noise logits set a
      * noise scale of about softplus(-1) */
     for (t = 0; t < o.tokens; t++) {
@@ -261,12 +335,11 @@ int main(int argc, char **argv) {
         clean[(size_t)t * o.experts + (c + 1) % o.experts] += 1.5f;
     }
 
-    if ((status = route(&o, clean, noise, group, indices, gates, noisy, importance, load)) != FM_OK ||
-        (status = fm_flexmoe_router_loss(o.tokens, o.experts, 2, noisy, o.experts, combo_of, importance, load, &loss,
-                                         NULL, 0, NULL, NULL)) != FM_OK) {
-        fprintf(stderr, "flexmoe_demo: %s\n", fm_status_str(status));
-        return 1;
-    }
+    if (route(&o, clean, noise, group, indices, gates, noisy, importance, load) != FM_OK ||
+        failed(fm_flexmoe_router_loss(o.tokens, o.experts, 2, noisy, o.experts, combo_of, importance, load, &loss,
+                                      NULL, 0, NULL, NULL),
+               "Flex-MoE router loss"))
+        goto done;
     printf("flexmoe %d.%d.%d: %d tokens, %d experts, top-%d, %d modalities (%d combinations), %s path\n\n",
            FLEXMOE_VERSION_MAJOR, FLEXMOE_VERSION_MINOR, FLEXMOE_VERSION_PATCH, o.tokens, o.experts, o.top_k,
            o.modalities, combos, fm_isa_name(fm_active_isa()));
@@ -292,42 +365,40 @@ int main(int argc, char **argv) {
     printf("\nFlex-MoE router loss (S-Router cross-entropy + cv^2 of importance and load per group): %.4f\n", loss);
 
     /* the sparse MoE layer those routes feed, on the active path */
-    layer = new_moe_layer(&o);
-    x = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
-    y = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
-    y_ref = (float *)fm_alloc((size_t)o.tokens * o.dim * sizeof(float));
-    rows_per_expert = (int32_t *)fm_alloc((size_t)o.experts * sizeof(int32_t));
-    if (!layer.params.w1 || !x || !y || !y_ref || !rows_per_expert) {
-        fprintf(stderr, "flexmoe_demo: out of memory\n");
-        return 1;
-    }
+    if (new_moe_layer(&o, &layer) != FM_OK) goto done;
+    layer_bytes = (size_t)o.tokens * o.dim * sizeof(float);
+    if (!(x = (float *)new_buffer(layer_bytes, "the layer's input")) ||
+        !(y = (float *)new_buffer(layer_bytes, "the layer's output")) ||
+        !(y_ref = (float *)new_buffer(layer_bytes, "the scalar path's layer output")) ||
+        !(rows_per_expert = (int32_t *)new_buffer((size_t)o.experts * sizeof(int32_t), "the rows per expert")))
+        goto done;
     for (i = 0; i < o.tokens * o.dim; i++) x[i] = (float)normal();
-    if ((status = run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert)) != FM_OK) {
-        fprintf(stderr, "flexmoe_demo: MoE layer: %s\n", fm_status_str(status));
-        return 1;
-    }
+    if (run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert) != FM_OK) goto done;
     printf("\nsparse MoE layer (d = %d, expert FFN %d -> %d -> %d with GELU): rows per expert\n ", o.dim, o.dim,
            o.hidden, o.dim);
     for (e = 0; e < o.experts && e < 16; e++) printf(" %d", rows_per_expert[e]);
     printf("%s\n", o.experts > 16 ? " ..." : "");
 
-    /* every path on this machine against the scalar reference, on the same logits and noise */
+    /* every path on this machine against the scalar reference, on the same logits and noise; a
+     * line is printed only once both of its calls succeeded, so no figure comes from a stale buffer */
     printf("\nagreement with the scalar path (tokens routed differently, max |gate difference|; MoE layer output\n"
            "on the same routes, max |difference| / max |output|):\n");
     memcpy(ref_indices, indices, (size_t)o.tokens * o.top_k * sizeof(int32_t));
     memcpy(ref_gates, gates, (size_t)o.tokens * o.top_k * sizeof(float));
-    fm_set_isa(FM_ISA_SCALAR);
-    run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y_ref, rows_per_expert);
+    if (select_failed(fm_set_isa(FM_ISA_SCALAR), FM_ISA_SCALAR) ||
+        run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y_ref, rows_per_expert) != FM_OK)
+        goto done;
     for (i = 0, scale = 0.0; i < o.tokens * o.dim; i++) scale = fmax(scale, fabs(y_ref[i]));
-    route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load);
+    if (route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load) != FM_OK) goto done;
     for (k = FM_ISA_SCALAR; k < FM_ISA_COUNT; k++) {
         double worst = 0.0;
         int differ = 0;
         if (!fm_isa_supported((fm_isa)k)) continue;
-        fm_set_isa((fm_isa)k);
-        run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert); /* the active path's routes */
+        if (select_failed(fm_set_isa((fm_isa)k), (fm_isa)k) ||
+            run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert) != FM_OK) /* the active path's routes */
+            goto done;
         for (i = 0, layer_error = 0.0; i < o.tokens * o.dim; i++) layer_error = fmax(layer_error, fabs(y[i] - y_ref[i]));
-        route(&o, clean, noise, group, indices, gates, noisy, importance, load);
+        if (route(&o, clean, noise, group, indices, gates, noisy, importance, load) != FM_OK) goto done;
         for (t = 0; t < o.tokens; t++) {
             const size_t row = (size_t)t * o.top_k;
             if (memcmp(indices + row, ref_indices + row, (size_t)o.top_k * sizeof(int32_t))) {
@@ -339,11 +410,13 @@ int main(int argc, char **argv) {
         printf("  %-7s %d of %d tokens, %.2e; layer %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst,
                layer_error / scale);
     }
+    rc = 0;
+
+done: /* the one way out: fm_free(NULL) is a no-op, so whatever was not allocated yet is skipped */
     fm_free(clean), fm_free(noise), fm_free(noisy), fm_free(gates), fm_free(ref_gates);
     fm_free(indices), fm_free(ref_indices), fm_free(combo_of), fm_free(group);
     fm_free(x), fm_free(y), fm_free(y_ref), fm_free(rows_per_expert);
+    fm_free(share), fm_free(count);
     free_moe_layer(&layer);
-    free(share);
-    free(count);
-    return 0;
+    return rc;
 }

@@ -5,6 +5,7 @@
 #   - the NEON path cross-compiled for aarch64 and run under qemu-aarch64;
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
+#   - the demo's every out-of-memory path, under AddressSanitizer's leak check;
 #   - a short run of the benchmark program (its result checks, not its timings).
 # Ends with one line "N passed, N failed"; exits non-zero when anything failed.
 set -uo pipefail
@@ -107,6 +108,7 @@ strict=(-std=c99 -Wall -Wextra -pedantic -Werror -O2 -I.)
 for c in gcc clang; do
   run "dropin-$c" sh -c "$c ${strict[*]} examples/dropin.c -o build/dropin-$c -lm && ./build/dropin-$c"
 done
+run demo-alloc-failures tests/demo_alloc_failures.sh
 run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c -o build/test_softmax-openmp -lm
 run_tests test_softmax-openmp OMP_NUM_THREADS=2 -- build/test_softmax-openmp
 run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmoe.c -o build/test_confsmoe-openmp -lm
