@@ -14,6 +14,7 @@
 #include "flexmoe.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,6 +113,31 @@ static int parse_args(int argc, char **argv, demo_options *o) {
     return 1;
 }
 
+/* The most memory the demo may ask for: the options allow far more (2^24 tokens x 16 routes x a
+ * 2^15-wide FFN need tens of TiB), and such runs are refused up front rather than left to fail,
+ * or to be killed, part-way through. */
+#define DEMO_MAX_GIB 256
+
+/* The most bytes the demo holds at once: the gate's buffers and the layer's packed weights
+ * throughout, with either the plain weights (while packing) or the layer's input and outputs and
+ * one run's scratch. Counted in 64 bits, where no option combination overflows (the largest is
+ * below 2^47), so the caller can tell a size_t overflow from a merely absurd request. */
+static unsigned long long demo_peak_bytes(const demo_options *o) {
+    const unsigned long long f = sizeof(float), i32 = sizeof(int32_t), tokens = (unsigned long long)o->tokens,
+                             experts = (unsigned long long)o->experts, routes = tokens * (unsigned long long)o->top_k,
+                             dim = (unsigned long long)o->dim, hidden = (unsigned long long)o->hidden,
+                             combos = (1ull << o->modalities) - 1;
+    const unsigned long long gate = 3 * tokens * experts * f + 2 * routes * (f + i32) + 2 * tokens * i32 +
+                                    combos * experts * sizeof(double) + combos * sizeof(int);
+    const unsigned long long weights =
+        experts * ((unsigned long long)fm_packed_weight_floats(o->dim, o->hidden) +
+                   (unsigned long long)fm_packed_weight_floats(o->hidden, o->dim) + hidden + dim) * f;
+    const unsigned long long plain = experts * dim * hidden * f;
+    const unsigned long long layer = 3 * tokens * dim * f + experts * i32 + /* x, y, y_ref, rows per expert */
+                                     (experts + 1 + 2 * routes) * i32 + routes * (2 * dim + hidden) * f; /* a run */
+    return gate + weights + (plain > layer ? plain : layer);
+}
+
 static unsigned rng_state;
 static double uniform(void) {
     rng_state = rng_state * 1664525u + 1013904223u;
@@ -167,9 +193,26 @@ static void *new_buffer(size_t bytes, const char *what) {
     return p;
 }
 
+/* The same for a buffer of one run of a step that runs several times (the MoE layer): run says
+ * which, and the message the path it was on. */
+static void *new_run_buffer(size_t bytes, const char *what, const char *run) {
+    void *p = fm_alloc(bytes);
+    if (!p)
+        fprintf(stderr, "flexmoe_demo: out of memory allocating %s (%zu bytes) for %s on the %s path\n", what, bytes,
+                run, fm_isa_name(fm_active_isa()));
+    return p;
+}
+
 static int failed(fm_status status, const char *step) {
     if (status == FM_OK) return 0;
     fprintf(stderr, "flexmoe_demo: %s on the %s path: %s\n", step, fm_isa_name(fm_active_isa()),
+            fm_status_str(status));
+    return 1;
+}
+
+static int run_failed(fm_status status, const char *step, const char *run) {
+    if (status == FM_OK) return 0;
+    fprintf(stderr, "flexmoe_demo: %s for %s on the %s path: %s\n", step, run, fm_isa_name(fm_active_isa()),
             fm_status_str(status));
     return 1;
 }
@@ -199,38 +242,41 @@ static fm_status route(const demo_options *o, const float *clean, const float *n
 }
 
 /* The sparse MoE layer on the active path: y[t] = sum_i gates[t][i] * FFN_{indices[t][i]}(x[t]).
- * rows_per_expert (experts) receives the plan's counts. */
+ * rows_per_expert (experts) receives the plan's counts; run names this run in error messages. */
 typedef struct moe_layer {
     fm_expert_ffn_desc desc;
     fm_expert_ffn_params params;
 } moe_layer;
 
 static fm_status run_moe_layer(const demo_options *o, const moe_layer *layer, const float *x, const int32_t *indices,
-                               const float *gates, float *y, int32_t *rows_per_expert) {
+                               const float *gates, float *y, int32_t *rows_per_expert, const char *run) {
     const size_t assignments = (size_t)o->tokens * o->top_k;
     fm_plan_desc desc;
     fm_routing_plan plan;
     int32_t *offsets = NULL, *order = NULL, *position = NULL;
     float *xe = NULL, *ye = NULL, *hidden = NULL;
     fm_status status = FM_ERR_OUT_OF_MEMORY;
-    if (!(offsets = (int32_t *)new_buffer((size_t)(o->experts + 1) * sizeof(int32_t), "the plan's expert offsets")) ||
-        !(order = (int32_t *)new_buffer(assignments * sizeof(int32_t), "the plan's row order")) ||
-        !(position = (int32_t *)new_buffer(assignments * sizeof(int32_t), "the plan's row positions")) ||
-        !(xe = (float *)new_buffer(assignments * o->dim * sizeof(float), "the dispatched tokens")) ||
-        !(ye = (float *)new_buffer(assignments * o->dim * sizeof(float), "the experts' outputs")) ||
-        !(hidden = (float *)new_buffer(assignments * o->hidden * sizeof(float), "the experts' hidden activations")))
+    if (!(offsets = (int32_t *)new_run_buffer((size_t)(o->experts + 1) * sizeof(int32_t), "the plan's expert offsets",
+                                              run)) ||
+        !(order = (int32_t *)new_run_buffer(assignments * sizeof(int32_t), "the plan's row order", run)) ||
+        !(position = (int32_t *)new_run_buffer(assignments * sizeof(int32_t), "the plan's row positions", run)) ||
+        !(xe = (float *)new_run_buffer(assignments * o->dim * sizeof(float), "the dispatched tokens", run)) ||
+        !(ye = (float *)new_run_buffer(assignments * o->dim * sizeof(float), "the experts' outputs", run)) ||
+        !(hidden = (float *)new_run_buffer(assignments * o->hidden * sizeof(float), "the experts' hidden activations",
+                                           run)))
         goto done;
     memset(&desc, 0, sizeof desc);
     memset(&plan, 0, sizeof plan);
     desc.tokens = o->tokens, desc.top_k = o->top_k, desc.experts = o->experts; /* dropless */
     plan.counts = rows_per_expert, plan.offsets = offsets, plan.order = order, plan.position = position;
-    if (failed(status = fm_routing_plan_build(&desc, indices, o->top_k, gates, o->top_k, &plan), "routing plan") ||
-        failed(status = fm_dispatch_forward(&plan, o->dim, x, o->dim, xe, o->dim), "dispatch") ||
-        failed(status = fm_expert_ffn_forward(&layer->desc, offsets, &layer->params, xe, o->dim, ye, o->dim, hidden,
-                                              o->hidden, NULL, 0),
-               "expert FFN"))
+    if (run_failed(status = fm_routing_plan_build(&desc, indices, o->top_k, gates, o->top_k, &plan), "routing plan",
+                   run) ||
+        run_failed(status = fm_dispatch_forward(&plan, o->dim, x, o->dim, xe, o->dim), "dispatch", run) ||
+        run_failed(status = fm_expert_ffn_forward(&layer->desc, offsets, &layer->params, xe, o->dim, ye, o->dim,
+                                                  hidden, o->hidden, NULL, 0),
+                   "expert FFN", run))
         goto done;
-    failed(status = fm_combine_forward(&plan, o->dim, ye, o->dim, gates, o->top_k, y, o->dim), "combine");
+    run_failed(status = fm_combine_forward(&plan, o->dim, ye, o->dim, gates, o->top_k, y, o->dim), "combine", run);
 done:
     fm_free(offsets), fm_free(order), fm_free(position), fm_free(xe), fm_free(ye), fm_free(hidden);
     return status;
@@ -246,9 +292,9 @@ static fm_status new_moe_layer(const demo_options *o, moe_layer *layer) {
     memset(layer, 0, sizeof *layer);
     if (!(w = (float *)new_buffer(plain * sizeof(float), "the plain expert weights")) ||
         !(layer->params.w1 = w1 = (float *)new_buffer(
-              o->experts * fm_packed_weight_floats(o->dim, o->hidden) * sizeof(float), "packed weights W1")) ||
+              (size_t)o->experts * fm_packed_weight_floats(o->dim, o->hidden) * sizeof(float), "packed weights W1")) ||
         !(layer->params.w2 = w2 = (float *)new_buffer(
-              o->experts * fm_packed_weight_floats(o->hidden, o->dim) * sizeof(float), "packed weights W2")) ||
+              (size_t)o->experts * fm_packed_weight_floats(o->hidden, o->dim) * sizeof(float), "packed weights W2")) ||
         !(layer->params.b1 = b1 = (float *)new_buffer((size_t)o->experts * o->hidden * sizeof(float), "biases b1")) ||
         !(layer->params.b2 = b2 = (float *)new_buffer((size_t)o->experts * o->dim * sizeof(float), "biases b2")))
         goto done;
@@ -288,10 +334,22 @@ int main(int argc, char **argv) {
     moe_layer layer;
     double *share = NULL, scale, layer_error;
     int *count = NULL;
-    size_t logits_bytes, routes, tokens_bytes, layer_bytes;
+    size_t logits_bytes, routes, tokens_bytes, layer_floats, n;
+    unsigned long long peak;
+    const unsigned long long max_bytes = (unsigned long long)DEMO_MAX_GIB << 30,
+                             limit = (unsigned long long)SIZE_MAX < max_bytes ? (unsigned long long)SIZE_MAX : max_bytes;
 
     memset(&layer, 0, sizeof layer); /* before the first goto done: free_moe_layer reads it */
     if (!parse_args(argc, argv, &o)) return 2;
+    if ((peak = demo_peak_bytes(&o)) > limit) {
+        fprintf(stderr,
+                "flexmoe_demo: --tokens %d --experts %d --top-k %d --dim %d --hidden %d need %.1f GiB of buffers "
+                "at once, more than %s (%.1f GiB): lower --tokens, --dim or --hidden\n",
+                o.tokens, o.experts, o.top_k, o.dim, o.hidden, (double)peak / (1 << 30),
+                limit < max_bytes ? "size_t can count on this machine" : "this demo allows",
+                (double)limit / (1 << 30));
+        return 2;
+    }
     if (fail_env && *fail_env && !parse_int("FLEXMOE_DEMO_FAIL_ALLOC", fail_env, 1, 1 << 30, &fail.fail_at)) return 2;
     memset(&setup, 0, sizeof setup);
     setup.isa = o.isa;
@@ -366,39 +424,40 @@ int main(int argc, char **argv) {
 
     /* the sparse MoE layer those routes feed, on the active path */
     if (new_moe_layer(&o, &layer) != FM_OK) goto done;
-    layer_bytes = (size_t)o.tokens * o.dim * sizeof(float);
-    if (!(x = (float *)new_buffer(layer_bytes, "the layer's input")) ||
-        !(y = (float *)new_buffer(layer_bytes, "the layer's output")) ||
-        !(y_ref = (float *)new_buffer(layer_bytes, "the scalar path's layer output")) ||
+    layer_floats = (size_t)o.tokens * o.dim;
+    if (!(x = (float *)new_buffer(layer_floats * sizeof(float), "the layer's input")) ||
+        !(y = (float *)new_buffer(layer_floats * sizeof(float), "the layer's output")) ||
+        !(y_ref = (float *)new_buffer(layer_floats * sizeof(float), "the scalar path's layer output")) ||
         !(rows_per_expert = (int32_t *)new_buffer((size_t)o.experts * sizeof(int32_t), "the rows per expert")))
         goto done;
-    for (i = 0; i < o.tokens * o.dim; i++) x[i] = (float)normal();
-    if (run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert) != FM_OK) goto done;
+    for (n = 0; n < layer_floats; n++) x[n] = (float)normal();
+    if (run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert, "the layer after the gate") != FM_OK)
+        goto done;
     printf("\nsparse MoE layer (d = %d, expert FFN %d -> %d -> %d with GELU): rows per expert\n ", o.dim, o.dim,
            o.hidden, o.dim);
     for (e = 0; e < o.experts && e < 16; e++) printf(" %d", rows_per_expert[e]);
     printf("%s\n", o.experts > 16 ? " ..." : "");
 
     /* every path on this machine against the scalar reference, on the same logits and noise; a
-     * line is printed only once both of its calls succeeded, so no figure comes from a stale buffer */
+     * line is printed only once all of its calls succeeded, so no figure comes from a stale buffer.
+     * The reference is the scalar path's routes and the scalar layer on them. Each path routes on
+     * its own (the routing figures), but its layer runs on those same scalar routes: where two paths
+     * break a near-tie differently, that shows as a token routed differently, not as a layer error. */
     printf("\nagreement with the scalar path (tokens routed differently, max |gate difference|; MoE layer output\n"
            "on the same routes, max |difference| / max |output|):\n");
-    memcpy(ref_indices, indices, (size_t)o.tokens * o.top_k * sizeof(int32_t));
-    memcpy(ref_gates, gates, (size_t)o.tokens * o.top_k * sizeof(float));
     if (select_failed(fm_set_isa(FM_ISA_SCALAR), FM_ISA_SCALAR) ||
-        run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y_ref, rows_per_expert) != FM_OK)
+        route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load) != FM_OK ||
+        run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y_ref, rows_per_expert, "the reference layer") != FM_OK)
         goto done;
-    for (i = 0, scale = 0.0; i < o.tokens * o.dim; i++) scale = fmax(scale, fabs(y_ref[i]));
-    if (route(&o, clean, noise, group, ref_indices, ref_gates, noisy, importance, load) != FM_OK) goto done;
+    for (n = 0, scale = 0.0; n < layer_floats; n++) scale = fmax(scale, fabs(y_ref[n]));
     for (k = FM_ISA_SCALAR; k < FM_ISA_COUNT; k++) {
         double worst = 0.0;
         int differ = 0;
         if (!fm_isa_supported((fm_isa)k)) continue;
         if (select_failed(fm_set_isa((fm_isa)k), (fm_isa)k) ||
-            run_moe_layer(&o, &layer, x, indices, gates, y, rows_per_expert) != FM_OK) /* the active path's routes */
+            route(&o, clean, noise, group, indices, gates, noisy, importance, load) != FM_OK ||
+            run_moe_layer(&o, &layer, x, ref_indices, ref_gates, y, rows_per_expert, "the agreement check") != FM_OK)
             goto done;
-        for (i = 0, layer_error = 0.0; i < o.tokens * o.dim; i++) layer_error = fmax(layer_error, fabs(y[i] - y_ref[i]));
-        if (route(&o, clean, noise, group, indices, gates, noisy, importance, load) != FM_OK) goto done;
         for (t = 0; t < o.tokens; t++) {
             const size_t row = (size_t)t * o.top_k;
             if (memcmp(indices + row, ref_indices + row, (size_t)o.top_k * sizeof(int32_t))) {
@@ -407,8 +466,13 @@ int main(int argc, char **argv) {
             }
             for (i = 0; i < o.top_k; i++) worst = fmax(worst, fabs(gates[row + i] - ref_gates[row + i]));
         }
-        printf("  %-7s %d of %d tokens, %.2e; layer %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst,
-               layer_error / scale);
+        for (n = 0, layer_error = 0.0; n < layer_floats; n++) layer_error = fmax(layer_error, fabs(y[n] - y_ref[n]));
+        if (scale > 0.0) /* relative, as the heading says */
+            printf("  %-7s %d of %d tokens, %.2e; layer %.2e\n", fm_isa_name((fm_isa)k), differ, o.tokens, worst,
+                   layer_error / scale);
+        else /* the reference output is all zeros: there is nothing to be relative to */
+            printf("  %-7s %d of %d tokens, %.2e; layer %.2e absolute (the scalar output is all zeros)\n",
+                   fm_isa_name((fm_isa)k), differ, o.tokens, worst, layer_error);
     }
     rc = 0;
 
