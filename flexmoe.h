@@ -83,6 +83,11 @@ typedef struct fm_logger {
     void *user_data;
 } fm_logger;
 
+/* The largest dimension (rows, columns, features, tokens) and row index (a grouped GEMM's
+ * offsets) any call accepts: 2^31 - 4096, so that loops stepping through a dimension in blocks
+ * stay within int. Beyond it a call returns FM_ERR_OVERFLOW. */
+#define FLEXMOE_MAX_DIM 2147479552
+
 /* ==== 2. ISA selection ===================================================================== */
 
 typedef enum fm_isa {
@@ -221,7 +226,14 @@ typedef struct fm_gate_tensors {
     int ld_noisy;
     float *importance;            /* groups x experts, optional output (overwritten) */
     float *load;                  /* groups x experts, optional output (overwritten) */
+    float *workspace;             /* optional scratch, fm_gate_workspace_floats() floats (below) */
 } fm_gate_tensors;
+
+/* Floats of the optional workspace of fm_noisy_gate_forward (0 on a bad desc). Without one, the
+ * training gate keeps the noise of the first 16 to 64 experts (16 on AVX-512, 32 on AVX2, 64 on NEON) between its two passes (a few KiB of
+ * stack) and draws the noise of the others twice; with one, every expert's noise is drawn once.
+ * It must not overlap the other tensors. */
+size_t fm_gate_workspace_floats(const fm_gate_desc *desc);
 
 fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors);
 
@@ -510,7 +522,8 @@ typedef enum fm_weight_layout {
     FM_WEIGHTS_OUT_BY_IN      /* w[e][j][k]: PyTorch's nn.Linear.weight */
 } fm_weight_layout;
 
-/* Floats of one expert's packed weights: ceil(out / 64) * 64 * in (0 on a bad shape). */
+/* Floats of one expert's packed weights: ceil(out / 64) * 64 * in (0 on a bad shape: a feature
+ * count <= 0 or above FLEXMOE_MAX_DIM). */
 size_t fm_packed_weight_floats(int in_features, int out_features);
 
 /* Packs experts plain matrices (rows of ldw floats, expert e's matrix at w + e * rows * ldw where
@@ -654,18 +667,30 @@ typedef struct fm__gate_job {
     int32_t *indices;
     float *gates, *noisy, *importance, *load; /* importance and load accumulate (zeroed first) */
     float *stds;                              /* the noise kernel's optional std output */
+    float *tile;                              /* optional: the fused gate's noise tile, 3 W floats per expert */
     const float *noisy_in, *stds_in, *top_values; /* the load kernel's inputs */
     int ld_values;
     int ld_indices, ld_gates, ld_noisy, ld_stds;
 } fm__gate_job;
 
+/* The selection is read by kernels on any thread while fm_set_isa() may change it on another:
+ * its fields are published with atomic stores and read with atomic loads, the table pointer
+ * last, so a kernel sees either a complete table or NULL with the error that caused it. */
 static struct {
     fm_allocator allocator;
     fm_logger logger;
     const fm__kernel_table *kernels; /* NULL until selected, or after a failed selection */
-    fm_status selection_status;
-    int selected; /* a selection has run (successfully or not) */
+    int selection_status;            /* an fm_status */
+    int selected;                    /* a selection has run (successfully or not) */
 } fm__state = {{fm__default_alloc, fm__default_free, NULL}, {fm__default_log, NULL}, NULL, FM_OK, 0};
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FM__LOAD(field) __atomic_load_n(&(field), __ATOMIC_ACQUIRE)
+#define FM__STORE(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELEASE)
+#else
+#define FM__LOAD(field) (field)
+#define FM__STORE(field, value) ((field) = (value))
+#endif
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
@@ -679,25 +704,35 @@ static void fm__log(fm_log_level level, const char *format, ...) {
     fm__state.logger.func(level, message, fm__state.logger.user_data);
 }
 
-/* Each block is over-allocated by 64 bytes plus a header that remembers the raw pointer. */
+/* What sits just below every aligned block: the raw pointer and the allocator that made it, so
+ * a block is freed through its own allocator even after fm_setup() installed another. */
+typedef struct fm__block_header {
+    void *raw;
+    fm_allocator allocator;
+} fm__block_header;
+
+/* Each block is over-allocated by 64 bytes plus the header. */
 void *fm_alloc(size_t size) {
-    const size_t align = 64, header = sizeof(void *);
+    const size_t align = 64, header = sizeof(fm__block_header);
+    const fm_allocator allocator = fm__state.allocator;
+    fm__block_header block;
     unsigned char *raw;
     uintptr_t aligned;
     if (size == 0 || size > SIZE_MAX - align - header) return NULL;
-    raw = (unsigned char *)fm__state.allocator.alloc(size + align + header,
-                                                     fm__state.allocator.user_data);
+    raw = (unsigned char *)allocator.alloc(size + align + header, allocator.user_data);
     if (!raw) return NULL;
     aligned = ((uintptr_t)(raw + header) + align - 1) & ~(uintptr_t)(align - 1);
-    memcpy((unsigned char *)aligned - header, &raw, sizeof raw);
+    block.raw = raw;
+    block.allocator = allocator;
+    memcpy((unsigned char *)aligned - header, &block, sizeof block);
     return (void *)aligned;
 }
 
 void fm_free(void *ptr) {
-    void *raw;
+    fm__block_header block;
     if (!ptr) return;
-    memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof raw);
-    fm__state.allocator.free(raw, fm__state.allocator.user_data);
+    memcpy(&block, (unsigned char *)ptr - sizeof block, sizeof block);
+    block.allocator.free(block.raw, block.allocator.user_data);
 }
 
 /* ==== 9. Kernel table and scalar reference kernels ========================================= */
@@ -841,7 +876,7 @@ static uint32_t fm__noise_token_state(uint64_t seed, uint64_t token) {
     return (uint32_t)(z ^ (z >> 32));
 }
 
-static uint32_t fm__noise_expert_key(int expert) { return (uint32_t)(expert + 1) * 0x9E3779B9u; }
+static uint32_t fm__noise_expert_key(int expert) { return ((uint32_t)expert + 1u) * 0x9E3779B9u; }
 
 /* Chris Wellons' lowbias32 of the token's state mixed with the expert's key. */
 static uint32_t fm__noise_hash(uint32_t state, int expert) {
@@ -896,26 +931,26 @@ static float fm__noise_std(float r, float epsilon) {
 static double fm__normal_cdf(double z) { return 0.5 * erfc(-z * 0.70710678118654752); }
 static double fm__normal_pdf(double z) { return 0.39894228040143268 * exp(-0.5 * z * z); }
 
-/* Token t's noise step: stds[e] = softplus(noise[e]) + epsilon, the draw n[e] (into draws, which
- * may be NULL), noisy[e] = clean[e] + n[e] * stds[e]. */
+/* Token t's noise step: stds[e] = softplus(noise[e]) + epsilon (stds may be NULL), the draw n[e]
+ * (into draws, which may be NULL), noisy[e] = clean[e] + n[e] * std. */
 static void fm__noise_row(const fm__gate_job *job, int t, float *noisy, float *stds, float *draws) {
     const float *clean = job->clean + (size_t)t * job->ld_clean, *noise = job->noise + (size_t)t * job->ld_noise;
     const uint32_t state = fm__noise_token_state(job->seed, job->token_offset + (uint64_t)t);
     int e;
     for (e = 0; e < job->experts; e++) {
         const float n = fm__normal_from_hash(fm__noise_hash(state, e));
-        stds[e] = fm__noise_std(noise[e], job->noise_epsilon);
-        noisy[e] = fmaf(n, stds[e], clean[e]);
+        const float std = fm__noise_std(noise[e], job->noise_epsilon);
+        noisy[e] = fmaf(n, std, clean[e]);
+        if (stds) stds[e] = std;
         if (draws) draws[e] = n;
     }
 }
 
 static void fm__scalar_gate_noise(const fm__gate_job *job) {
-    float stds[FLEXMOE_GATE_MAX_EXPERTS];
     int t;
     for (t = 0; t < job->tokens; t++)
         fm__noise_row(job, t, job->noisy + (size_t)t * job->ld_noisy,
-                      job->stds ? job->stds + (size_t)t * job->ld_stds : stds, NULL);
+                      job->stds ? job->stds + (size_t)t * job->ld_stds : NULL, NULL);
 }
 
 /* FastMoE's load of one token added to load_row[e]: Phi((clean - threshold) / std), the
@@ -1253,34 +1288,41 @@ static const fm__kernel_table *fm__best_kernels(void) {
     return &fm__scalar_kernels;
 }
 
+/* Publishes a selection: the status first, the table last, so that no reader finds the new
+ * table with an old error or NULL with an old FM_OK (fm__selection_error covers the rest). */
+static fm_status fm__publish(const fm__kernel_table *kernels, fm_status status) {
+    FM__STORE(fm__state.selection_status, (int)status);
+    FM__STORE(fm__state.kernels, kernels);
+    FM__STORE(fm__state.selected, 1);
+    return status;
+}
+
+/* The new table is chosen before anything is published: there is no moment when a kernel on
+ * another thread finds no table while the selection succeeds. */
 static fm_status fm__select(fm_isa isa) {
     const char *source = "fm_set_isa";
-    fm__state.selected = 1;
-    fm__state.kernels = NULL;
+    const fm__kernel_table *kernels;
     if (isa == FM_ISA_AUTO) {
         const char *forced = getenv("FLEXMOE_ISA");
-        if (!forced || !*forced) {
-            fm__state.kernels = fm__best_kernels();
-            return fm__state.selection_status = FM_OK;
-        }
+        if (!forced || !*forced) return fm__publish(fm__best_kernels(), FM_OK);
         source = "FLEXMOE_ISA";
         if (fm_isa_from_name(forced, &isa) != FM_OK || isa == FM_ISA_AUTO) {
             fm__log(FM_LOG_ERROR, "FLEXMOE_ISA=%s names no ISA path (use scalar, avx2, avx512 or neon)",
                     forced);
-            return fm__state.selection_status = FM_ERR_UNKNOWN_ISA;
+            return fm__publish(NULL, FM_ERR_UNKNOWN_ISA);
         }
     }
     if ((unsigned)isa >= FM_ISA_COUNT) {
         fm__log(FM_LOG_ERROR, "%s: %d is not an fm_isa value", source, (int)isa);
-        return fm__state.selection_status = FM_ERR_UNKNOWN_ISA;
+        return fm__publish(NULL, FM_ERR_UNKNOWN_ISA);
     }
-    fm__state.kernels = fm__kernels_for(isa);
-    if (!fm__state.kernels) {
+    kernels = fm__kernels_for(isa);
+    if (!kernels) {
         fm__log(FM_LOG_ERROR, "%s: the %s path cannot run here (%s)", source, fm_isa_name(isa),
                 fm__isa_requirement(isa));
-        return fm__state.selection_status = FM_ERR_UNSUPPORTED_ISA;
+        return fm__publish(NULL, FM_ERR_UNSUPPORTED_ISA);
     }
-    return fm__state.selection_status = FM_OK;
+    return fm__publish(kernels, FM_OK);
 }
 
 fm_status fm_setup(const fm_desc *desc) {
@@ -1289,7 +1331,11 @@ fm_status fm_setup(const fm_desc *desc) {
         memset(&zero, 0, sizeof zero);
         desc = &zero;
     }
-    if (desc->allocator.alloc && desc->allocator.free) {
+    if (!desc->allocator.alloc != !desc->allocator.free) {
+        fm__log(FM_LOG_ERROR, "fm_setup: the allocator needs both hooks, alloc and free (or neither)");
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (desc->allocator.alloc) {
         fm__state.allocator = desc->allocator;
     } else {
         fm__state.allocator.alloc = fm__default_alloc;
@@ -1308,8 +1354,16 @@ fm_status fm_setup(const fm_desc *desc) {
 fm_status fm_set_isa(fm_isa isa) { return fm__select(isa); }
 
 static const fm__kernel_table *fm__active_kernels(void) {
-    if (!fm__state.selected) fm__select(FM_ISA_AUTO);
-    return fm__state.kernels;
+    if (!FM__LOAD(fm__state.selected)) fm__select(FM_ISA_AUTO);
+    return FM__LOAD(fm__state.kernels);
+}
+
+/* What a kernel returns when fm__active_kernels() found no table: the error of the selection
+ * that removed it. A selection that succeeded since then may already have published FM_OK;
+ * the call still did nothing, so it must not report success. */
+static fm_status fm__selection_error(void) {
+    const fm_status status = (fm_status)FM__LOAD(fm__state.selection_status);
+    return status != FM_OK ? status : FM_ERR_UNSUPPORTED_ISA;
 }
 
 fm_isa fm_active_isa(void) {
@@ -1319,11 +1373,13 @@ fm_isa fm_active_isa(void) {
 
 /* ==== 11. Argument checking and public entry points ======================================== */
 
-/* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, extent addressable. */
+/* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, each dimension
+ * within FLEXMOE_MAX_DIM, extent addressable. */
 static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) {
     if (rows <= 0 || cols <= 0 || ld < cols) return FM_ERR_INVALID_SHAPE;
     if (!data) return FM_ERR_NULL_POINTER;
-    if ((uint64_t)(rows - 1) * (uint64_t)ld + (uint64_t)cols > (uint64_t)(PTRDIFF_MAX / sizeof(float)))
+    if (rows > FLEXMOE_MAX_DIM || cols > FLEXMOE_MAX_DIM ||
+        (uint64_t)(rows - 1) * (uint64_t)ld + (uint64_t)cols > (uint64_t)(PTRDIFF_MAX / sizeof(float)))
         return FM_ERR_OVERFLOW;
     return FM_OK;
 }
@@ -1345,7 +1401,7 @@ static int fm__stream_output(int rows, int dim) {
 /* Runs `call` on consecutive chunks of rows [r0, r0 + n), in parallel under OpenMP. */
 #define FM__FOR_ROW_CHUNKS(rows, r0, n, call)                                                     \
     do {                                                                                          \
-        const int fm__chunks = ((rows) + FM__ROW_CHUNK - 1) / FM__ROW_CHUNK;                      \
+        const int fm__chunks = (rows) / FM__ROW_CHUNK + ((rows) % FM__ROW_CHUNK != 0);            \
         int fm__chunk;                                                                            \
         FM__OMP_PARALLEL_FOR                                                                      \
         for (fm__chunk = 0; fm__chunk < fm__chunks; fm__chunk++) {                                \
@@ -1360,7 +1416,7 @@ fm_status fm_softmax_forward(int rows, int cols, const float *x, int ldx, float 
     fm_status status;
     if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(rows, r0, n,
                        kernels->softmax_forward(n, cols, x + (size_t)r0 * ldx, ldx, y + (size_t)r0 * ldy, ldy));
     return FM_OK;
@@ -1373,7 +1429,7 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
     if ((status = fm__check_matrix(dy, rows, cols, lddy)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, rows, cols, lddx)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(rows, r0, n,
                        kernels->softmax_backward(n, cols, y + (size_t)r0 * ldy, ldy, dy + (size_t)r0 * lddy,
                                                  lddy, dx + (size_t)r0 * lddx, lddx));
@@ -1388,7 +1444,7 @@ fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *i
     if (k < 1 || k > cols) return FM_ERR_INVALID_ARGUMENT;
     if ((status = fm__check_matrix(indices, rows, k, ldi)) != FM_OK) return status;
     if (values && (status = fm__check_matrix(values, rows, k, ldv)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(rows, r0, n,
                        kernels->topk(n, cols, k, x + (size_t)r0 * ldx, ldx, indices + (size_t)r0 * ldi, ldi,
                                      values ? values + (size_t)r0 * ldv : NULL, ldv));
@@ -1403,6 +1459,10 @@ static fm_status fm__check_gate_size(int tokens, int experts, int k) {
         return FM_ERR_INVALID_ARGUMENT;
     return FM_OK;
 }
+
+/* The noise's epsilon: finite and >= 0 (an infinite std would make every noisy logit +-Inf or
+ * NaN, and a NaN ranks above every expert's logit). */
+static int fm__valid_noise_epsilon(float epsilon) { return epsilon >= 0.0f && epsilon <= 3.402823466e38f; }
 
 /* Every index of a tokens x k matrix in [0, experts). */
 static fm_status fm__check_indices(const int32_t *indices, int tokens, int k, int ld, int experts) {
@@ -1445,7 +1505,7 @@ fm_status fm_softmax_topk_forward(int tokens, int experts, int k, int renormaliz
     if ((status = fm__check_matrix(logits, tokens, experts, ldl)) != FM_OK) return status;
     if ((status = fm__check_matrix(indices, tokens, k, ldi)) != FM_OK) return status;
     if ((status = fm__check_matrix(weights, tokens, k, ldw)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     memset(&job, 0, sizeof job);
     job.tokens = tokens;
     job.experts = experts;
@@ -1475,7 +1535,7 @@ fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormali
     if ((status = fm__check_matrix(d_weights, tokens, k, lddw)) != FM_OK) return status;
     if ((status = fm__check_matrix(d_logits, tokens, experts, lddl)) != FM_OK) return status;
     if ((status = fm__check_indices(indices, tokens, k, ldi, experts)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     /* w_i = p_{j_i} (/ sum of the selected p): dl = p * (g - <w, dw>) with g the scattered dw, over
      * all experts without renormalisation, over the selected ones (p -> w) with it. */
     if (!renormalize)
@@ -1518,7 +1578,7 @@ static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tenso
     job->noise_epsilon = desc->noise_epsilon != 0.0f ? desc->noise_epsilon : 0.01f;
     job->seed = desc->seed;
     job->token_offset = desc->token_offset;
-    if (job->groups < 1 || job->groups > FLEXMOE_GATE_MAX_GROUPS || !(job->noise_epsilon >= 0.0f))
+    if (job->groups < 1 || job->groups > FLEXMOE_GATE_MAX_GROUPS || !fm__valid_noise_epsilon(job->noise_epsilon))
         return FM_ERR_INVALID_ARGUMENT;
     job->clean = t->clean_logits;
     job->ld_clean = t->ld_clean ? t->ld_clean : desc->experts;
@@ -1533,6 +1593,7 @@ static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tenso
     job->ld_noisy = t->ld_noisy ? t->ld_noisy : desc->experts;
     job->importance = outputs ? t->importance : NULL;
     job->load = outputs ? t->load : NULL;
+    job->tile = outputs ? t->workspace : NULL;
     if ((status = fm__check_matrix(job->clean, job->tokens, job->experts, job->ld_clean)) != FM_OK) return status;
     if (job->training && (status = fm__check_matrix(job->noise, job->tokens, job->experts, job->ld_noise)) != FM_OK)
         return status;
@@ -1547,24 +1608,40 @@ static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tenso
     return FM_OK;
 }
 
+/* The widest vector's lanes: one tile layout serves every path. */
+#define FM__GATE_TILE_LANES 16
+
+size_t fm_gate_workspace_floats(const fm_gate_desc *desc) {
+    if (!desc || fm__check_gate_size(desc->tokens, desc->experts, desc->top_k) != FM_OK) return 0;
+    return (size_t)3 * FM__GATE_TILE_LANES * (size_t)desc->experts;
+}
+
 fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors) {
     const fm__kernel_table *kernels;
     fm__gate_job job;
     fm_status status;
     if ((status = fm__gate_job_from(desc, tensors, 1, &job)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (job.importance) memset(job.importance, 0, (size_t)job.groups * job.experts * sizeof(float));
     if (job.load) memset(job.load, 0, (size_t)job.groups * job.experts * sizeof(float));
     fm__run_gate(kernels, &job);
     return FM_OK;
 }
 
+/* The slot of expert e among a token's k selected experts, or -1. */
+static int fm__slot_of(const int32_t *idx, int k, int e) {
+    int i;
+    for (i = 0; i < k; i++)
+        if (idx[i] == e) return i;
+    return -1;
+}
+
+/* Token by token in O(k) memory (no row of E values on the stack): the rows of d_clean_logits and
+ * d_noise_logits hold the token's noisy logits and std until their own entries are written. */
 fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors *tensors,
                                  const fm_gate_gradients *g) {
     fm__gate_job job;
     fm_status status;
-    float noisy[FLEXMOE_GATE_MAX_EXPERTS], stds[FLEXMOE_GATE_MAX_EXPERTS], noise[FLEXMOE_GATE_MAX_EXPERTS];
-    double d_noisy[FLEXMOE_GATE_MAX_EXPERTS], d_clean[FLEXMOE_GATE_MAX_EXPERTS], d_std[FLEXMOE_GATE_MAX_EXPERTS];
     int t, e, i, E, k, ld_dg, ld_dn, ld_dc, ld_dr;
     if (!g) return FM_ERR_NULL_POINTER;
     if ((status = fm__gate_job_from(desc, tensors, 0, &job)) != FM_OK) return status;
@@ -1584,47 +1661,53 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
         const int32_t *idx = job.indices + (size_t)t * job.ld_indices;
         const float *gates = job.gates + (size_t)t * job.ld_gates;
         const int group = job.token_group ? job.token_group[t] : 0;
-        double dot = 0.0, dg[FLEXMOE_GATE_MAX_TOP_K];
-        if (job.training) {
-            fm__noise_row(&job, t, noisy, stds, noise);
-        } else {
-            memcpy(noisy, clean, (size_t)E * sizeof *noisy);
-        }
-        for (e = 0; e < E; e++) {
-            d_noisy[e] = g->d_noisy_logits ? g->d_noisy_logits[(size_t)t * ld_dn + e] : 0.0;
-            d_clean[e] = d_std[e] = 0.0;
-        }
+        const uint32_t state = job.training ? fm__noise_token_state(job.seed, job.token_offset + (uint64_t)t) : 0;
+        const int with_load = job.training && k < E && g->d_load;
+        float *d_clean = g->d_clean_logits + (size_t)t * ld_dc, *d_noise = job.training ? g->d_noise_logits + (size_t)t * ld_dr : NULL;
+        float *noisy = job.training ? d_clean : NULL, *stds = d_noise; /* until overwritten below */
+        double dot = 0.0, dg[FLEXMOE_GATE_MAX_TOP_K], below_next = 0.0, below_kth = 0.0, next_value = 0.0, kth_value = 0.0;
+        int next = -1;
+        if (job.training) fm__noise_row(&job, t, noisy, stds, NULL);
         /* gates = softmax over the selected noisy logits; importance sums the gates */
         for (i = 0; i < k; i++) {
             dg[i] = (g->d_gates ? g->d_gates[(size_t)t * ld_dg + i] : 0.0) +
                     (g->d_importance ? g->d_importance[(size_t)group * E + idx[i]] : 0.0);
             dot += gates[i] * dg[i];
         }
-        for (i = 0; i < k; i++) d_noisy[idx[i]] += gates[i] * (dg[i] - dot);
-        /* load = Phi((clean - threshold) / std), the threshold being another expert's noisy logit */
-        if (job.training && k < E && g->d_load) {
-            int next = -1;
+        for (i = 0; i < k; i++) dg[i] = gates[i] * (dg[i] - dot);
+        /* load = Phi((clean - threshold) / std), the threshold being another expert's noisy logit:
+         * the best unselected one (next) or the k-th; their gradients are the sums of the q's */
+        if (with_load) {
+            for (e = 0; e < E; e++)
+                if (fm__slot_of(idx, k, e) < 0 && (next < 0 || fm__rank_key(noisy[e]) > fm__rank_key(noisy[next]))) next = e;
+            next_value = fm__rank_key(noisy[next]);
+            kth_value = fm__rank_key(noisy[idx[k - 1]]);
             for (e = 0; e < E; e++) {
-                int selected = 0;
-                for (i = 0; i < k; i++) selected |= idx[i] == e;
-                if (!selected && (next < 0 || fm__rank_key(noisy[e]) > fm__rank_key(noisy[next]))) next = e;
-            }
-            for (e = 0; e < E; e++) {
-                const int threshold = noisy[e] > fm__rank_key(noisy[next]) ? next : idx[k - 1];
-                double z, q;
-                z = ((double)clean[e] - fm__rank_key(noisy[threshold])) / stds[e];
-                q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
-                d_clean[e] += q;
-                d_std[e] -= q * z;
-                d_noisy[threshold] -= q;
+                const int above = noisy[e] > next_value;
+                const double z = ((double)clean[e] - (above ? next_value : kth_value)) / stds[e];
+                const double q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
+                if (above) below_next += q;
+                else below_kth += q;
             }
         }
         /* noisy = clean + n * std, std = softplus(r) + epsilon */
         for (e = 0; e < E; e++) {
-            g->d_clean_logits[(size_t)t * ld_dc + e] = (float)(d_clean[e] + d_noisy[e]);
+            const int slot = fm__slot_of(idx, k, e);
+            double d_noisy = (g->d_noisy_logits ? g->d_noisy_logits[(size_t)t * ld_dn + e] : 0.0) + (slot >= 0 ? dg[slot] : 0.0);
+            double d_clean_load = 0.0, d_std = 0.0;
+            if (with_load) {
+                const int above = noisy[e] > next_value;
+                const double z = ((double)clean[e] - (above ? next_value : kth_value)) / stds[e];
+                const double q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
+                d_clean_load = q;
+                d_std = -q * z;
+                if (e == next) d_noisy -= below_next;
+                if (e == idx[k - 1]) d_noisy -= below_kth;
+            }
+            d_clean[e] = (float)(d_clean_load + d_noisy);
             if (job.training)
-                g->d_noise_logits[(size_t)t * ld_dr + e] =
-                    (float)((d_std[e] + d_noisy[e] * noise[e]) / (1.0 + exp(-(double)raw[e])));
+                d_noise[e] = (float)((d_std + d_noisy * fm__normal_from_hash(fm__noise_hash(state, e))) /
+                                     (1.0 + exp(-(double)raw[e])));
         }
     }
     return FM_OK;
@@ -1640,8 +1723,8 @@ fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, in
     if ((status = fm__check_matrix(noise, desc->tokens, desc->experts, ldn)) != FM_OK) return status;
     if ((status = fm__check_matrix(noisy, desc->tokens, desc->experts, ldy)) != FM_OK) return status;
     if (std && (status = fm__check_matrix(std, desc->tokens, desc->experts, lds)) != FM_OK) return status;
-    if (!(desc->noise_epsilon >= 0.0f)) return FM_ERR_INVALID_ARGUMENT;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!fm__valid_noise_epsilon(desc->noise_epsilon)) return FM_ERR_INVALID_ARGUMENT;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     memset(&job, 0, sizeof job);
     job.tokens = desc->tokens;
     job.experts = desc->experts;
@@ -1683,7 +1766,7 @@ fm_status fm_gate_load_forward(const fm_gate_desc *desc, const float *clean, int
     if (token_group)
         for (t = 0; t < job.tokens; t++)
             if (token_group[t] < 0 || token_group[t] >= job.groups) return FM_ERR_INVALID_ARGUMENT;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     job.clean = clean;
     job.ld_clean = ldc;
     job.noisy_in = noisy;
@@ -1802,7 +1885,7 @@ static fm_status fm__cross_entropy(int tokens, int experts, const float *logits,
         if (targets[t] >= experts) return FM_ERR_INVALID_ARGUMENT;
         counted += targets[t] >= first_target;
     }
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (d_logits)
         FM__FOR_ROW_CHUNKS(tokens, r0, n,
                            kernels->softmax_forward(n, experts, logits + (size_t)r0 * ldl, ldl,
@@ -1843,6 +1926,7 @@ fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const floa
     float ce, cv;
     double total;
     int t, g;
+    if (!value) return FM_ERR_NULL_POINTER;
     if (groups < 1 || groups > FLEXMOE_GATE_MAX_GROUPS) return FM_ERR_INVALID_ARGUMENT;
     if ((status = fm__check_matrix(importance, groups, experts, experts)) != FM_OK) return status;
     if ((status = fm__check_matrix(load, groups, experts, experts)) != FM_OK) return status;
@@ -1900,7 +1984,7 @@ fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, cons
     if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
     if ((status = fm__layernorm_eps(eps, &eps)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(rows, r0, n,
                        kernels->layernorm_forward(n, cols, x + (size_t)r0 * ldx, ldx, gamma, beta, eps,
                                                   y + (size_t)r0 * ldy, ldy, mean ? mean + r0 : NULL,
@@ -1918,7 +2002,7 @@ fm_status fm_layernorm_backward(int rows, int cols, const float *x, int ldx, con
     if ((status = fm__check_matrix(rstd, 1, rows, rows)) != FM_OK) return status;
     if ((status = fm__check_matrix(dy, rows, cols, lddy)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, rows, cols, lddx)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     /* the parameter sums first: dx may overwrite dy */
     fm__layernorm_param_grad(kernels, rows, cols, x, ldx, mean, rstd, dy, lddy, dgamma, dbeta);
     FM__FOR_ROW_CHUNKS(rows, r0, n,
@@ -2067,7 +2151,7 @@ fm_status fm_confsmoe_forward(const fm_confsmoe_desc *desc, const fm_confsmoe_pa
     if ((status = fm__confsmoe_check(desc, params, experts, labels, x, ldx, h, ldh, saved, &eps)) != FM_OK)
         return status;
     if ((status = fm__check_matrix(out, desc->tokens, desc->dim, ldout)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     T = desc->tokens, k = desc->k, d = desc->dim, C = desc->classes;
     slots = (size_t)T * k;
     S = fm__confsmoe_split(saved, desc);
@@ -2127,7 +2211,7 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
     if ((status = fm__check_matrix(dout, desc->tokens, desc->dim, lddout)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, desc->tokens, desc->dim, lddx)) != FM_OK) return status;
     if ((status = fm__check_matrix(dh, desc->tokens * desc->k, desc->dim, lddh)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (!grads) grads = &no_grads;
     T = desc->tokens, k = desc->k, E = desc->experts, d = desc->dim, C = desc->classes;
     slots = (size_t)T * k;
@@ -2282,13 +2366,27 @@ fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices
     return FM_OK;
 }
 
-/* A plan as the build left it: sizes positive and arrays present. */
+/* A plan as the build leaves it: sizes positive, arrays present, and order and position each
+ * other's inverse over the kept assignments (every kept row written exactly once, no row index
+ * outside the dispatched matrix), whoever filled them in. O(tokens * top_k), small beside the
+ * rows of dim floats that the call moves. */
 static fm_status fm__check_plan(const fm_routing_plan *plan, int dim) {
+    int32_t a, r, assignments;
     if (!plan) return FM_ERR_NULL_POINTER;
     if (plan->tokens <= 0 || plan->top_k <= 0 || plan->experts <= 0 || dim <= 0 || plan->rows < 0 ||
         (int64_t)plan->rows > (int64_t)plan->tokens * plan->top_k)
         return FM_ERR_INVALID_SHAPE;
+    if ((int64_t)plan->tokens * plan->top_k > INT32_MAX || plan->tokens > FLEXMOE_MAX_DIM || dim > FLEXMOE_MAX_DIM)
+        return FM_ERR_OVERFLOW;
     if (!plan->order || !plan->position) return FM_ERR_NULL_POINTER;
+    assignments = plan->tokens * plan->top_k;
+    for (r = 0; r < plan->rows; r++)
+        if (plan->order[r] < 0 || plan->order[r] >= assignments || plan->position[plan->order[r]] != r)
+            return FM_ERR_INVALID_ARGUMENT;
+    for (a = 0; a < assignments; a++)
+        if (plan->position[a] != -1 &&
+            (plan->position[a] < 0 || plan->position[a] >= plan->rows || plan->order[plan->position[a]] != a))
+            return FM_ERR_INVALID_ARGUMENT;
     return FM_OK;
 }
 
@@ -2299,7 +2397,7 @@ fm_status fm_dispatch_forward(const fm_routing_plan *plan, int dim, const float 
     if ((status = fm__check_matrix(x, plan->tokens, dim, ldx)) != FM_OK) return status;
     if (plan->rows == 0) return FM_OK;
     if ((status = fm__check_matrix(xe, plan->rows, dim, ldxe)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                        kernels->scatter_rows(n, plan->top_k, dim, x + (size_t)t0 * ldx, ldx, plan->position + (size_t)t0 * plan->top_k,
                                              NULL, 0, xe, ldxe, fm__stream_output(plan->rows, dim)));
@@ -2313,7 +2411,7 @@ fm_status fm_dispatch_backward(const fm_routing_plan *plan, int dim, const float
     if ((status = fm__check_plan(plan, dim)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, plan->tokens, dim, lddx)) != FM_OK) return status;
     if (plan->rows > 0 && (status = fm__check_matrix(dxe, plan->rows, dim, lddxe)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                        kernels->combine_rows(n, plan->top_k, dim, dxe, lddxe, plan->position + (size_t)t0 * plan->top_k,
                                              NULL, 0, dx + (size_t)t0 * lddx, lddx, fm__stream_output(plan->tokens, dim)));
@@ -2328,7 +2426,7 @@ fm_status fm_combine_forward(const fm_routing_plan *plan, int dim, const float *
     if ((status = fm__check_matrix(gates, plan->tokens, plan->top_k, ldg)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, plan->tokens, dim, ldy)) != FM_OK) return status;
     if (plan->rows > 0 && (status = fm__check_matrix(ye, plan->rows, dim, ldye)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(plan->tokens, t0, n,
                        kernels->combine_rows(n, plan->top_k, dim, ye, ldye, plan->position + (size_t)t0 * plan->top_k,
                                              gates + (size_t)t0 * ldg, ldg, y + (size_t)t0 * ldy, ldy,
@@ -2347,7 +2445,7 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
     if (plan->rows > 0 && dye && (status = fm__check_matrix(dye, plan->rows, dim, lddye)) != FM_OK) return status;
     if (plan->rows > 0 && d_gates && (status = fm__check_matrix(ye, plan->rows, dim, ldye)) != FM_OK) return status;
     if (d_gates && (status = fm__check_matrix(d_gates, plan->tokens, k, lddg)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (dye && d_gates) { /* both in one pass over the dispatched rows; dropped assignments get 0 first */
         int a;
         for (a = 0; a < plan->tokens * k; a++)
@@ -2378,7 +2476,14 @@ fm_status fm_combine_backward(const fm_routing_plan *plan, int dim, const float 
 #define FM__GEMM_DEPTH_BLOCK 128
 #define FM__GEMM_ROW_BLOCK 256
 
-static int fm__gemm_panels(int out_features) { return (out_features + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL; }
+/* Written so that out_features near INT_MAX does not overflow. */
+static int fm__gemm_panels(int out_features) { return out_features / FM_GEMM_PANEL + (out_features % FM_GEMM_PANEL != 0); }
+
+/* Chunks of `block` rows in [first, rows), counted in 64 bits: first may be near INT_MAX. Each
+ * chunk's first row, first + chunk * block, is below rows, so it fits in int. */
+static int fm__row_chunks(int first, int rows, int block) {
+    return (int)(((int64_t)rows - first + block - 1) / block);
+}
 
 /* Live columns of panel p. */
 static int fm__panel_cols(int out_features, int p) {
@@ -2400,7 +2505,7 @@ static void fm__gemm_panel_blocked(const fm__kernel_table *kernels, int rows, in
 }
 
 size_t fm_packed_weight_floats(int in_features, int out_features) {
-    if (in_features <= 0 || out_features <= 0) return 0;
+    if (in_features <= 0 || out_features <= 0 || in_features > FLEXMOE_MAX_DIM || out_features > FLEXMOE_MAX_DIM) return 0;
     return (size_t)fm__gemm_panels(out_features) * FM_GEMM_PANEL * (size_t)in_features;
 }
 
@@ -2413,9 +2518,12 @@ static fm_status fm__check_grouped(int experts, const int32_t *offsets, int in_f
     if (offsets[0] < 0) return FM_ERR_INVALID_ARGUMENT;
     for (e = 0; e < experts; e++)
         if (offsets[e + 1] < offsets[e]) return FM_ERR_INVALID_ARGUMENT;
-    if ((uint64_t)fm_packed_weight_floats(in_features, out_features) * (uint64_t)experts >
-        (uint64_t)(PTRDIFF_MAX / sizeof(float)))
+    if (offsets[experts] > FLEXMOE_MAX_DIM || in_features > FLEXMOE_MAX_DIM || out_features > FLEXMOE_MAX_DIM)
         return FM_ERR_OVERFLOW;
+    if ((uint64_t)fm_packed_weight_floats(in_features, out_features) * (uint64_t)experts >
+            (uint64_t)(PTRDIFF_MAX / sizeof(float)) ||
+        (int64_t)experts * fm__gemm_panels(in_features > out_features ? in_features : out_features) > INT32_MAX)
+        return FM_ERR_OVERFLOW; /* the work items (expert, panel) are numbered in int */
     *rows = offsets[experts];
     return FM_OK;
 }
@@ -2491,7 +2599,7 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
     if (rows == 0) return FM_OK;
     if ((status = fm__check_matrix(x, rows, in_features, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, rows, out_features, ldy)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__OMP_PARALLEL_FOR
     for (item = 0; item < experts * panels; item++) {
         const int e = item / panels, p = item % panels, first = offsets[e];
@@ -2503,9 +2611,14 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
     return FM_OK;
 }
 
-/* dW's rows are taken a block at a time; each block of dy's panel columns is copied, zero
- * padded, into a panel-shaped buffer so the micro-kernel reads whole vectors past out_features. */
+/* dx's rows go to the dot-product kernels in chunks of this many, split where the expert changes. */
 #define FM__GEMM_GRAD_ROW_BLOCK 64
+/* dW's rows are taken a block at a time; each block of dy's panel columns is copied, zero
+ * padded, into a panel-shaped buffer (8 KiB: kernels keep their stack small) so the micro-kernel
+ * reads whole vectors past out_features. */
+#define FM__GEMM_DY_BLOCK 32
+/* The depth of a transposed block of W for dx (32 x 64 floats, 8 KiB of stack). */
+#define FM__GEMM_TRANSPOSE_DEPTH 32
 /* From this many rows an expert's dx goes through transposed blocks of W (see below). */
 #define FM__GEMM_TRANSPOSE_MIN_ROWS 32
 
@@ -2524,19 +2637,19 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         if ((status = fm__check_matrix(dx, rows, in_features, lddx)) != FM_OK) return status;
     }
     if (d_packed_w && rows > 0 && (status = fm__check_matrix(x, rows, in_features, ldx)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (dx && rows > 0) {
         /* Experts with few rows: dot products against W's rows, nothing to prepare. The others:
-         * W^T a block at a time (FM__GEMM_DEPTH_BLOCK x 64, transposed from the packed panels, in
+         * W^T a block at a time (FM__GEMM_TRANSPOSE_DEPTH x 64, transposed from the packed panels, in
          * L1) through the forward's micro-kernel, which the block's cost is spread over. */
-        const int chunks = (rows - offsets[0] + FM__GEMM_GRAD_ROW_BLOCK - 1) / FM__GEMM_GRAD_ROW_BLOCK;
+        const int chunks = fm__row_chunks(offsets[0], rows, FM__GEMM_GRAD_ROW_BLOCK);
         const int dx_panels = fm__gemm_panels(in_features);
         int chunk;
         FM__OMP_PARALLEL_FOR
         for (chunk = 0; chunk < chunks; chunk++) {
             /* the chunk's rows of experts with few rows, split where they change expert */
             int r = offsets[0] + chunk * FM__GEMM_GRAD_ROW_BLOCK, expert = 0;
-            const int end = r + FM__GEMM_GRAD_ROW_BLOCK < rows ? r + FM__GEMM_GRAD_ROW_BLOCK : rows;
+            const int end = rows - r > FM__GEMM_GRAD_ROW_BLOCK ? r + FM__GEMM_GRAD_ROW_BLOCK : rows;
             while (r < end) {
                 int stop;
                 while (offsets[expert + 1] <= r) expert++;
@@ -2551,11 +2664,11 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         for (item = 0; item < experts * dx_panels; item++) {
             const int ex = item / dx_panels, q = item % dx_panels, first = offsets[ex], count = offsets[ex + 1] - first;
             const int cols = fm__panel_cols(in_features, q);
-            float block[FM__GEMM_DEPTH_BLOCK * FM_GEMM_PANEL];
+            float block[FM__GEMM_TRANSPOSE_DEPTH * FM_GEMM_PANEL];
             int j0, r0;
             if (count < FM__GEMM_TRANSPOSE_MIN_ROWS) continue;
-            for (j0 = 0; j0 < out_features; j0 += FM__GEMM_DEPTH_BLOCK) {
-                const int depth = out_features - j0 < FM__GEMM_DEPTH_BLOCK ? out_features - j0 : FM__GEMM_DEPTH_BLOCK;
+            for (j0 = 0; j0 < out_features; j0 += FM__GEMM_TRANSPOSE_DEPTH) {
+                const int depth = out_features - j0 < FM__GEMM_TRANSPOSE_DEPTH ? out_features - j0 : FM__GEMM_TRANSPOSE_DEPTH;
                 kernels->gemm_transpose_block(packed_w + ex * per_expert, in_features, q * FM_GEMM_PANEL, j0, depth, block);
                 for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
                     const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
@@ -2571,11 +2684,11 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
             const int ex = item / panels, p = item % panels, first = offsets[ex], count = offsets[ex + 1] - first;
             const int cols = fm__panel_cols(out_features, p);
             float *d_panel = d_packed_w + ex * per_expert + (size_t)p * in_features * FM_GEMM_PANEL;
-            float dy_block[FM__GEMM_GRAD_ROW_BLOCK * FM_GEMM_PANEL];
+            float dy_block[FM__GEMM_DY_BLOCK * FM_GEMM_PANEL];
             int r0, i, j;
             if (count == 0) memset(d_panel, 0, (size_t)in_features * FM_GEMM_PANEL * sizeof(float));
-            for (r0 = 0; r0 < count; r0 += FM__GEMM_GRAD_ROW_BLOCK) {
-                const int n = count - r0 < FM__GEMM_GRAD_ROW_BLOCK ? count - r0 : FM__GEMM_GRAD_ROW_BLOCK;
+            for (r0 = 0; r0 < count; r0 += FM__GEMM_DY_BLOCK) {
+                const int n = count - r0 < FM__GEMM_DY_BLOCK ? count - r0 : FM__GEMM_DY_BLOCK;
                 for (i = 0; i < n; i++) {
                     const float *src = dy + (size_t)(first + r0 + i) * lddy + p * FM_GEMM_PANEL;
                     memcpy(dy_block + i * FM_GEMM_PANEL, src, (size_t)cols * sizeof(float));
@@ -2608,7 +2721,7 @@ static fm_status fm__gelu_rows(int rows, int cols, fm_gelu kind, const float *x,
     if ((status = fm__check_matrix(x, rows, cols, ldx)) != FM_OK) return status;
     if (dy && (status = fm__check_matrix(dy, rows, cols, lddy)) != FM_OK) return status;
     if ((status = fm__check_matrix(y, rows, cols, ldy)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__FOR_ROW_CHUNKS(rows, r0, n, {
         int r;
         for (r = r0; r < r0 + n; r++)
@@ -2666,15 +2779,15 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
     if ((status = fm__check_matrix(y, rows, desc->dim, ldy)) != FM_OK) return status;
     if ((status = fm__check_matrix(hidden, rows, desc->hidden, ldh)) != FM_OK) return status;
     if (pre && (status = fm__check_matrix(pre, rows, desc->hidden, ldp)) != FM_OK) return status;
-    if (!(kernels = fm__active_kernels())) return fm__state.selection_status;
-    chunks = (rows - offsets[0] + FM__FFN_ROW_BLOCK - 1) / FM__FFN_ROW_BLOCK;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    chunks = fm__row_chunks(offsets[0], rows, FM__FFN_ROW_BLOCK);
     FM__OMP_PARALLEL_FOR
     for (chunk = 0; chunk < chunks; chunk++) {
         const size_t w1_floats = fm_packed_weight_floats(desc->dim, desc->hidden);
         const size_t w2_floats = fm_packed_weight_floats(desc->hidden, desc->dim);
         const int D = desc->dim, H = desc->hidden;
-        const int end = offsets[0] + (chunk + 1) * FM__FFN_ROW_BLOCK < rows ? offsets[0] + (chunk + 1) * FM__FFN_ROW_BLOCK : rows;
         int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, e = 0;
+        const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
         while (r0 < end) { /* the chunk's rows, split where they change expert */
             int m, i;
             float *a;

@@ -90,6 +90,7 @@ static int fm__cpu_has_avx512(void) { return (fm__x86_features() & 2) != 0; }
 /* ==== AVX2 + FMA =========================================================================== */
 
 #define FM__ISA avx2
+#define FM__ISA_ID FM_ISA_AVX2
 #define FM__TARGET FM__TARGET_AVX2
 #define FM__V __m256
 #define FM__W 8
@@ -115,6 +116,8 @@ static inline FM__TARGET void fm__avx2_store_part(float *p, __m256 v, int n) {
  * before whatever the thread does next (another thread reading the output). */
 static inline FM__TARGET void fm__avx2_stream(float *p, __m256 v) { _mm256_stream_ps(p, v); }
 static inline FM__TARGET void fm__avx2_stream_fence(void) { _mm_sfence(); }
+/* Back to baseline code: the upper halves of the YMM registers zeroed (vzeroupper). */
+static inline FM__TARGET void fm__avx2_leave(void) { _mm256_zeroupper(); }
 static inline FM__TARGET __m256 fm__avx2_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
 static inline FM__TARGET __m256 fm__avx2_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
@@ -199,32 +202,11 @@ static inline FM__TARGET __m256 fm__avx2_with_sign_of(__m256 v, __m256 h) {
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
-static const fm__kernel_table fm__avx2_kernels = {
-    FM_ISA_AVX2,
-    fm__avx2_softmax_forward,
-    fm__avx2_softmax_backward,
-    fm__avx2_topk,
-    fm__avx2_gate,
-    fm__avx2_gate_noise,
-    fm__avx2_gate_load,
-    fm__avx2_layernorm_forward,
-    fm__avx2_layernorm_backward,
-    fm__avx2_layernorm_param_grad,
-    fm__avx2_gemv,
-    fm__avx2_axpy,
-    fm__avx2_scatter_rows,
-    fm__avx2_combine_rows,
-    fm__avx2_row_dots,
-    fm__avx2_gemm_panel,
-    fm__avx2_gemm_dot,
-    fm__avx2_gelu_row,
-    fm__avx2_gemm_transpose_block,
-    fm__avx2_gather_scale_dot,
-};
 
 /* ==== AVX-512 ============================================================================== */
 
 #define FM__ISA avx512
+#define FM__ISA_ID FM_ISA_AVX512
 #define FM__TARGET FM__TARGET_AVX512
 #define FM__V __m512
 #define FM__W 16
@@ -241,6 +223,9 @@ static inline FM__TARGET void fm__avx512_store_part(float *p, __m512 v, int n) {
 /* p aligned to 64 bytes */
 static inline FM__TARGET void fm__avx512_stream(float *p, __m512 v) { _mm512_stream_ps(p, v); }
 static inline FM__TARGET void fm__avx512_stream_fence(void) { _mm_sfence(); }
+/* vzeroupper zeroes bits 128 and up of ZMM0-15, the state legacy SSE code would pay for;
+ * ZMM16-31 are out of SSE's reach. */
+static inline FM__TARGET void fm__avx512_leave(void) { _mm256_zeroupper(); }
 static inline FM__TARGET __m512 fm__avx512_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 static inline FM__TARGET __m512 fm__avx512_sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
 static inline FM__TARGET __m512 fm__avx512_mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
@@ -311,28 +296,6 @@ static inline FM__TARGET __m512 fm__avx512_with_sign_of(__m512 v, __m512 h) {
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
-static const fm__kernel_table fm__avx512_kernels = {
-    FM_ISA_AVX512,
-    fm__avx512_softmax_forward,
-    fm__avx512_softmax_backward,
-    fm__avx512_topk,
-    fm__avx512_gate,
-    fm__avx512_gate_noise,
-    fm__avx512_gate_load,
-    fm__avx512_layernorm_forward,
-    fm__avx512_layernorm_backward,
-    fm__avx512_layernorm_param_grad,
-    fm__avx512_gemv,
-    fm__avx512_axpy,
-    fm__avx512_scatter_rows,
-    fm__avx512_combine_rows,
-    fm__avx512_row_dots,
-    fm__avx512_gemm_panel,
-    fm__avx512_gemm_dot,
-    fm__avx512_gelu_row,
-    fm__avx512_gemm_transpose_block,
-    fm__avx512_gather_scale_dot,
-};
 #endif /* FM__HAVE_X86 */
 
 /* ==== NEON (aarch64) ======================================================================= */
@@ -340,6 +303,7 @@ static const fm__kernel_table fm__avx512_kernels = {
 #include <arm_neon.h>
 
 #define FM__ISA neon
+#define FM__ISA_ID FM_ISA_NEON
 #define FM__TARGET
 #define FM__V float32x4_t
 #define FM__W 4
@@ -363,6 +327,8 @@ static inline void fm__neon_store_part(float *p, float32x4_t v, int n) {
 /* NEON intrinsics have no streaming store (STNP is only a hint): plain stores, nothing to fence. */
 static inline void fm__neon_stream(float *p, float32x4_t v) { vst1q_f32(p, v); }
 static inline void fm__neon_stream_fence(void) {}
+/* AArch64 has no upper-state transition to clean up. */
+static inline void fm__neon_leave(void) {}
 static inline float32x4_t fm__neon_add(float32x4_t a, float32x4_t b) { return vaddq_f32(a, b); }
 static inline float32x4_t fm__neon_sub(float32x4_t a, float32x4_t b) { return vsubq_f32(a, b); }
 static inline float32x4_t fm__neon_mul(float32x4_t a, float32x4_t b) { return vmulq_f32(a, b); }
@@ -427,28 +393,6 @@ static inline float32x4_t fm__neon_with_sign_of(float32x4_t v, float32x4_t h) {
 #define FM__SIMD_TEMPLATE
 #include "flexmoe_simd.h" /* instantiates the kernel templates, then undefines FM__ISA etc. */
 
-static const fm__kernel_table fm__neon_kernels = {
-    FM_ISA_NEON,
-    fm__neon_softmax_forward,
-    fm__neon_softmax_backward,
-    fm__neon_topk,
-    fm__neon_gate,
-    fm__neon_gate_noise,
-    fm__neon_gate_load,
-    fm__neon_layernorm_forward,
-    fm__neon_layernorm_backward,
-    fm__neon_layernorm_param_grad,
-    fm__neon_gemv,
-    fm__neon_axpy,
-    fm__neon_scatter_rows,
-    fm__neon_combine_rows,
-    fm__neon_row_dots,
-    fm__neon_gemm_panel,
-    fm__neon_gemm_dot,
-    fm__neon_gelu_row,
-    fm__neon_gemm_transpose_block,
-    fm__neon_gather_scale_dot,
-};
 #endif /* FM__HAVE_NEON */
 
 #endif /* FLEXMOE_SIMD_H */
@@ -836,29 +780,36 @@ static inline FM__TARGET void FM__OP(topk_reset)(FM__V *top, FM__V *slot, int k)
     }
 }
 
-/* Writes the indices (and values copied from x) of up to W rows from the network's columns. */
+/* Writes the indices (and values copied from x) of up to W rows from the network's columns, one
+ * level at a time through one vector of buffer. */
 static FM__TARGET void FM__OP(topk_write)(int nrows, int cols, int k, const float *x, int ldx, const FM__V *slot,
                                           int32_t *indices, int ldi, float *values, int ldv) {
-    float columns[FLEXMOE_GATE_MAX_TOP_K][FM__W];
+    float column[FM__W];
     int i, r;
-    for (i = 0; i < k; i++) FM__OP(store)(columns[i], slot[i]);
+    for (i = 0; i < k; i++) {
+        FM__OP(store)(column, slot[i]);
+        for (r = 0; r < nrows; r++) indices[(size_t)r * ldi + i] = (int32_t)column[r];
+    }
     for (r = 0; r < nrows; r++) {
         int32_t *row_indices = indices + (size_t)r * ldi;
-        for (i = 0; i < k; i++) row_indices[i] = (int32_t)columns[i][r];
         if (row_indices[k - 1] < 0) fm__topk_fill_missing(cols, k, row_indices);
         if (values)
             for (i = 0; i < k; i++) values[(size_t)r * ldv + i] = x[(size_t)r * ldx + row_indices[i]];
     }
 }
 
+/* The network carries column numbers in float lanes, exact up to 2^24. */
+#define FM__EXACT_FLOAT_INTEGERS (1 << 24)
+
 /* W rows per block, one per lane; rows past the end repeat the last one, columns past the end
- * read as -Inf and never enter. k above the network's depth runs the scalar insertion. */
+ * read as -Inf and never enter. k above the network's depth, or rows wider than the float lanes
+ * can number exactly, run the scalar insertion. */
 static FM__TARGET void FM__OP(topk)(int rows, int cols, int k, const float *x, int ldx, int32_t *indices,
                                     int ldi, float *values, int ldv) {
     const FM__OP(topk_chunk_fn) chunk = FM__OP(topk_chunk_for)(k);
     FM__V top[FLEXMOE_GATE_MAX_TOP_K], slot[FLEXMOE_GATE_MAX_TOP_K], column[FM__W];
     int r, c0, j;
-    if (k > FLEXMOE_GATE_MAX_TOP_K) {
+    if (k > FLEXMOE_GATE_MAX_TOP_K || cols > FM__EXACT_FLOAT_INTEGERS) {
         fm__scalar_topk(rows, cols, k, x, ldx, indices, ldi, values, ldv);
         return;
     }
@@ -1007,18 +958,29 @@ static inline FM__TARGET void FM__OP(noise_chunk)(FM__V state, FM__V epsilon, in
     }
 }
 
+/* Where the load pass finds each expert's noisy logit, std and clean logit for a block of
+ * tokens (one per lane): experts below tile_experts in the fused gate's tile (tile[e][0], [1] and
+ * [2], lane r: nothing to transpose again); the others drawn again from the clean and noise
+ * logits (noise not NULL: the same noise_chunk, so the same floats), or read from the noisy and
+ * std matrices of the noise kernel (the load kernel on its own). */
+typedef struct FM__OP(load_source) {
+    const float (*tile)[3][FM__W];
+    int tile_experts;
+    const float *clean, *noise, *noisy, *std;
+    int ld_clean, ld_noise, ld_noisy, ld_std;
+    FM__V state, epsilon;
+} FM__OP(load_source);
+
 /* Adds FastMoE's load probabilities of one block of up to W tokens (one per lane) to
  * load[g][e]: Phi((clean - threshold) / std), the threshold being the (k+1)-th noisy logit when
- * noisy > that value (the expert is in the top k) and the k-th otherwise. noisy, std and clean
- * come from the fused gate's tile (tile[e][0], [1] and [2], lane r: nothing to transpose again)
- * or, without one, from tokens x experts matrices. Sums over the lanes of each group are folded
- * by one transposing reduction per W experts. */
+ * noisy > that value (the expert is in the top k) and the k-th otherwise. Sums over the lanes of
+ * each group are folded by one transposing reduction per W experts. */
 static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, const int32_t *groups,
-                                          const float *clean, int ld_clean, const float (*tile)[3][FM__W],
-                                          const float *noisy, int ld_noisy, const float *std, int ld_std,
-                                          FM__V in_threshold, FM__V out_threshold, float *load) {
+                                          const FM__OP(load_source) *src, FM__V in_threshold, FM__V out_threshold,
+                                          float *load) {
     FM__MASK group_mask[FLEXMOE_GATE_MAX_GROUPS];
-    FM__V cl[FM__W], nz[FM__W], sd[FM__W], p[FM__W], masked[FM__W];
+    FM__V cl[FM__W], nz[FM__W], sd[FM__W], p[FM__W];
+    FM__V *const masked = cl; /* free once p is made */
     float mask_lanes[FM__W], sums[FM__W];
     int g, r, c0, j;
     for (g = 0; g < group_count; g++) {
@@ -1026,17 +988,23 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
         group_mask[g] = FM__OP(greater)(FM__OP(load)(mask_lanes), FM__OP(set1)(0.5f));
     }
     for (c0 = 0; c0 < E; c0 += FM__W) {
-        const int n = E - c0 < FM__W ? E - c0 : FM__W;
-        if (!tile) {
-            FM__OP(load_columns)(clean, ld_clean, nrows, c0, E, 0.0f, cl);
-            FM__OP(load_columns)(noisy, ld_noisy, nrows, c0, E, 0.0f, nz);
-            FM__OP(load_columns)(std, ld_std, nrows, c0, E, 1.0f, sd);
+        const int n = E - c0 < FM__W ? E - c0 : FM__W, tiled = c0 < src->tile_experts;
+        if (!tiled) {
+            FM__OP(load_columns)(src->clean, src->ld_clean, nrows, c0, E, 0.0f, cl);
+            if (src->noise) {
+                FM__OP(load_columns)(src->noise, src->ld_noise, nrows, c0, E, 0.0f, sd);
+                FM__OP(noise_chunk)(src->state, src->epsilon, c0, cl, sd, nz);
+            } else {
+                FM__OP(load_columns)(src->noisy, src->ld_noisy, nrows, c0, E, 0.0f, nz);
+                FM__OP(load_columns)(src->std, src->ld_std, nrows, c0, E, 1.0f, sd);
+            }
         }
         FM__UNROLL_W
         for (j = 0; j < FM__W; j++) {
-            const FM__V v = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][0]) : nz[j];
-            const FM__V s = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][1]) : sd[j];
-            const FM__V c = tile ? FM__OP(load)(tile[c0 + j < E ? c0 + j : 0][2]) : cl[j];
+            const int e = c0 + j < E ? c0 + j : c0;
+            const FM__V v = tiled ? FM__OP(load)(src->tile[e][0]) : nz[j];
+            const FM__V s = tiled ? FM__OP(load)(src->tile[e][1]) : sd[j];
+            const FM__V c = tiled ? FM__OP(load)(src->tile[e][2]) : cl[j];
             const FM__V threshold = FM__OP(select)(FM__OP(greater)(v, in_threshold), in_threshold, out_threshold);
             p[j] = j < n ? FM__OP(normal_cdf)(FM__OP(mul)(FM__OP(sub)(c, threshold), FM__OP(recip)(s)))
                          : FM__OP(set1)(0.0f);
@@ -1049,6 +1017,11 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
         }
     }
 }
+
+/* Experts whose noise the fused gate keeps in a tile on its stack (3 KiB at any vector width:
+ * 16 experts on AVX-512, Flex-MoE's count): past them, and without a caller workspace, the load
+ * pass draws the noise again. */
+#define FM__GATE_STACK_TILE_EXPERTS (768 / (3 * FM__W))
 
 /* The fused gate over one block of up to W tokens, one token per lane: a first pass over the
  * expert columns makes the noisy logits and runs them through the top-(k+1) network; the gates
@@ -1068,10 +1041,13 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     float *const noisy_out = job->noisy ? job->noisy + (size_t)row0 * job->ld_noisy : NULL;
     const int32_t *const groups = job->token_group ? job->token_group + row0 : NULL;
     const int ld_indices = job->ld_indices, ld_gates = job->ld_gates;
-    FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W], keys[FM__W];
+    FM__V top[FLEXMOE_GATE_MAX_TOP_K + 1], slot[FLEXMOE_GATE_MAX_TOP_K + 1], cl[FM__W], nz[FM__W], v[FM__W];
+    FM__V *const noisy_v = job->training ? v : cl, *const keys = nz; /* nz is free once the tile has it */
     FM__V state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
-    float tile[FLEXMOE_GATE_MAX_EXPERTS][3][FM__W], lanes[FLEXMOE_GATE_MAX_TOP_K + 1][FM__W], gate_lanes[FLEXMOE_GATE_MAX_TOP_K][FM__W];
+    float stack_tile[FM__GATE_STACK_TILE_EXPERTS][3][FM__W];
+    float(*const tile)[3][FM__W] = job->tile ? (float(*)[3][FM__W])job->tile : stack_tile;
+    const int tile_experts = job->tile ? E : FM__GATE_STACK_TILE_EXPERTS;
     int i, j, c0, r;
 
     if (job->training) state = FM__OP(token_states)(job, row0, nrows);
@@ -1083,19 +1059,18 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
             /* the noise of the whole chunk first, then the network over the chunk: interleaved,
              * the two spill each other's registers */
             FM__OP(noise_chunk)(state, epsilon, c0, cl, nz, v);
-            for (j = 0; with_load && j < FM__W && c0 + j < E; j++) {
+            for (j = 0; with_load && c0 < tile_experts && j < FM__W && c0 + j < E; j++) {
                 FM__OP(store)(tile[c0 + j][0], v[j]);
                 FM__OP(store)(tile[c0 + j][1], nz[j]);
                 FM__OP(store)(tile[c0 + j][2], cl[j]);
             }
-        } else {
-            FM__UNROLL_W
-            for (j = 0; j < FM__W; j++) v[j] = cl[j];
         }
+        /* columns past the last expert are -Inf whatever the noise made of them (with a huge std,
+         * -Inf + n * std is NaN, which would rank above every real expert) */
         FM__UNROLL_W
-        for (j = 0; j < FM__W; j++) keys[j] = FM__OP(rank_key)(v[j]);
+        for (j = 0; j < FM__W; j++) keys[j] = c0 + j < E ? FM__OP(rank_key)(noisy_v[j]) : FM__OP(set1)(-INFINITY);
         chunk(top, slot, levels, keys, c0);
-        if (noisy_out) FM__OP(store_columns)(noisy_out, job->ld_noisy, nrows, c0, E, v);
+        if (noisy_out) FM__OP(store_columns)(noisy_out, job->ld_noisy, nrows, c0, E, noisy_v);
     }
 
     if (!job->renormalize) { /* softmax over all experts, then top-k (Mixtral without renormalising) */
@@ -1105,24 +1080,25 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
             for (j = 0; j < FM__W; j++) sum = FM__OP(add)(sum, FM__OP(exp)(FM__OP(sub)(FM__OP(rank_key)(cl[j]), top[0])));
         }
     }
-    {
-        FM__V weights[FLEXMOE_GATE_MAX_TOP_K], total = FM__OP(set1)(0.0f);
-        for (i = 0; i < k; i++) {
-            weights[i] = FM__OP(exp)(FM__OP(sub)(top[i], top[0]));
-            total = FM__OP(add)(total, weights[i]);
-        }
+    { /* one level of every token at a time, through two vectors of buffer rather than k: the
+       * exp is taken twice, for the sum and for the gate, instead of being kept in k vectors */
+        FM__V total = FM__OP(set1)(0.0f);
+        float columns[FM__W], weights[FM__W];
+        for (i = 0; i < k; i++) total = FM__OP(add)(total, FM__OP(exp)(FM__OP(sub)(top[i], top[0])));
         total = FM__OP(recip)(job->renormalize ? total : sum);
-        for (i = 0; i < k; i++) FM__OP(store)(gate_lanes[i], FM__OP(mul)(weights[i], total));
+        for (i = 0; i < k; i++) {
+            FM__OP(store)(columns, slot[i]);
+            FM__OP(store)(weights, FM__OP(mul)(FM__OP(exp)(FM__OP(sub)(top[i], top[0])), total));
+            for (r = 0; r < nrows; r++) {
+                indices[(size_t)r * ld_indices + i] = (int32_t)columns[r];
+                gates[(size_t)r * ld_gates + i] = weights[r];
+            }
+        }
     }
-    for (i = 0; i < levels; i++) FM__OP(store)(lanes[i], slot[i]);
     for (r = 0; r < nrows; r++) {
         int32_t *idx = indices + (size_t)r * ld_indices;
-        float *g = gates + (size_t)r * ld_gates;
+        const float *g = gates + (size_t)r * ld_gates;
         const size_t group_row = (size_t)(groups ? groups[r] : 0) * E;
-        for (i = 0; i < k; i++) {
-            idx[i] = (int32_t)lanes[i][r];
-            g[i] = gate_lanes[i][r];
-        }
         if (idx[k - 1] < 0) fm__topk_fill_missing(E, k, idx);
         if (importance)
             for (i = 0; i < k; i++) importance[group_row + idx[i]] += g[i];
@@ -1130,9 +1106,19 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
             for (i = 0; i < k; i++) load[group_row + idx[i]] += 1.0f;
     }
 
-    if (with_load)
-        FM__OP(load_block)(nrows, E, job->groups, groups, NULL, 0, (const float(*)[3][FM__W])tile, NULL, 0,
-                           NULL, 0, top[k], top[k - 1], load);
+    if (with_load) {
+        FM__OP(load_source) src;
+        memset(&src, 0, sizeof src);
+        src.tile = (const float(*)[3][FM__W])tile;
+        src.tile_experts = tile_experts;
+        src.clean = clean;
+        src.ld_clean = job->ld_clean;
+        src.noise = noise;
+        src.ld_noise = job->ld_noise;
+        src.state = state;
+        src.epsilon = epsilon;
+        FM__OP(load_block)(nrows, E, job->groups, groups, &src, top[k], top[k - 1], load);
+    }
 }
 
 /* The load kernel on its own, from the noise step's noisy logits and std and the top k + 1
@@ -1140,7 +1126,12 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
 static FM__TARGET void FM__OP(gate_load)(const fm__gate_job *job) {
     const int k = job->top_k, ld = job->ld_values;
     float in_lanes[FM__W], out_lanes[FM__W];
+    FM__OP(load_source) src;
     int row0, r;
+    memset(&src, 0, sizeof src);
+    src.ld_clean = job->ld_clean;
+    src.ld_noisy = job->ld_noisy;
+    src.ld_std = job->ld_stds;
     for (row0 = 0; row0 < job->tokens; row0 += FM__W) {
         const int nrows = job->tokens - row0 < FM__W ? job->tokens - row0 : FM__W;
         const float *values = job->top_values + (size_t)row0 * ld;
@@ -1148,11 +1139,11 @@ static FM__TARGET void FM__OP(gate_load)(const fm__gate_job *job) {
             in_lanes[r] = fm__rank_key(values[(size_t)(r < nrows ? r : 0) * ld + k]);
             out_lanes[r] = fm__rank_key(values[(size_t)(r < nrows ? r : 0) * ld + k - 1]);
         }
-        FM__OP(load_block)(nrows, job->experts, job->groups, job->token_group ? job->token_group + row0 : NULL,
-                           job->clean + (size_t)row0 * job->ld_clean, job->ld_clean, NULL,
-                           job->noisy_in + (size_t)row0 * job->ld_noisy, job->ld_noisy,
-                           job->stds_in + (size_t)row0 * job->ld_stds, job->ld_stds, FM__OP(load)(in_lanes),
-                           FM__OP(load)(out_lanes), job->load);
+        src.clean = job->clean + (size_t)row0 * job->ld_clean;
+        src.noisy = job->noisy_in + (size_t)row0 * job->ld_noisy;
+        src.std = job->stds_in + (size_t)row0 * job->ld_stds;
+        FM__OP(load_block)(nrows, job->experts, job->groups, job->token_group ? job->token_group + row0 : NULL, &src,
+                           FM__OP(load)(in_lanes), FM__OP(load)(out_lanes), job->load);
     }
 }
 
@@ -1253,7 +1244,9 @@ static FM__TARGET void FM__OP(layernorm_forward)(int rows, int cols, const float
         FM__OP(deviation_partial)(xr, cols, m0, &dev, &sq);
         d1 = FM__OP(hsum)(dev) / (float)cols;
         d2 = FM__OP(hsum)(sq) / (float)cols;
-        mf = m0 + d1;
+        /* a sum that is +-Inf or NaN is the mean, as on the scalar path: the correction would be
+         * Inf - Inf */
+        mf = m0 - m0 == 0.0f ? m0 + d1 : m0;
         var = d2 - d1 * d1;
         var = var > 0.0f ? var : (var == var ? 0.0f : var); /* rounding may leave it a hair below 0 */
         rs = (float)(1.0 / sqrt((double)var + (double)eps));
@@ -1377,8 +1370,11 @@ static inline FM__TARGET FM__V FM__OP(gelu)(FM__V x, int kind, int derivative) {
             return FM__OP(fmadd)(x, pdf, cdf);
         }
     } else {
-        const FM__V x2 = FM__OP(mul)(x, x);
-        const FM__V u = FM__OP(mul)(FM__OP(mul)(x, FM__OP(set1)(0.7978845608028654f)),
+        /* past |x| = 20 the sigmoid is exactly 0 or 1 in float and its slope exactly 0; clamped,
+         * x^2 and x^3 cannot overflow into Inf * 0 (the clamp passes NaN through) */
+        const FM__V xc = FM__OP(min)(FM__OP(set1)(20.0f), FM__OP(max)(FM__OP(set1)(-20.0f), x));
+        const FM__V x2 = FM__OP(mul)(xc, xc);
+        const FM__V u = FM__OP(mul)(FM__OP(mul)(xc, FM__OP(set1)(0.7978845608028654f)),
                                     FM__OP(fmadd)(x2, FM__OP(set1)(0.044715f), FM__OP(set1)(1.0f)));
         /* a true division: exp overflows to +Inf for x below about -10, and 1 / Inf must be 0 */
         const FM__V sig = FM__OP(div)(FM__OP(set1)(1.0f),
@@ -1813,12 +1809,88 @@ static FM__TARGET void FM__OP(gemm_dot)(int rows, int in_features, int out_featu
 #undef FM__GEMM_MR
 #undef FM__GEMM_NR
 
+/* ---- the kernel table ---- */
+/* What the table holds: each kernel behind an entry that leaves through FM__OP(leave) (vzeroupper
+ * on x86), so the caller's SSE and scalar code never runs with the upper vector state dirty,
+ * whatever the compiler chose to inline (a dirty state costs every later SSE instruction a
+ * transition penalty: the router loss after the gate ran 20-25x slower). */
+#define FM__ENTRY(name, params, args)                                                             \
+    static FM__TARGET void FM__OP(FM__CAT(name, _entry)) params {                                 \
+        FM__OP(name) args;                                                                        \
+        FM__OP(leave)();                                                                          \
+    }
+FM__ENTRY(softmax_forward, (int rows, int cols, const float *x, int ldx, float *y, int ldy),
+          (rows, cols, x, ldx, y, ldy))
+FM__ENTRY(softmax_backward, (int rows, int cols, const float *y, int ldy, const float *dy, int lddy, float *dx, int lddx),
+          (rows, cols, y, ldy, dy, lddy, dx, lddx))
+FM__ENTRY(topk, (int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi, float *values, int ldv),
+          (rows, cols, k, x, ldx, indices, ldi, values, ldv))
+FM__ENTRY(gate, (const fm__gate_job *job),
+          (job))
+FM__ENTRY(gate_noise, (const fm__gate_job *job),
+          (job))
+FM__ENTRY(gate_load, (const fm__gate_job *job),
+          (job))
+FM__ENTRY(layernorm_forward, (int rows, int cols, const float *x, int ldx, const float *gamma, const float *beta, float eps, float *y, int ldy, float *mean, float *rstd),
+          (rows, cols, x, ldx, gamma, beta, eps, y, ldy, mean, rstd))
+FM__ENTRY(layernorm_backward, (int rows, int cols, const float *x, int ldx, const float *gamma, const float *mean, const float *rstd, const float *dy, int lddy, float *dx, int lddx),
+          (rows, cols, x, ldx, gamma, mean, rstd, dy, lddy, dx, lddx))
+FM__ENTRY(layernorm_param_grad, (int rows, int cols, const float *x, int ldx, const float *mean, const float *rstd, const float *dy, int lddy, float *dgamma, float *dbeta),
+          (rows, cols, x, ldx, mean, rstd, dy, lddy, dgamma, dbeta))
+FM__ENTRY(gemv, (int rows, int cols, const float *a, int lda, const float *v, float *out),
+          (rows, cols, a, lda, v, out))
+FM__ENTRY(axpy, (int n, float alpha, const float *x, float *y),
+          (n, alpha, x, y))
+FM__ENTRY(scatter_rows, (int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position, const float *scale, int ld_scale, float *dst, int ld_dst, int stream),
+          (tokens, k, dim, src, ld_src, position, scale, ld_scale, dst, ld_dst, stream))
+FM__ENTRY(combine_rows, (int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position, const float *weights, int ldw, float *dst, int ld_dst, int stream),
+          (tokens, k, dim, src, ld_src, position, weights, ldw, dst, ld_dst, stream))
+FM__ENTRY(row_dots, (int tokens, int k, int dim, const float *a, int lda, const float *src, int ld_src, const int32_t *position, float *out, int ldo),
+          (tokens, k, dim, a, lda, src, ld_src, position, out, ldo))
+FM__ENTRY(gemm_panel, (int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel, const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols),
+          (rows, depth, a, a_row, a_depth, panel, bias, accumulate, c, ldc, cols))
+FM__ENTRY(gemm_dot, (int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy, const float *packed, float *dx, ptrdiff_t lddx),
+          (rows, in_features, out_features, dy, lddy, packed, dx, lddx))
+FM__ENTRY(gelu_row, (int n, int kind, const float *x, const float *dy, float *y),
+          (n, kind, x, dy, y))
+FM__ENTRY(gemm_transpose_block, (const float *packed, int in_features, int k0, int j0, int depth, float *dst),
+          (packed, in_features, k0, j0, depth, dst))
+FM__ENTRY(gather_scale_dot, (int rows, int dim, const float *src, int ld_src, const int32_t *order, int k, const float *scale, int ld_scale, const float *dot_src, int ld_dot, float *dst, int ld_dst, float *dots, int ld_dots, int stream),
+          (rows, dim, src, ld_src, order, k, scale, ld_scale, dot_src, ld_dot, dst, ld_dst, dots, ld_dots, stream))
+#undef FM__ENTRY
+
+static const fm__kernel_table FM__OP(kernels) = {
+    FM__ISA_ID,
+    FM__OP(softmax_forward_entry),
+    FM__OP(softmax_backward_entry),
+    FM__OP(topk_entry),
+    FM__OP(gate_entry),
+    FM__OP(gate_noise_entry),
+    FM__OP(gate_load_entry),
+    FM__OP(layernorm_forward_entry),
+    FM__OP(layernorm_backward_entry),
+    FM__OP(layernorm_param_grad_entry),
+    FM__OP(gemv_entry),
+    FM__OP(axpy_entry),
+    FM__OP(scatter_rows_entry),
+    FM__OP(combine_rows_entry),
+    FM__OP(row_dots_entry),
+    FM__OP(gemm_panel_entry),
+    FM__OP(gemm_dot_entry),
+    FM__OP(gelu_row_entry),
+    FM__OP(gemm_transpose_block_entry),
+    FM__OP(gather_scale_dot_entry),
+};
+
 #undef FM__COMBINE_VECTORS
 #undef FM__COMBINE_PREFETCH_LINES
 #undef FM__UNROLL_W
 #undef FM__BLOCK_MAX_COLS
 #undef FM__SUM_BLOCK
+#undef FM__EXACT_FLOAT_INTEGERS
+#undef FM__GATE_STACK_TILE_EXPERTS
 #undef FM__ISA
+#undef FM__ISA_ID
 #undef FM__TARGET
 #undef FM__V
 #undef FM__W

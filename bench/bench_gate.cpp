@@ -3,7 +3,9 @@
 // gate: indices, gates, and the importance and load its balancing loss needs), from clean and
 // noise logits.
 //   flexmoe        fm_noisy_gate_forward: noise, top-(k+1), gates, importance and load in one
-//                  pass over tiles of tokens
+//                  pass over tiles of tokens, with its workspace (3 x 16 floats per expert) so
+//                  every expert's noise is drawn once, as the chain draws it once into its
+//                  tokens x experts noisy and std matrices
 //   flexmoe_chain  fm_gate_noise_forward (noisy logits and std, tokens x experts each) -> fm_topk
 //                  (k + 1 values and indices) -> fm_softmax_forward over the first k values ->
 //                  importance (a scatter-add of the gates) -> fm_gate_load_forward
@@ -29,7 +31,7 @@ const int kTopK[] = {1, 2, 4, 8};
 
 struct GateData {
     int experts, k;
-    fmbench::Floats clean, noise, noisy, std, top_values, gates, want_gates, importance, load, want_load;
+    fmbench::Floats clean, noise, noisy, std, top_values, gates, want_gates, importance, load, want_load, workspace;
     std::vector<int32_t> indices, want_indices, top_indices;
     GateData(int e, int k_)
         : experts(e), k(k_), clean(fmbench::normal_floats(size_t(kTokens) * e, 1.0f, 300 + e)),
@@ -37,6 +39,7 @@ struct GateData {
           top_values(size_t(kTokens) * (k_ + 1)), gates(size_t(kTokens) * k_), want_gates(gates.size()), importance(e),
           load(e), want_load(e), indices(gates.size()), want_indices(gates.size()), top_indices(top_values.size()) {
         fm_gate_desc desc = describe();
+        workspace.resize(fm_gate_workspace_floats(&desc));
         fm_gate_tensors t = tensors(want_indices.data(), want_gates.data());
         t.load = want_load.data();
         fm_noisy_gate_forward(&desc, &t);
@@ -75,7 +78,7 @@ void fused(benchmark::State &state, fm_isa isa, int e, int k) {
     if (!fmbench::use_isa(state, isa)) return;
     const fm_gate_desc desc = d.describe();
     fm_gate_tensors t = d.tensors(d.indices.data(), d.gates.data());
-    t.importance = d.importance.data(), t.load = d.load.data();
+    t.importance = d.importance.data(), t.load = d.load.data(), t.workspace = d.workspace.data();
     timed(state, d, [&] { fm_noisy_gate_forward(&desc, &t); }, true);
 }
 

@@ -6,13 +6,73 @@
 #ifndef FM_TEST_H
 #define FM_TEST_H
 
+/* mmap's MAP_ANONYMOUS and pthreads under -std=c99; this header comes before any system header */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "flexmoe.h"
+
+/* ---- guarded heap ------------------------------------------------------------------------ */
+
+/* Every malloc, calloc and free of the test programs (not the library's, which was compiled
+ * above) goes through pages of its own: the block ends exactly where an inaccessible page
+ * begins, so a kernel that reads or writes one float past a buffer faults at once, whatever
+ * instruction it uses. AddressSanitizer cannot see AVX2's masked loads and stores (vmaskmov);
+ * the guard page can, and it catches overreads that sentinel values would miss. A masked-off
+ * lane never faults, so only real overruns do. FM_TEST_NO_GUARD turns it off. */
+#if defined(__unix__) && !defined(FM_TEST_NO_GUARD)
+#include <sys/mman.h>
+#include <unistd.h>
+
+typedef struct fm_test_mapping {
+    void *base;
+    size_t length;
+} fm_test_mapping;
+
+static inline void *fm_test_guarded_malloc(size_t bytes) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t padded = bytes + (4 - bytes % 4) % 4; /* 4-byte alignment for float and int32 */
+    const size_t data_pages = (padded + sizeof(fm_test_mapping) + page - 1) / page;
+    fm_test_mapping mapping;
+    unsigned char *base, *data;
+    mapping.length = (data_pages + 1) * page;
+    base = (unsigned char *)mmap(NULL, mapping.length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == (unsigned char *)MAP_FAILED) return NULL;
+    if (mprotect(base + data_pages * page, page, PROT_NONE) != 0) {
+        munmap(base, mapping.length);
+        return NULL;
+    }
+    mapping.base = base;
+    data = base + data_pages * page - padded;
+    memcpy(data - sizeof mapping, &mapping, sizeof mapping);
+    return data;
+}
+
+static inline void fm_test_guarded_free(void *p) {
+    fm_test_mapping mapping;
+    if (!p) return;
+    memcpy(&mapping, (unsigned char *)p - sizeof mapping, sizeof mapping);
+    munmap(mapping.base, mapping.length);
+}
+
+static inline void *fm_test_guarded_calloc(size_t count, size_t size) {
+    if (size && count > SIZE_MAX / size) return NULL;
+    return fm_test_guarded_malloc(count * size); /* fresh anonymous pages are zero */
+}
+
+#define malloc(bytes) fm_test_guarded_malloc(bytes)
+#define calloc(count, size) fm_test_guarded_calloc(count, size)
+#define free(p) fm_test_guarded_free(p)
+#endif
 
 static int fm_test_passed, fm_test_failed;
 static const char *fm_test_context = ""; /* printed with each failure: the ISA under test */
