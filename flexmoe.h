@@ -24,16 +24,27 @@
  *  10. ISA kernels and run-time selection
  *  11. Argument checking and public entry points
  *
- * Conventions: every fallible call returns fm_status (FM_OK == 0). Buffers are caller-owned,
- * row-major, described by (rows, cols, leading dimension); kernels never allocate. Shapes are
- * int; a zero or negative shape, a leading dimension below the row length, a NULL buffer or a
- * shape whose extent overflows the address space is an error, reported before anything is read
- * or written. Optional configuration is a struct whose zero value means "default" (sokol style).
+ * Conventions: every fallible call returns fm_status (FM_OK == 0), and FM_OK means every
+ * promised output was written. Buffers are caller-owned, row-major, described by (rows, cols,
+ * leading dimension); kernels never allocate. Shapes are int; a zero or negative shape, a
+ * leading dimension below the row length, a NULL buffer, a dimension above FLEXMOE_MAX_DIM or a
+ * shape whose extent overflows the address space is an error, reported before anything is
+ * written (index arrays are range-checked before use). Optional configuration is a struct whose
+ * zero value means "default" (sokol style).
+ *
+ * What every call leaves behind, on every path (tests/test_robustness.c checks each):
+ *   - at most 16 KiB of stack (thread pools run on 128 KiB stacks); larger tiles live in
+ *     optional caller workspace;
+ *   - on x86, a clean upper vector state: every AVX2 and AVX-512 kernel returns through
+ *     vzeroupper, so the caller's SSE and scalar code pays no transition penalty;
+ *   - nothing read or written outside the buffers its shapes describe, padding lanes of a
+ *     vector never becoming results whatever the inputs (NaN, +-Inf, huge values).
  *
  * Threads: when the implementation file is compiled with OpenMP, row-parallel kernels split
  * their rows across threads; rows are independent, so results do not depend on the thread count.
- * Call fm_setup() (or any kernel) once before starting threads: the ISA choice is lazy and
- * process-global.
+ * Kernels may run on any number of threads at once. The ISA choice is process-global and lazy;
+ * fm_set_isa() may switch it while kernels run elsewhere (each call runs on one path or returns
+ * an error); fm_setup() installs hooks and is meant for start-up, before other threads call in.
  *
  * Licence: MIT (see LICENSE).
  */
@@ -106,13 +117,19 @@ typedef struct fm_desc {
 } fm_desc;
 
 /* Optional. Installs the hooks and selects the ISA path; without it the defaults apply on
- * first use. Returns FM_ERR_UNKNOWN_ISA / FM_ERR_UNSUPPORTED_ISA when the requested path (from
- * desc->isa or FLEXMOE_ISA) cannot run here; kernels then return that error until a later
- * fm_setup() or fm_set_isa() succeeds. desc may be NULL (all defaults). */
+ * first use. An allocator needs both hooks, alloc and free, or neither (zero: malloc and free);
+ * one without the other is FM_ERR_INVALID_ARGUMENT and changes nothing. Each block of fm_alloc
+ * remembers the allocator that made it, and fm_free returns it there, even after a later
+ * fm_setup() installed another. Returns FM_ERR_UNKNOWN_ISA / FM_ERR_UNSUPPORTED_ISA when the
+ * requested path (from desc->isa or FLEXMOE_ISA) cannot run here; kernels then return that error
+ * until a later fm_setup() or fm_set_isa() succeeds. desc may be NULL (all defaults). */
 fm_status fm_setup(const fm_desc *desc);
 
 /* Switch the ISA path for all later calls (process-global). FM_ISA_AUTO re-runs the default
- * selection. Forcing a path this machine cannot run is an error and leaves no path active. */
+ * selection. Forcing a path this machine cannot run is an error and leaves no path active.
+ * Safe while kernels run on other threads: the new path is published atomically, a call in
+ * flight finishes on the path it started with, and a call that finds no path active returns an
+ * error (never FM_OK without its output). */
 fm_status fm_set_isa(fm_isa isa);
 
 /* The path kernels run on now; FM_ISA_AUTO when the forced path could not be used. */
@@ -157,7 +174,8 @@ fm_status fm_softmax_backward(int rows, int cols, const float *y, int ldy, const
  * among NaNs and +Infs the lower column first); values are copied from x, so a selected NaN reads
  * back as NaN. FM_ERR_INVALID_ARGUMENT when k is outside [1, cols]. The SIMD paths keep one row
  * per vector lane and a k-deep insertion network in registers for k <= FLEXMOE_GATE_MAX_TOP_K;
- * larger k runs a scalar insertion per row. */
+ * larger k, and rows of more than 2^24 columns (which float lanes cannot number exactly), run a
+ * scalar insertion per row. */
 fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *indices, int ldi,
                   float *values, int ldv);
 
@@ -206,7 +224,7 @@ typedef struct fm_gate_desc {
     int top_k;                /* 1 .. min(experts, FLEXMOE_GATE_MAX_TOP_K) */
     int training;             /* nonzero: add the noise and compute the differentiable load */
     int groups;               /* token groups for importance and load; 0: 1 */
-    float noise_epsilon;      /* added to softplus(r); 0: 0.01 (FastMoE); must be >= 0 */
+    float noise_epsilon;      /* added to softplus(r); 0: 0.01 (FastMoE); finite and >= 0 */
     uint64_t seed;            /* the noise of token t, expert e is fm_gate_noise(seed, */
     uint64_t token_offset;    /*   token_offset + t, e): give each batch or step its own offset */
 } fm_gate_desc;
@@ -241,7 +259,10 @@ fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors 
  * noise logits, token_group, indices, gates; the noise is drawn again from the seed) and any of
  * the gradients of its outputs (NULL: zero), writes the gradients of the clean and noise logits
  * (overwritten). Gradients flow through the gates' softmax, through the load probabilities into
- * the clean logits, the noise std and the threshold logit, and through the noise into r. */
+ * the clean logits, the noise std and the threshold logit, and through the noise into r.
+ * Memory is O(top_k) whatever the experts: each token's rows of d_clean_logits and
+ * d_noise_logits hold its noisy logits and std until their own gradients are written, so those
+ * two outputs must not overlap any input. */
 typedef struct fm_gate_gradients {
     const float *d_gates;         /* tokens x top_k */
     int ld_d_gates;
@@ -260,7 +281,8 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
 
 /* The noise step of the gate on its own: noisy = clean + n * std, std = softplus(noise) +
  * noise_epsilon, with the draws fm_noisy_gate_forward makes in training (desc: tokens, experts,
- * noise_epsilon, seed, token_offset; top_k and the rest unused). std (optional) receives std. */
+ * noise_epsilon, seed, token_offset; top_k and the rest unused). std (optional) receives std.
+ * Unlike the gate, any number of experts. */
 fm_status fm_gate_noise_forward(const fm_gate_desc *desc, const float *clean, int ldc, const float *noise,
                                 int ldn, float *noisy, int ldy, float *std, int lds);
 
@@ -278,8 +300,9 @@ fm_status fm_gate_load_forward(const fm_gate_desc *desc, const float *clean, int
  * run is reproducible whatever the batching, threads or ISA: h = lowbias32(state(seed, token) ^
  * (expert + 1) * 0x9E3779B9), x = (-1)^(h >> 31) (1 - (((h >> 8) & 0x7FFFFF) + 1/2) / 2^23),
  * uniform in (-1, 1); n = sqrt(2) erfinv(x) (Giles' float erfinv). state() is the splitmix64
- * finaliser of seed + (token + 1) * 0x9E3779B97F4A7C15, folded to 32 bits. The SIMD paths
- * compute the same x exactly and n within a few ulp. */
+ * finaliser of seed + (token + 1) * 0x9E3779B97F4A7C15, folded to 32 bits as (uint32_t)(z ^
+ * (z >> 32)); expert + 1 is computed in 32-bit unsigned arithmetic (any int expert is valid).
+ * The SIMD paths compute the same x exactly and n within a few ulp. */
 float fm_gate_noise(uint64_t seed, uint64_t token, int expert);
 
 /* The gate's logits from token features: clean = x W_gate and, when w_noise is not NULL,
@@ -329,10 +352,12 @@ fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const floa
  * May run in place (y == x with ldy == ldx).
  * Non-finite values follow IEEE arithmetic on that formula, identically on every path:
  *   - a NaN or ±Inf anywhere in a row of x makes the whole output row NaN and its rstd NaN
- *     (Inf - mean is Inf - Inf or NaN);
+ *     (Inf - mean is Inf - Inf or NaN); its mean is the row's sum over cols: +Inf or -Inf for
+ *     infinities of one sign, NaN with both signs or a NaN;
  *   - a NaN in gamma[j] or beta[j] makes column j NaN in every row.
- * On the vector paths, deviations |x - mean| above ~1e19 overflow the float variance (rstd
- * becomes 0); the scalar path sums in double. */
+ * On the vector paths, which sum in float, a row whose sum overflows float (values near
+ * FLT_MAX) gets an infinite mean, and deviations |x - mean| above ~1e19 overflow the float
+ * variance (rstd becomes 0); the scalar path sums in double. */
 fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, const float *gamma,
                                const float *beta, float eps, float *y, int ldy, float *mean,
                                float *rstd);
@@ -341,7 +366,8 @@ fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, cons
  *   xhat = (x - mean) * rstd,  g = dy * gamma,
  *   dx = rstd * (g - avg(g) - xhat * avg(g * xhat))  (avg over the row),
  *   dgamma[j] = sum_r dy[r][j] * xhat[r][j],  dbeta[j] = sum_r dy[r][j].
- * gamma may be NULL (1). dgamma and dbeta (cols floats each) may be NULL; they are OVERWRITTEN,
+ * gamma may be NULL (1); dgamma is then still the gradient of that implicit unit gamma, and
+ * dbeta that of an implicit zero beta. dgamma and dbeta (cols floats each) may be NULL; they are OVERWRITTEN,
  * not accumulated, like every gradient output in flexmoe (add them up yourself across calls).
  * xhat is recomputed from the float mean, which is only good to an ulp of |mean|: a row whose
  * spread is tiny against its mean (|mean| * rstd large) loses that many ulps in dx and dgamma.
@@ -483,6 +509,10 @@ typedef struct fm_routing_plan {
 fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices, int ldi, const float *gates,
                                 int ldg, fm_routing_plan *plan);
 
+/* Dispatch and combine trust no plan: before moving a row they check that order and position
+ * are each other's inverse over the plan's rows (FM_ERR_INVALID_ARGUMENT otherwise), so a plan
+ * edited or corrupted after its build cannot send a row outside the dispatched matrix. */
+
 /* xe[r] = x[token of order[r]]: plan->rows x dim, expert-contiguous. */
 fm_status fm_dispatch_forward(const fm_routing_plan *plan, int dim, const float *x, int ldx, float *xe, int ldxe);
 
@@ -543,16 +573,18 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
 
 /* The backward of fm_grouped_gemm_forward, each output optional (NULL: not computed), each
  * overwritten: dx = dy . W_e^T per row; d_packed_w (packed like the weights, padding zero) =
- * X_e^T . dY_e per expert; d_bias = column sums of dY_e. An expert without rows gets zero
- * gradients. */
+ * X_e^T . dY_e per expert; d_bias = column sums of dY_e, whether or not the forward had a bias
+ * (then the gradient of an implicit zero bias). An expert without rows gets zero gradients. */
 fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_features, int out_features,
                                    const float *x, int ldx, const float *packed_w, const float *dy, int lddy,
                                    float *dx, int lddx, float *d_packed_w, float *d_bias);
 
 /* GELU, elementwise: FM_GELU_ERF is the exact x Phi(x) (PyTorch's default), FM_GELU_TANH the
  * tanh approximation (approximate="tanh"). Both follow their formulas at the extremes: +Inf gives
- * +Inf, -Inf gives NaN (Inf times 0, as PyTorch), NaN gives NaN. y may alias x; the backward
- * gives dx = dy * GELU'(x), and dx may alias x or dy. */
+ * +Inf, -Inf gives NaN (Inf times 0, as PyTorch), NaN gives NaN; every finite x, however large,
+ * gives a finite result (past |x| = 20, GELU(x) = x or 0 and GELU'(x) = 1 or 0 exactly, on every
+ * path). y may alias x; the backward gives dx = dy * GELU'(x), and dx may alias x or dy;
+ * at x = +-Inf, GELU'(x) is NaN (x times a zero slope). */
 typedef enum fm_gelu { FM_GELU_ERF = 0, FM_GELU_TANH } fm_gelu;
 
 fm_status fm_gelu_forward(int rows, int cols, fm_gelu kind, const float *x, int ldx, float *y, int ldy);
