@@ -2727,8 +2727,12 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
                     for (j = cols; j < FM_GEMM_PANEL; j++) dy_block[i * FM_GEMM_PANEL + j] = 0.0f;
                 }
                 kernels->gemm_panel(in_features, n, x + (size_t)(first + r0) * ldx, 1, ldx, dy_block, NULL, r0 > 0,
-                                    d_panel, FM_GEMM_PANEL, FM_GEMM_PANEL);
+                                    d_panel, FM_GEMM_PANEL, cols);
             }
+            /* the padding columns are zero whatever x holds (an Inf in x times dy's zero padding
+             * would be NaN there, and an optimiser would carry it into the weights' padding) */
+            for (i = 0; count > 0 && cols < FM_GEMM_PANEL && i < in_features; i++)
+                memset(d_panel + (size_t)i * FM_GEMM_PANEL + cols, 0, (size_t)(FM_GEMM_PANEL - cols) * sizeof(float));
         }
     }
     if (d_bias) {

@@ -65,10 +65,11 @@ static unsigned fm__xgetbv0(void) {
 
 /* Bit masks of the features we need: bit 0 AVX2 path usable, bit 1 AVX-512 path usable. */
 static int fm__x86_features(void) {
-    static int cached = -1;
+    static int cached = -1; /* threads may race to fill it, with the same value: atomic accesses */
     unsigned eax, ebx, ecx, edx, xcr0;
-    int features = 0;
-    if (cached >= 0) return cached;
+    int features = FM__LOAD(cached);
+    if (features >= 0) return features;
+    features = 0;
     if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_OSXSAVE) && (ecx & bit_AVX) &&
         (ecx & bit_FMA) && __get_cpuid_max(0, NULL) >= 7) {
         xcr0 = fm__xgetbv0();
@@ -78,7 +79,8 @@ static int fm__x86_features(void) {
             (ebx & bit_AVX512BW) && (ebx & bit_AVX512DQ) && (ebx & bit_AVX512VL))
             features |= 2;
     }
-    return cached = features;
+    FM__STORE(cached, features);
+    return features;
 }
 
 static int fm__cpu_has_avx2(void) { return (fm__x86_features() & 1) != 0; }
@@ -1705,7 +1707,7 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_dot_til
     const int tile_cols = FM__W / tile_rows;
     const size_t panel_floats = (size_t)in_features * FM_GEMM_PANEL;
     const int full = out_features - out_features % FM__W, tail = out_features - full;
-    FM__V acc[FM__W];
+    FM__V acc[FM__W], wv_tail[FM__W];
     float sums[FM__W];
     const float *w_row[FM__W];
     int k, i, q, j;
@@ -1726,14 +1728,15 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_dot_til
                 for (q = 0; q < tile_cols; q++) acc[i * tile_cols + q] = FM__OP(fmadd)(dyv, wv[q], acc[i * tile_cols + q]);
             }
         }
-        if (tail) { /* the panel's padding is zero, so only dy needs the partial load */
+        if (tail) { /* partial loads of W too: whatever the panel's padding holds (NaN) never enters */
             const size_t w_offset = (size_t)(full / FM_GEMM_PANEL) * panel_floats + full % FM_GEMM_PANEL;
+            FM__UNROLL_W
+            for (q = 0; q < tile_cols; q++) wv_tail[q] = FM__OP(load_part)(w_row[q] + w_offset, tail, 0.0f);
             FM__UNROLL_W
             for (i = 0; i < tile_rows; i++) {
                 const FM__V dyv = FM__OP(load_part)(dy + i * lddy + full, tail, 0.0f);
                 FM__UNROLL_W
-                for (q = 0; q < tile_cols; q++)
-                    acc[i * tile_cols + q] = FM__OP(fmadd)(dyv, FM__OP(load)(w_row[q] + w_offset), acc[i * tile_cols + q]);
+                for (q = 0; q < tile_cols; q++) acc[i * tile_cols + q] = FM__OP(fmadd)(dyv, wv_tail[q], acc[i * tile_cols + q]);
             }
         }
         FM__OP(store)(sums, FM__OP(transpose_reduce)(acc, 0));

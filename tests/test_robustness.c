@@ -421,6 +421,40 @@ static void check_corrupted_plan(void) {
     free(x), free(xe), free(gates), free(y);
 }
 
+/* ---- the packed weights' padding: never read into a result, always written as zero ---------- */
+
+static void check_packed_padding(void) {
+    const int E = 2, in = 9, out = 70; /* the second panel has 6 live columns and 58 of padding */
+    const int32_t offsets[3] = {0, 5, 45}; /* 5 rows: dot products; 40: transposed blocks */
+    const size_t per_expert = fm_packed_weight_floats(in, out), rows = 45;
+    float *plain = random_floats((size_t)E * in * out, 0.5f), *packed = (float *)malloc(E * per_expert * sizeof(float));
+    float *x = random_floats(rows * in, 1.0f), *dy = random_floats(rows * out, 1.0f);
+    float *dx[2], *y[2], *dw = (float *)malloc(E * per_expert * sizeof(float));
+    size_t e, k, j;
+    int v, zero = 1;
+    FM_CHECK(fm_pack_weights(E, in, out, FM_WEIGHTS_IN_BY_OUT, plain, out, packed) == FM_OK, "pack");
+    for (v = 0; v < 2; v++) {
+        dx[v] = (float *)malloc(rows * in * sizeof(float)), y[v] = (float *)malloc(rows * out * sizeof(float));
+        if (v) /* garbage in the padding: what a careless optimiser or loader might leave there */
+            for (e = 0; e < (size_t)E; e++)
+                for (k = 0; k < (size_t)in; k++)
+                    for (j = 6; j < FM_GEMM_PANEL; j++) packed[e * per_expert + (size_t)in * FM_GEMM_PANEL + k * FM_GEMM_PANEL + j] = NAN;
+        FM_CHECK(fm_grouped_gemm_forward(E, offsets, in, out, x, in, packed, NULL, y[v], out) == FM_OK &&
+                     fm_grouped_gemm_backward(E, offsets, in, out, x, in, packed, dy, out, dx[v], in, NULL, NULL) == FM_OK,
+                 "GEMM forward and dx");
+    }
+    FM_CHECK(memcmp(y[0], y[1], rows * out * sizeof(float)) == 0 && memcmp(dx[0], dx[1], rows * in * sizeof(float)) == 0,
+             "NaN in the packed padding changes no float of y or dx");
+    x[3] = INFINITY, x[7 * in + 2] = -INFINITY;
+    FM_CHECK(fm_grouped_gemm_backward(E, offsets, in, out, x, in, packed, dy, out, NULL, 0, dw, NULL) == FM_OK, "dW");
+    for (e = 0; e < (size_t)E; e++)
+        for (k = 0; k < (size_t)in; k++)
+            for (j = 6; j < FM_GEMM_PANEL; j++) zero &= dw[e * per_expert + (size_t)in * FM_GEMM_PANEL + k * FM_GEMM_PANEL + j] == 0.0f;
+    FM_CHECK(zero, "dW's padding is zero even with +-Inf in x");
+    for (v = 0; v < 2; v++) free(dx[v]), free(y[v]);
+    free(plain), free(packed), free(x), free(dy), free(dw);
+}
+
 /* ---- the gate's optional workspace changes no float ---------------------------------------- */
 
 static void check_gate_workspace(void) {
@@ -870,6 +904,7 @@ int main(void) {
         check_gelu_extremes();
         check_layernorm_infinite_rows();
         check_corrupted_plan();
+        check_packed_padding();
         check_gate_workspace();
         check_allocator_hooks(isas[i]);
         check_switch_under_load(isas[i]);
