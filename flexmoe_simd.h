@@ -5,8 +5,9 @@
  *   - each ISA section defines a handful of vector primitives named fm__<isa>_<op> (load, store,
  *     partial load/store, segment reductions, exp, ...) with the ISA's target attribute;
  *   - then it includes this file once more with FM__SIMD_TEMPLATE set, which instantiates the
- *     kernel bodies (written once, in "Kernel templates" at the end) over those primitives;
- *   - and fills its kernel table from the instantiated functions.
+ *     kernel bodies (written once, in "Kernel templates" at the end) over those primitives and
+ *     the ISA's kernel table fm__<isa>_kernels, each entry leaving through fm__<isa>_leave
+ *     (vzeroupper on x86).
  * x86 paths use __attribute__((target)) so a baseline build carries them all; SIMD types never
  * cross a function boundary without that attribute.
  *
