@@ -109,11 +109,11 @@ for c in gcc clang; do
   run "dropin-$c" sh -c "$c ${strict[*]} examples/dropin.c -o build/dropin-$c -lm && ./build/dropin-$c"
 done
 run demo-alloc-failures tests/demo_alloc_failures.sh
-run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c -o build/test_softmax-openmp -lm
+run build-openmp gcc -fopenmp "${strict[@]}" -Itests tests/test_softmax.c tests/flexmoe_impl.c -o build/test_softmax-openmp -lm
 run_tests test_softmax-openmp OMP_NUM_THREADS=2 -- build/test_softmax-openmp
-run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmoe.c -o build/test_confsmoe-openmp -lm
+run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmoe.c tests/flexmoe_impl.c -o build/test_confsmoe-openmp -lm
 run_tests test_confsmoe-openmp OMP_NUM_THREADS=2 -- build/test_confsmoe-openmp
-run build-openmp-gemm gcc -fopenmp "${strict[@]}" -Itests tests/test_gemm.c -o build/test_gemm-openmp -lm
+run build-openmp-gemm gcc -fopenmp "${strict[@]}" -Itests tests/test_gemm.c tests/flexmoe_impl.c -o build/test_gemm-openmp -lm
 run_tests test_gemm-openmp OMP_NUM_THREADS=2 -- build/test_gemm-openmp
 for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lm && ./build/cxx-$cxx"

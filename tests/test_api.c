@@ -2,7 +2,6 @@
  * unknown, through fm_set_isa and FLEXMOE_ISA), the logger and allocator hooks, and argument
  * checking (errors are returned before anything is written). */
 #define _POSIX_C_SOURCE 200112L /* setenv */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <limits.h>

@@ -3,7 +3,6 @@
  * row, one column, widths off the vector width up to 1100, padded leading dimensions, in place),
  * the NaN / Inf policy stated in flexmoe.h, finite-difference checks in double of every
  * gradient, and argument errors that must return the right status and write nothing. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

@@ -3,7 +3,6 @@
  * exact copies; combine and the backward passes against double-precision references, with
  * finite-difference checks in double; outputs large enough to be streamed; argument errors that
  * write nothing. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

@@ -2,7 +2,6 @@
  * precision over a wide range and at NaN, +-Inf and extremes; the FFN forward against a double
  * reference on ragged experts; its backward against central differences of that reference (in
  * double); the backward with and without the saved hidden rows; argument errors. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

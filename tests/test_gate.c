@@ -3,7 +3,6 @@
  * noise, gates, importance, load) and its backward, the gate's logit projection, cv^2, the router
  * cross-entropy and the Flex-MoE gate loss; finite-difference checks in double for every
  * backward; NaN policy; argument errors that write nothing. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

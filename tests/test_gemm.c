@@ -3,7 +3,6 @@
  * experts, one row, row and depth blocks crossed, panel tails), NaN and Inf propagation, a
  * finite-difference check of the backward against the forward, padding left untouched, and
  * argument errors that write nothing. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

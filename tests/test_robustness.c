@@ -4,7 +4,6 @@
  * calls that must fail loudly (a NULL output, a half-installed allocator, a corrupted routing
  * plan, a path switched away on another thread), and what every public call must leave behind:
  * a clean upper vector state (XINUSE) and a small stack. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <float.h>

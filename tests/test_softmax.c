@@ -2,7 +2,6 @@
  * random shapes (one row, one column, widths off the vector width, up to 4096 columns, padded
  * leading dimensions, in place), the documented NaN / ±Inf / ±1e30 policy, and a
  * finite-difference check of the backward. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>

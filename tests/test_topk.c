@@ -2,7 +2,6 @@
  * identical and values bit-identical, on random shapes (k = 1..16 and beyond, widths off the
  * vector width, one row, padded leading dimensions), heavy ties, -0/+0, and the NaN / ±Inf
  * policy; plus argument errors that must write nothing. */
-#define FLEXMOE_IMPLEMENTATION
 #include "fm_test.h"
 
 #include <string.h>
