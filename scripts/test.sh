@@ -2,6 +2,7 @@
 # Installs what is missing, builds, and runs the whole test suite:
 #   - the test programs on every ISA path this CPU supports, each forced with FLEXMOE_ISA;
 #   - the same under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   - a libFuzzer target of the whole kernel API, a minute per path (scripts/fuzz.sh);
 #   - the NEON path cross-compiled for aarch64 and run under qemu-aarch64;
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
@@ -88,6 +89,10 @@ for isa in $isas; do
     run_tests "$t-$isa-asan-ubsan" FLEXMOE_ISA=$isa -- build/sanitize/tests/$t
   done
 done
+
+# ---- fuzzing: every public kernel call under libFuzzer + ASan + UBSan, a minute per path -------
+# (the reproducers in tests/fuzz/crashes/ are replayed first)
+run fuzz-kernels scripts/fuzz.sh 60
 
 # ---- aarch64 / NEON under qemu ----------------------------------------------------------------
 if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
