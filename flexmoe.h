@@ -1136,18 +1136,21 @@ static void fm__scalar_scatter_rows(int tokens, int k, int dim, const float *src
         }
 }
 
+/* As the table says: the first kept row scaled, the others added in slot order (not 0 + w * row,
+ * which would turn a lone -0 into +0), zero when every assignment was dropped. */
 static void fm__scalar_combine_rows(int tokens, int k, int dim, const float *src, int ld_src, const int32_t *position,
                                     const float *weights, int ldw, float *dst, int ld_dst, int stream) {
-    int t, i, j;
+    int t, i, j, first;
     (void)stream;
     for (t = 0; t < tokens; t++) {
         float *d = dst + (size_t)t * ld_dst;
         for (j = 0; j < dim; j++) d[j] = 0.0f;
-        for (i = 0; i < k; i++) {
+        for (i = 0, first = 1; i < k; i++) {
             const int32_t row = position[(size_t)t * k + i];
             const float w = weights ? weights[(size_t)t * ldw + i] : 1.0f;
             if (row < 0) continue;
-            for (j = 0; j < dim; j++) d[j] += w * src[(size_t)row * ld_src + j];
+            for (j = 0; j < dim; j++) d[j] = first ? w * src[(size_t)row * ld_src + j] : fmaf(w, src[(size_t)row * ld_src + j], d[j]);
+            first = 0;
         }
     }
 }
@@ -1597,7 +1600,6 @@ fm_status fm_softmax_topk_backward(int tokens, int experts, int k, int renormali
  * indices and gates are written (forward) or read (backward, where they are also checked). */
 static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tensors *t, int outputs, fm__gate_job *job) {
     fm_status status;
-    int i;
     if (!desc || !t) return FM_ERR_NULL_POINTER;
     if ((status = fm__check_gate_size(desc->tokens, desc->experts, desc->top_k)) != FM_OK) return status;
     memset(job, 0, sizeof *job);
@@ -1633,11 +1635,18 @@ static fm_status fm__gate_job_from(const fm_gate_desc *desc, const fm_gate_tenso
     if ((status = fm__check_matrix(job->gates, job->tokens, job->top_k, job->ld_gates)) != FM_OK) return status;
     if (job->noisy && (status = fm__check_matrix(job->noisy, job->tokens, job->experts, job->ld_noisy)) != FM_OK)
         return status;
+    return FM_OK;
+}
+
+/* The index arrays of a checked gate job (token groups; the backward's indices), read only once
+ * every other argument of the call is known good. */
+static fm_status fm__check_gate_contents(const fm__gate_job *job, int indices_are_input) {
+    int i;
     if (job->token_group)
         for (i = 0; i < job->tokens; i++)
             if (job->token_group[i] < 0 || job->token_group[i] >= job->groups) return FM_ERR_INVALID_ARGUMENT;
-    if (!outputs) return fm__check_indices(job->indices, job->tokens, job->top_k, job->ld_indices, job->experts);
-    return FM_OK;
+    return indices_are_input ? fm__check_indices(job->indices, job->tokens, job->top_k, job->ld_indices, job->experts)
+                             : FM_OK;
 }
 
 /* The widest vector's lanes: one tile layout serves every path. */
@@ -1653,6 +1662,7 @@ fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors 
     fm__gate_job job;
     fm_status status;
     if ((status = fm__gate_job_from(desc, tensors, 1, &job)) != FM_OK) return status;
+    if ((status = fm__check_gate_contents(&job, 0)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (job.importance) memset(job.importance, 0, (size_t)job.groups * job.experts * sizeof(float));
     if (job.load) memset(job.load, 0, (size_t)job.groups * job.experts * sizeof(float));
@@ -1687,6 +1697,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
     if (g->d_noisy_logits && (status = fm__check_matrix(g->d_noisy_logits, job.tokens, E, ld_dn)) != FM_OK) return status;
     if ((status = fm__check_matrix(g->d_clean_logits, job.tokens, E, ld_dc)) != FM_OK) return status;
     if (job.training && (status = fm__check_matrix(g->d_noise_logits, job.tokens, E, ld_dr)) != FM_OK) return status;
+    if ((status = fm__check_gate_contents(&job, 1)) != FM_OK) return status;
     for (t = 0; t < job.tokens; t++) {
         const float *clean = job.clean + (size_t)t * job.ld_clean;
         const float *raw = job.training ? job.noise + (size_t)t * job.ld_noise : NULL;
@@ -1958,13 +1969,14 @@ fm_status fm_flexmoe_router_loss(int tokens, int experts, int groups, const floa
     float ce, cv;
     double total;
     int t, g;
-    if (!value) return FM_ERR_NULL_POINTER;
+    if (!value || !combination) return FM_ERR_NULL_POINTER;
     if (groups < 1 || groups > FLEXMOE_GATE_MAX_GROUPS) return FM_ERR_INVALID_ARGUMENT;
     if ((status = fm__check_matrix(importance, groups, experts, experts)) != FM_OK) return status;
     if ((status = fm__check_matrix(load, groups, experts, experts)) != FM_OK) return status;
-    if (combination)
-        for (t = 0; t < tokens; t++)
-            if (combination[t] < 0) return FM_ERR_INVALID_ARGUMENT;
+    if ((status = fm__check_matrix(noisy_logits, tokens, experts, ldl)) != FM_OK) return status;
+    if (d_noisy_logits && (status = fm__check_matrix(d_noisy_logits, tokens, experts, lddl)) != FM_OK) return status;
+    for (t = 0; t < tokens; t++) /* the contents last, once every shape is known good */
+        if (combination[t] < 0) return FM_ERR_INVALID_ARGUMENT;
     if ((status = fm__cross_entropy(tokens, experts, noisy_logits, ldl, combination, 1, &ce, d_noisy_logits,
                                     lddl)) != FM_OK)
         return status;
@@ -2352,11 +2364,12 @@ fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices
         return FM_ERR_INVALID_ARGUMENT;
     if ((uint64_t)T * (uint64_t)k > (uint64_t)INT32_MAX) return FM_ERR_OVERFLOW;
     if ((status = fm__check_matrix(indices, T, k, ldi)) != FM_OK) return status;
-    if ((status = fm__check_indices(indices, T, k, ldi, E)) != FM_OK) return status;
     if (desc->capacity_factor > 0.0f && desc->drop_policy == FM_DROP_BY_GATE &&
         (status = fm__check_matrix(gates, T, k, ldg)) != FM_OK)
         return status;
     if (!plan->counts || !plan->offsets || !plan->order || !plan->position) return FM_ERR_NULL_POINTER;
+    /* the contents last: every other argument is known good before a byte of them is read */
+    if ((status = fm__check_indices(indices, T, k, ldi, E)) != FM_OK) return status;
     assignments = (size_t)T * k;
     capacity = INT32_MAX;
     if (desc->capacity_factor > 0.0f) {

@@ -9,8 +9,8 @@
 # Exits non-zero on any crash.
 #   scripts/fuzz.sh [SECONDS_PER_PATH]
 # Environment:
-#   FUZZ_CFLAGS  extra compiler flags, e.g. -DFUZZ_SKIP_KNOWN (skip the inputs of defects already
-#                being fixed) or -DFUZZ_SKIP_FOUND (also those this target has found)
+#   FUZZ_CFLAGS  extra compiler flags, e.g. -DFUZZ_CORRUPT_PLAN or -DFUZZ_GARBAGE_PADDING (see the
+#                target's header comment)
 #   FUZZ_ISAS    the paths to run (default: every supported one of scalar, avx2, avx512, neon)
 #   FUZZ_MERGE=1 merge the new interesting inputs back into tests/fuzz/corpus/ (keep it small:
 #                only when you mean to)

@@ -420,6 +420,59 @@ static void check_corrupted_plan(void) {
     free(x), free(xe), free(gates), free(y);
 }
 
+/* ---- errors before reads: index arrays are read only once every other argument is good ------ */
+
+/* Each call below names an index matrix far larger than its one-int buffer (the guarded heap
+ * faults on any read past it) together with another bad argument: the error must come first. */
+static void check_errors_before_reads(void) {
+    int32_t *one = (int32_t *)malloc(sizeof(int32_t));
+    float *values = random_floats(8, 1.0f), value, d[4];
+    int32_t counts[2], offsets[3], order[2], position[2];
+    fm_plan_desc plan_desc;
+    fm_routing_plan plan;
+    fm_gate_desc desc;
+    fm_gate_tensors t;
+    fm_gate_gradients g;
+    one[0] = 5; /* out of range too */
+    memset(&plan_desc, 0, sizeof plan_desc);
+    plan_desc.tokens = 2, plan_desc.top_k = 1, plan_desc.experts = 2;
+    plan.counts = NULL, plan.offsets = offsets, plan.order = order, plan.position = position;
+    plan.dropped_per_expert = counts;
+    FM_CHECK(fm_routing_plan_build(&plan_desc, one, 1000, NULL, 0, &plan) == FM_ERR_NULL_POINTER,
+             "plan build: a NULL plan array is reported before the indices are read");
+    memset(&desc, 0, sizeof desc);
+    memset(&t, 0, sizeof t);
+    memset(&g, 0, sizeof g);
+    desc.tokens = 2, desc.experts = 2, desc.top_k = 1;
+    t.clean_logits = values, t.indices = one, t.ld_indices = 1000, t.gates = values, t.token_group = one;
+    FM_CHECK(fm_noisy_gate_backward(&desc, &t, &g) == FM_ERR_NULL_POINTER,
+             "gate backward: a NULL d_clean_logits is reported before indices or groups are read");
+    FM_CHECK(fm_flexmoe_router_loss(1000, 4, 1, NULL, 4, one, values, values, &value, d, 4, NULL, NULL) ==
+                 FM_ERR_NULL_POINTER,
+             "router loss: NULL logits reported before the combinations are read");
+    free(one), free(values);
+}
+
+/* One kept row: dispatch backward copies it, sign of zero included, on every path. */
+static void check_single_row_sums(void) {
+    const int T = 3, k = 1, E = 2, D = 21;
+    int32_t idx[3] = {0, 1, 0}, counts[2], offsets[3], order[3], position[3];
+    float *dxe = random_floats((size_t)T * k * D, 1.0f), *dx = (float *)malloc((size_t)T * D * sizeof(float));
+    fm_plan_desc desc;
+    fm_routing_plan plan;
+    int j, same = 1;
+    memset(&desc, 0, sizeof desc);
+    desc.tokens = T, desc.top_k = k, desc.experts = E;
+    plan.counts = counts, plan.offsets = offsets, plan.order = order, plan.position = position;
+    plan.dropped_per_expert = NULL;
+    FM_CHECK(fm_routing_plan_build(&desc, idx, k, NULL, 0, &plan) == FM_OK, "plan");
+    for (j = 0; j < T * k * D; j++) dxe[j] = -0.0f;
+    FM_CHECK(fm_dispatch_backward(&plan, D, dxe, D, dx, D) == FM_OK, "dispatch backward");
+    for (j = 0; j < T * D; j++) same &= dx[j] == 0.0f && signbit(dx[j]);
+    FM_CHECK(same, "a token's one kept row of -0 comes back -0");
+    free(dxe), free(dx);
+}
+
 /* ---- the packed weights' padding: never read into a result, always written as zero ---------- */
 
 static void check_packed_padding(void) {
@@ -903,6 +956,8 @@ int main(void) {
         check_gelu_extremes();
         check_layernorm_infinite_rows();
         check_corrupted_plan();
+        check_errors_before_reads();
+        check_single_row_sums();
         check_packed_padding();
         check_gate_workspace();
         check_allocator_hooks(isas[i]);
