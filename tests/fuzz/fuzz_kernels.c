@@ -357,13 +357,14 @@ static void fill_floats(float *p, size_t n) {
     }
 }
 
-/* A rows x cols float matrix with leading dimension ld. flags: OUT, OPT (may be NULL: the fuzzer
- * decides), NOCHECK (the library does not check this buffer here), NOFILL. A required buffer that
- * is NULL or of an invalid shape makes the call invalid (g_bad). */
-static float *fmat(int rows, int cols, int ld, int flags) {
-    uint64_t elems;
-    float *p;
+/* What fmat and imat share: NULL where the fuzzer leaves the buffer out, else a buffer of the
+ * matrix's extent (one element for an invalid shape), registered as a matrix. flags: OUT, OPT
+ * (may be NULL: the fuzzer decides), NOCHECK (the library does not check this buffer here),
+ * NOFILL. A required buffer that is NULL or of an invalid shape makes the call invalid (g_bad). */
+static void *new_matrix(int rows, int cols, int ld, int flags, size_t elem_size, uint64_t *elems) {
     const int valid = rows > 0 && cols > 0 && ld >= cols;
+    void *p;
+    *elems = 0;
     if (flags & KEEP) {
     } else if (flags & OPT) {
         if (u8() & 1) return NULL;
@@ -372,12 +373,20 @@ static float *fmat(int rows, int cols, int ld, int flags) {
         return NULL;
     }
     if (!valid && !(flags & NOCHECK)) set_bad(__LINE__);
-    elems = valid ? (uint64_t)(rows - 1) * (uint64_t)ld + (uint64_t)cols : 1;
-    p = (float *)raw_alloc(elems, sizeof(float), flags & OUT);
-    if (valid && elems <= MAX_ELEMS) {
+    *elems = valid ? (uint64_t)(rows - 1) * (uint64_t)ld + (uint64_t)cols : 1;
+    p = raw_alloc(*elems, elem_size, flags & OUT);
+    if (valid && *elems <= MAX_ELEMS) {
         buffer *b = &bufs[nbufs - 1];
         b->mat = 1, b->rows = rows, b->cols = cols, b->ld = ld;
     }
+    return p;
+}
+
+/* A rows x cols float matrix with leading dimension ld (flags as new_matrix's). */
+static float *fmat(int rows, int cols, int ld, int flags) {
+    uint64_t elems;
+    float *p = (float *)new_matrix(rows, cols, ld, flags, sizeof(float), &elems);
+    if (!p) return NULL;
     if (!(flags & NOFILL)) fill_floats(p, elems > MAX_ELEMS ? 1 : (size_t)elems);
     else memset(p, 0xFF, (elems > MAX_ELEMS ? 1 : (size_t)elems) * sizeof(float));
     return p;
@@ -420,20 +429,7 @@ static int32_t *imat(int rows, int cols, int ld, int flags, int lo, int hi, int 
     const int valid = rows > 0 && cols > 0 && ld >= cols;
     int bad;
     if (oor) *oor = 0;
-    if (flags & KEEP) {
-    } else if (flags & OPT) {
-        if (u8() & 1) return NULL;
-    } else if (rare(48)) {
-        if (!(flags & NOCHECK)) set_bad(__LINE__);
-        return NULL;
-    }
-    if (!valid && !(flags & NOCHECK)) set_bad(__LINE__);
-    elems = valid ? (uint64_t)(rows - 1) * (uint64_t)ld + (uint64_t)cols : 1;
-    p = (int32_t *)raw_alloc(elems, sizeof(int32_t), flags & OUT);
-    if (valid && elems <= MAX_ELEMS) {
-        buffer *b = &bufs[nbufs - 1];
-        b->mat = 1, b->rows = rows, b->cols = cols, b->ld = ld;
-    }
+    if (!(p = (int32_t *)new_matrix(rows, cols, ld, flags, sizeof(int32_t), &elems))) return NULL;
     if ((flags & NOFILL) && elems <= MAX_ELEMS) memset(p, 0xFF, (size_t)elems * sizeof(int32_t));
     if (!(flags & NOFILL) && elems <= MAX_ELEMS) {
         int r, c;
