@@ -1675,7 +1675,9 @@ static void zero_padding(float *w, int E, int in, int out) {
 #ifndef FUZZ_GARBAGE_PADDING
     const uint64_t per = packed_floats(in, out);
     int e, kk, j;
-    if (!w || E <= 0 || in <= 0 || out <= 0 || g_huge || (out % 64) == 0) return;
+    if (!w || E <= 0 || in <= 0 || out <= 0 || in > FLEXMOE_MAX_DIM || out > FLEXMOE_MAX_DIM || g_huge ||
+        (out % 64) == 0)
+        return;
     for (e = 0; e < E; e++)
         for (kk = 0; kk < in; kk++)
             for (j = out; j < (out + 63) / 64 * 64; j++) w[e * per + ((size_t)(j / 64) * in + kk) * 64 + j % 64] = 0.0f;
