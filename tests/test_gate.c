@@ -440,16 +440,33 @@ static void ref_softmax_topk(const double *l, int E, int k, int renormalize, int
     for (i = 0; i < k; i++) weights[i] = exp(l[top[i]] - max) / (renormalize ? selected : sum);
 }
 
+/* The smallest gap between neighbours in the top k + 1 of a row: a finite-difference step
+ * smaller than it cannot change which experts are selected, nor their order. */
+static double selection_margin(const double *row, int E, int k, int *top) {
+    const int levels = k < E ? k + 1 : E;
+    double margin = INFINITY;
+    int i;
+    ref_top(row, E, levels, top);
+    for (i = 1; i < levels; i++) margin = fmin(margin, row[top[i - 1]] - row[top[i]]);
+    return margin;
+}
+
 static void check_softmax_topk(int T, int E, int k, int renormalize) {
     const size_t te = (size_t)T * E, tk = (size_t)T * k;
     double *l = (double *)malloc(te * sizeof(double)), *dw = (double *)malloc(tk * sizeof(double));
     double *want = (double *)malloc((size_t)k * sizeof(double));
-    int *top = (int *)malloc((size_t)k * sizeof(int));
+    int *top = (int *)malloc((size_t)(k + 1) * sizeof(int));
     int32_t *indices = (int32_t *)malloc(tk * sizeof(int32_t));
     float *weights = (float *)malloc(tk * sizeof(float)), *dl = (float *)malloc(te * sizeof(float)), *fl, *fdw;
     double worst = 0.0, worst_grad = 0.0;
-    int t, i, e, bad_index = 0;
+    int t, i, e, attempt, bad_index = 0;
     random_fill(l, te, 2.0);
+    for (t = 0; t < T && t < 8; t++) /* the rows checked by finite differences stay away from selection changes */
+    {
+        for (attempt = 0; attempt < 50 && selection_margin(l + (size_t)t * E, E, k, top) < 1e-3; attempt++)
+            random_fill(l + (size_t)t * E, (size_t)E, 2.0);
+        FM_CHECK(attempt < 50, "softmax_topk: no row away from selection changes in 50 draws");
+    }
     random_fill(dw, tk, 1.0);
     fl = to_float(l, te), fdw = to_float(dw, tk);
     FM_CHECK(fm_softmax_topk_forward(T, E, k, renormalize, fl, E, indices, k, weights, k) == FM_OK, "softmax_topk forward");
