@@ -18,11 +18,13 @@
  *   5. LayerNorm and the ConfSMoE confidence gate         (public API)
  *   6. Routing plan, dispatch and combine                 (public API)
  *   7. Grouped expert GEMM, GELU and the expert FFN       (public API)
+ *   8. The SMoE layer                                     (public API)
  *   --- implementation (FLEXMOE_IMPLEMENTATION) ---
- *   8. Status strings, allocator, logger
- *   9. Kernel table and scalar reference kernels
- *  10. ISA kernels and run-time selection
- *  11. Argument checking and public entry points
+ *   9. Status strings, allocator, logger
+ *  10. Kernel table and scalar reference kernels
+ *  11. ISA kernels and run-time selection
+ *  12. Argument checking and public entry points
+ *  13. The SMoE layer
  *
  * Conventions: every fallible call returns fm_status (FM_OK == 0), and FM_OK means every
  * promised output was written. Buffers are caller-owned, row-major, described by (rows, cols,
@@ -623,6 +625,137 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
                                  int ldp, const float *hidden, int ldh, const float *dy, int lddy, float *dx,
                                  int lddx, const fm_expert_ffn_grads *grads, float *d_hidden, int lddh);
 
+/* ==== 8. The SMoE layer =================================================================== */
+
+/* The sparse Mixture-of-Experts FFN layer as one call each way, composed from the kernels above:
+ *
+ *   logits   clean = x W_gate (and noise = x W_noise for the noisy gate), on the GEMM kernels
+ *   gate     FM_GATE_NOISY_TOPK    Flex-MoE / FastMoE: fm_noisy_gate_forward (noise in training)
+ *            FM_GATE_SOFTMAX_TOPK  Mixtral: fm_softmax_topk_forward on the clean logits
+ *            FM_GATE_CONFIDENCE    ConfSMoE: the top k of the clean logits choose the experts;
+ *                                  fm_confsmoe_forward combines their outputs by confidence
+ *   plan     fm_routing_plan_build (dropless, or the capacity factor and drop policy)
+ *   experts  dispatch, the expert FFN GELU(x W1 + b1) W2 + b2 per expert, then
+ *   combine  y[t] = sum_i gates[t][i] expert_i(x[t])            (noisy and softmax gates), or
+ *            y[t] = LayerNorm(x[t] + sum_i c[t][i] expert_i(x[t]))  (confidence gate: the
+ *            residual and the output LayerNorm are part of ConfSMoE's combination)
+ *
+ * and back. Each token carries its modality-combination index (Flex-MoE's order, 0 = all
+ * modalities) and its token group (0 = a full-modality sample's token, 1 = the others), which
+ * feed the gate loss:
+ *
+ *   gate_loss = router_ce + balance
+ *   router_ce = the S-Router term: mean over tokens with combination > 0 of the cross-entropy of
+ *               the routing logits (the noisy logits in training, else the clean ones) toward
+ *               combination mod experts (so more combinations than experts share experts)
+ *   balance   = sum over groups g of cv^2(importance[g]) + cv^2(load[g]) (the G-Router), where
+ *               importance sums each expert's gates and load is FastMoE's differentiable load in
+ *               training (the token counts otherwise, without gradient). The confidence gate has
+ *               no balance term (ConfSMoE: decoupling the weights from the softmax replaces it).
+ *
+ * Nothing is allocated: the caller provides `saved` (what the forward keeps for the backward)
+ * and `workspace` (scratch), sized by fm_moe_sizes for the largest batch, 64-byte aligned
+ * (fm_alloc). Parameters and gradients are structs of pointers into caller memory, so a model
+ * can point them into its arenas. Every gradient is overwritten, like every gradient output in
+ * flexmoe. The calls check every argument (shapes, NULLs, index ranges, a saved buffer from
+ * another forward) before writing anything. */
+typedef enum fm_gate_kind {
+    FM_GATE_NOISY_TOPK = 0, /* FastMoE's noisy top-k: softmax over the top k (noisy) logits */
+    FM_GATE_SOFTMAX_TOPK,   /* softmax over every expert, then its top k (desc.renormalize) */
+    FM_GATE_CONFIDENCE      /* ConfSMoE's confidence-weighted combination */
+} fm_gate_kind;
+
+/* Zero is Flex-MoE's configuration: d 128, hidden 256, 16 experts, top-4, the noisy gate,
+ * exact GELU, dropless. */
+typedef struct fm_moe_desc {
+    int dim;                    /* d; 0: 128 */
+    int hidden;                 /* each expert's hidden width; 0: 2 * dim */
+    int experts;                /* 0: 16; <= FLEXMOE_GATE_MAX_EXPERTS */
+    int top_k;                  /* 0: 4; <= min(experts, FLEXMOE_GATE_MAX_TOP_K) */
+    int groups;                 /* token groups of the balance term; 0: 2; <= FLEXMOE_GATE_MAX_GROUPS */
+    fm_gate_kind gate;          /* 0: FM_GATE_NOISY_TOPK */
+    fm_gelu gelu;               /* 0: FM_GELU_ERF */
+    float noise_epsilon;        /* noisy gate: std = softplus(x W_noise) + this; 0: 0.01 */
+    int renormalize;            /* softmax gate: divide the k weights by their sum */
+    float capacity_factor;      /* 0: dropless; else > 0, as fm_plan_desc */
+    fm_drop_policy drop_policy; /* with a capacity factor */
+    int classes;                /* confidence gate: the probes' classes (>= 2 when labels are given) */
+    fm_conf_mode confidence;    /* confidence gate: per token or the expert's mean */
+    float layernorm_eps;        /* confidence gate's LayerNorms; 0: 1e-5 */
+} fm_moe_desc;
+
+/* Parameters. w_gate and w_noise are plain dim x experts (x W); w1 and w2 are packed
+ * (fm_pack_weights: w1 dim x hidden, w2 hidden x dim per expert, fm_packed_weight_floats each);
+ * b1 (experts x hidden) and b2 (experts x dim) may be NULL. w_noise is used by the noisy gate
+ * only, `confidence` by the confidence gate only (fm_confsmoe_params: w, b, gamma, beta and, when
+ * labels are given, the probes). */
+typedef struct fm_moe_params {
+    const float *w_gate, *w_noise;
+    const float *w1, *b1, *w2, *b2;
+    fm_confsmoe_params confidence;
+} fm_moe_params;
+
+/* Gradients, same shapes and layouts as the parameters; each may be NULL (not computed). */
+typedef struct fm_moe_grads {
+    float *w_gate, *w_noise;
+    float *w1, *b1, *w2, *b2;
+    fm_confsmoe_grads confidence;
+} fm_moe_grads;
+
+/* One batch of tokens. */
+typedef struct fm_moe_batch {
+    int tokens;
+    const float *x;               /* tokens x dim, leading dimension ldx (0: dim) */
+    int ldx;
+    const int32_t *combination;   /* tokens, >= 0; NULL: every token from the all-modality combination */
+    const int32_t *token_group;   /* tokens, in [0, groups); NULL: 0 where combination is 0, else 1 */
+    const int32_t *labels;        /* confidence gate: tokens class labels for the probes; NULL: no probe */
+    int training;                 /* nonzero: the gate's noise and differentiable load */
+    uint64_t seed, token_offset;  /* the noise of token t, expert e: fm_gate_noise(seed, token_offset + t, e) */
+} fm_moe_batch;
+
+/* What a forward reports (every pointer optional). */
+typedef struct fm_moe_stats {
+    int32_t *expert_rows;    /* experts: assignments each expert ran (after drops) */
+    int32_t *expert_dropped; /* experts: assignments dropped by the capacity */
+    int32_t *indices;        /* tokens x top_k: each token's experts, best first */
+    int rows, dropped;       /* their sums */
+    float router_ce, balance, gate_loss; /* the gate loss and its terms (above) */
+    float confidence_loss, probe_loss;   /* confidence gate with labels: fm_confsmoe_forward's losses */
+} fm_moe_stats;
+
+/* Bytes of the caller's buffers for batches of up to max_tokens tokens. A forward with a saved
+ * buffer (training, or anything to be differentiated) needs saved_bytes of saved and
+ * workspace_bytes of workspace; the backward needs the same two. An inference forward without a
+ * saved buffer (saved = NULL) needs inference_workspace_bytes of workspace. */
+typedef struct fm_moe_sizes {
+    size_t saved_bytes, workspace_bytes, inference_workspace_bytes;
+} fm_moe_sizes;
+
+fm_status fm_moe_buffer_sizes(const fm_moe_desc *desc, int max_tokens, fm_moe_sizes *sizes);
+
+/* y (tokens x dim, ldy; 0: dim) = the layer applied to batch->x. saved: fm_moe_buffer_sizes'
+ * saved_bytes, or NULL for an inference forward; stats may be NULL. y must not overlap x. */
+fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, const fm_moe_batch *batch,
+                         float *y, int ldy, void *saved, void *workspace, fm_moe_stats *stats);
+
+/* d(objective) / d(each term of the layer's losses): the objective is sum(dy * y) + gate *
+ * gate_loss (+ confidence * confidence_loss + probe * probe_loss for the confidence gate). Flex-MoE
+ * trains with gate = 0.01; ConfSMoE with confidence = probe = 1. NULL: all zero. */
+typedef struct fm_moe_loss_weights {
+    float gate, confidence, probe;
+} fm_moe_loss_weights;
+
+/* The backward of the forward that filled `saved` (same desc, params and batch; FM_ERR_INVALID_ARGUMENT
+ * for a saved buffer of another shape, kind or of no forward): dx (tokens x dim, lddx; 0: dim;
+ * required, overwritten) and every gradient grads asks for. The gate's gradient reaches w_gate
+ * (and w_noise) through the gates' softmax and, with a nonzero weights->gate, the gate loss; the
+ * confidence gate's router learns from the S-Router term only. saved is also scratch for the
+ * confidence gate, so run one backward per forward. */
+fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, const fm_moe_batch *batch,
+                          void *saved, const float *dy, int lddy, const fm_moe_loss_weights *weights, float *dx,
+                          int lddx, const fm_moe_grads *grads, void *workspace);
+
 #ifdef __cplusplus
 }
 #endif
@@ -653,7 +786,7 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 8. Status strings, allocator, logger ================================================= */
+/* ==== 9. Status strings, allocator, logger ================================================= */
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -767,7 +900,7 @@ void fm_free(void *ptr) {
     block.allocator.free(block.raw, block.allocator.user_data);
 }
 
-/* ==== 9. Kernel table and scalar reference kernels ========================================= */
+/* ==== 10. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -1259,7 +1392,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gather_scale_dot,
 };
 
-/* ==== 10. ISA kernels and run-time selection ============================================== */
+/* ==== 11. ISA kernels and run-time selection ============================================= */
 
 #include "flexmoe_simd.h"
 
@@ -1406,7 +1539,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 11. Argument checking and public entry points ======================================== */
+/* ==== 12. Argument checking and public entry points ======================================= */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, each dimension
  * within FLEXMOE_MAX_DIM, extent addressable. */
@@ -1829,61 +1962,95 @@ float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
     return fm__normal_from_hash(fm__noise_hash(fm__noise_token_state(seed, token), expert));
 }
 
+#define FM__ALIGN64 __attribute__((aligned(64))) /* full-vector loads of a stack panel never split a line */
+
+/* Depth of the B blocks that fm__gemm_strided packs on the stack: 32 x FM_GEMM_PANEL floats, 8 KiB. */
+#define FM__STRIDED_DEPTH 32
+
+/* C[rows x cols] (+)= A . B for operands at any strides, a(i, p) = a[i * a_row + p * a_depth]
+ * and b(p, j) = b[p * b_row + j * b_col], on the packed-panel micro-kernels: B goes through a
+ * stack panel one depth block of FM__STRIDED_DEPTH by FM_GEMM_PANEL columns at a time, so the
+ * gate's small products (x W, dlogits W^T, x^T dlogits, with few experts) run at kernel speed
+ * without a workspace. accumulate adds C's old values. */
+static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int depth, int cols, const float *a,
+                             ptrdiff_t a_row, ptrdiff_t a_depth, const float *b, ptrdiff_t b_row, ptrdiff_t b_col,
+                             int accumulate, float *c, ptrdiff_t ldc) {
+    FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
+    int c0, k0, p, j;
+    for (c0 = 0; c0 < cols; c0 += FM_GEMM_PANEL) {
+        const int n = cols - c0 < FM_GEMM_PANEL ? cols - c0 : FM_GEMM_PANEL;
+        for (k0 = 0; k0 < depth; k0 += FM__STRIDED_DEPTH) {
+            const int kd = depth - k0 < FM__STRIDED_DEPTH ? depth - k0 : FM__STRIDED_DEPTH;
+            for (p = 0; p < kd; p++) {
+                const float *bp = b + (ptrdiff_t)(k0 + p) * b_row + (ptrdiff_t)c0 * b_col;
+                float *row = panel + p * FM_GEMM_PANEL;
+                for (j = 0; j < n; j++) row[j] = bp[j * b_col];
+                for (; j < FM_GEMM_PANEL; j++) row[j] = 0.0f;
+            }
+            kernels->gemm_panel(rows, kd, a + (ptrdiff_t)k0 * a_depth, a_row, a_depth, panel, NULL,
+                                accumulate || k0 > 0, c + c0, ldc, n);
+        }
+    }
+}
+
+/* The gate's logits with leading dimensions: clean = x W_gate, noise = x W_noise when wanted. */
+static void fm__gate_logits(const fm__kernel_table *kernels, int tokens, int dim, int experts, const float *x,
+                            int ldx, const float *w_gate, const float *w_noise, float *clean, int ldc, float *noise,
+                            int ldn) {
+    fm__gemm_strided(kernels, tokens, dim, experts, x, ldx, 1, w_gate, experts, 1, 0, clean, ldc);
+    if (w_noise) fm__gemm_strided(kernels, tokens, dim, experts, x, ldx, 1, w_noise, experts, 1, 0, noise, ldn);
+}
+
+/* Its backward, each output optional: dx = d_clean W_gate^T (+ d_noise W_noise^T) with
+ * accumulate_dx adding to dx, dW = x^T d_logits. */
+static void fm__gate_logits_backward(const fm__kernel_table *kernels, int tokens, int dim, int experts,
+                                     const float *x, int ldx, const float *w_gate, const float *w_noise,
+                                     const float *d_clean, int lddc, const float *d_noise, int lddn, float *dx,
+                                     int lddx, int accumulate_dx, float *dw_gate, float *dw_noise) {
+    if (dx) {
+        fm__gemm_strided(kernels, tokens, experts, dim, d_clean, lddc, 1, w_gate, 1, experts, accumulate_dx, dx, lddx);
+        if (d_noise) fm__gemm_strided(kernels, tokens, experts, dim, d_noise, lddn, 1, w_noise, 1, experts, 1, dx, lddx);
+    }
+    if (dw_gate) fm__gemm_strided(kernels, dim, tokens, experts, x, 1, ldx, d_clean, lddc, 1, 0, dw_gate, experts);
+    if (dw_noise) fm__gemm_strided(kernels, dim, tokens, experts, x, 1, ldx, d_noise, lddn, 1, 0, dw_noise, experts);
+}
+
 fm_status fm_gate_logits_forward(int tokens, int dim, int experts, const float *x, int ldx,
                                  const float *w_gate, const float *w_noise, float *clean, float *noise) {
+    const fm__kernel_table *kernels;
     fm_status status;
-    int t, i, e;
     if ((status = fm__check_matrix(x, tokens, dim, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(w_gate, dim, experts, experts)) != FM_OK) return status;
     if ((status = fm__check_matrix(clean, tokens, experts, experts)) != FM_OK) return status;
     if (!w_noise != !noise) return FM_ERR_NULL_POINTER;
     if (w_noise && (status = fm__check_matrix(noise, tokens, experts, experts)) != FM_OK) return status;
-    for (t = 0; t < tokens; t++) {
-        const float *xt = x + (size_t)t * ldx;
-        float *c = clean + (size_t)t * experts, *r = noise ? noise + (size_t)t * experts : NULL;
-        for (e = 0; e < experts; e++) c[e] = 0.0f;
-        if (r)
-            for (e = 0; e < experts; e++) r[e] = 0.0f;
-        for (i = 0; i < dim; i++) {
-            const float *wg = w_gate + (size_t)i * experts;
-            for (e = 0; e < experts; e++) c[e] += xt[i] * wg[e];
-            if (r) {
-                const float *wn = w_noise + (size_t)i * experts;
-                for (e = 0; e < experts; e++) r[e] += xt[i] * wn[e];
-            }
-        }
-    }
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    FM__FOR_ROW_CHUNKS(tokens, r0, n,
+                       fm__gate_logits(kernels, n, dim, experts, x + (size_t)r0 * ldx, ldx, w_gate, w_noise,
+                                       clean + (size_t)r0 * experts, experts,
+                                       noise ? noise + (size_t)r0 * experts : NULL, experts));
     return FM_OK;
 }
 
 fm_status fm_gate_logits_backward(int tokens, int dim, int experts, const float *x, int ldx,
                                   const float *w_gate, const float *w_noise, const float *d_clean,
                                   const float *d_noise, float *dx, int lddx, float *dw_gate, float *dw_noise) {
+    const fm__kernel_table *kernels;
     fm_status status;
-    int t, i, e;
     if ((status = fm__check_matrix(x, tokens, dim, ldx)) != FM_OK) return status;
     if ((status = fm__check_matrix(w_gate, dim, experts, experts)) != FM_OK) return status;
     if ((status = fm__check_matrix(d_clean, tokens, experts, experts)) != FM_OK) return status;
     if (!w_noise != !d_noise || (dw_noise && !d_noise)) return FM_ERR_NULL_POINTER;
     if (dx && (status = fm__check_matrix(dx, tokens, dim, lddx)) != FM_OK) return status;
-    if (dw_gate) memset(dw_gate, 0, (size_t)dim * experts * sizeof(float));
-    if (dw_noise) memset(dw_noise, 0, (size_t)dim * experts * sizeof(float));
-    for (t = 0; t < tokens; t++) {
-        const float *xt = x + (size_t)t * ldx, *dc = d_clean + (size_t)t * experts;
-        const float *dr = d_noise ? d_noise + (size_t)t * experts : NULL;
-        for (i = 0; i < dim; i++) {
-            const float *wg = w_gate + (size_t)i * experts, *wn = w_noise ? w_noise + (size_t)i * experts : NULL;
-            float sum = 0.0f;
-            for (e = 0; e < experts; e++) sum += dc[e] * wg[e];
-            if (dr)
-                for (e = 0; e < experts; e++) sum += dr[e] * wn[e];
-            if (dx) dx[(size_t)t * lddx + i] = sum;
-            if (dw_gate)
-                for (e = 0; e < experts; e++) dw_gate[(size_t)i * experts + e] += xt[i] * dc[e];
-            if (dw_noise)
-                for (e = 0; e < experts; e++) dw_noise[(size_t)i * experts + e] += xt[i] * dr[e];
-        }
-    }
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    if (dx)
+        FM__FOR_ROW_CHUNKS(tokens, r0, n,
+                           fm__gate_logits_backward(kernels, n, dim, experts, NULL, ldx, w_gate, w_noise,
+                                                    d_clean + (size_t)r0 * experts, experts,
+                                                    d_noise ? d_noise + (size_t)r0 * experts : NULL, experts,
+                                                    dx + (size_t)r0 * lddx, lddx, 0, NULL, NULL));
+    fm__gate_logits_backward(kernels, tokens, dim, experts, x, ldx, NULL, NULL, d_clean, experts, d_noise, experts,
+                             NULL, 0, 0, dw_gate, dw_noise);
     return FM_OK;
 }
 
@@ -2896,6 +3063,515 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
         return status;
     return fm_grouped_gemm_backward(desc->experts, offsets, desc->dim, desc->hidden, x, ldx, params->w1,
                                     d_hidden, lddh, dx, lddx, grads->w1, grads->b1);
+}
+
+/* ==== 13. The SMoE layer =================================================================== */
+
+/* The desc with its defaults filled in and checked. */
+typedef struct fm__moe_config {
+    int dim, hidden, experts, top_k, groups, classes, renormalize;
+    fm_gate_kind gate;
+    fm_gelu gelu;
+    fm_drop_policy drop_policy;
+    fm_conf_mode confidence;
+    float noise_epsilon, capacity_factor, layernorm_eps;
+} fm__moe_config;
+
+static fm_status fm__moe_config_of(const char *caller, const fm_moe_desc *desc, fm__moe_config *c) {
+    if (!desc) return FM_ERR_NULL_POINTER;
+    c->dim = desc->dim ? desc->dim : 128;
+    c->hidden = desc->hidden ? desc->hidden : 2 * c->dim;
+    c->experts = desc->experts ? desc->experts : 16;
+    c->top_k = desc->top_k ? desc->top_k : 4;
+    c->groups = desc->groups ? desc->groups : 2;
+    c->gate = desc->gate;
+    c->gelu = desc->gelu;
+    c->noise_epsilon = desc->noise_epsilon != 0.0f ? desc->noise_epsilon : 0.01f;
+    c->renormalize = desc->renormalize;
+    c->capacity_factor = desc->capacity_factor;
+    c->drop_policy = desc->drop_policy;
+    c->classes = desc->classes;
+    c->confidence = desc->confidence;
+    c->layernorm_eps = desc->layernorm_eps != 0.0f ? desc->layernorm_eps : 1e-5f;
+    if (c->dim <= 0 || c->hidden <= 0 || c->experts <= 0 || c->dim > FLEXMOE_MAX_DIM / 2 || c->hidden > FLEXMOE_MAX_DIM) {
+        fm__log(FM_LOG_ERROR, "%s: dim %d, hidden %d and experts %d must be positive (dim <= %d)", caller, c->dim,
+                c->hidden, c->experts, FLEXMOE_MAX_DIM / 2);
+        return FM_ERR_INVALID_SHAPE;
+    }
+    if (c->experts > FLEXMOE_GATE_MAX_EXPERTS || c->top_k < 1 || c->top_k > c->experts ||
+        c->top_k > FLEXMOE_GATE_MAX_TOP_K || c->groups < 1 || c->groups > FLEXMOE_GATE_MAX_GROUPS) {
+        fm__log(FM_LOG_ERROR, "%s: experts %d (at most %d), top_k %d (1 to min(experts, %d)) or groups %d (1 to %d) out of range",
+                caller, c->experts, FLEXMOE_GATE_MAX_EXPERTS, c->top_k, FLEXMOE_GATE_MAX_TOP_K, c->groups,
+                FLEXMOE_GATE_MAX_GROUPS);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if ((c->gate != FM_GATE_NOISY_TOPK && c->gate != FM_GATE_SOFTMAX_TOPK && c->gate != FM_GATE_CONFIDENCE) ||
+        (c->gelu != FM_GELU_ERF && c->gelu != FM_GELU_TANH) ||
+        (c->drop_policy != FM_DROP_BY_POSITION && c->drop_policy != FM_DROP_BY_GATE) ||
+        (c->confidence != FM_CONF_TOKEN && c->confidence != FM_CONF_EXPERT_MEAN)) {
+        fm__log(FM_LOG_ERROR, "%s: gate %d, gelu %d, drop_policy %d or confidence %d is not a value of its enum", caller,
+                (int)c->gate, (int)c->gelu, (int)c->drop_policy, (int)c->confidence);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (!fm__valid_noise_epsilon(c->noise_epsilon) || !(c->capacity_factor >= 0.0f && c->capacity_factor < INFINITY) ||
+        !(c->layernorm_eps > 0.0f && c->layernorm_eps < INFINITY) || c->classes < 0) {
+        fm__log(FM_LOG_ERROR, "%s: noise_epsilon %g, capacity_factor %g and layernorm_eps %g must be finite and >= 0, "
+                "classes %d >= 0", caller, (double)c->noise_epsilon, (double)c->capacity_factor,
+                (double)c->layernorm_eps, c->classes);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    return FM_OK;
+}
+
+static fm_confsmoe_desc fm__moe_confsmoe_desc(const fm__moe_config *c, int tokens) {
+    fm_confsmoe_desc d;
+    memset(&d, 0, sizeof d);
+    d.tokens = tokens, d.k = c->top_k, d.experts = c->experts, d.dim = c->dim, d.classes = c->classes;
+    d.mode = c->confidence, d.eps = c->layernorm_eps;
+    return d;
+}
+
+/* What the forward leaves at the start of `saved`, so that the backward can refuse a buffer that
+ * no forward of this shape filled. */
+#define FM__MOE_MAGIC 0x464d6f45u
+typedef struct fm__moe_header {
+    uint32_t magic;
+    int tokens, training, gate, experts, top_k, dim, hidden, rows, dropped;
+} fm__moe_header;
+
+/* Pointers into the saved buffer and the workspace. */
+typedef struct fm__moe_views {
+    fm__moe_header *header;
+    float *clean, *noise, *noisy, *gates, *importance, *load, *xe, *pre, *hidden, *ye, *h_slots, *conf_saved;
+    int32_t *indices, *targets, *group, *counts, *offsets, *order, *position, *dropped;
+    /* workspace */
+    float *gate_workspace, *dye, *d_gates, *d_hidden, *dxe, *d_clean, *d_noise, *d_routing, *d_importance, *d_load,
+        *dx_residual, *dh;
+} fm__moe_views;
+
+/* Regions of a buffer, each 64-byte aligned; with base NULL it only measures. */
+static void *fm__moe_take(unsigned char *base, size_t *used, size_t count, size_t size) {
+    const size_t at = *used;
+    *used += (count * size + 63) / 64 * 64;
+    return base ? base + at : NULL;
+}
+
+/* The saved regions for `tokens` tokens at base (NULL: only measured); pre only when with_pre
+ * (a backward reads it, an inference forward does not write it). Returns the bytes. */
+static size_t fm__moe_saved_layout(const fm__moe_config *c, int tokens, unsigned char *base, int with_pre,
+                                   fm__moe_views *v) {
+    const size_t T = (size_t)tokens, E = (size_t)c->experts, K = (size_t)c->top_k, D = (size_t)c->dim,
+                 H = (size_t)c->hidden, G = (size_t)c->groups, slots = T * K;
+    const int noisy = c->gate == FM_GATE_NOISY_TOPK, confident = c->gate == FM_GATE_CONFIDENCE;
+    size_t s = 0, conf_floats = 0;
+    if (confident) {
+        const fm_confsmoe_desc d = fm__moe_confsmoe_desc(c, tokens);
+        fm_confsmoe_saved_floats(&d, &conf_floats);
+    }
+    v->header = (fm__moe_header *)fm__moe_take(base, &s, 1, sizeof(fm__moe_header));
+    v->clean = (float *)fm__moe_take(base, &s, T * E, 4);
+    v->noise = noisy ? (float *)fm__moe_take(base, &s, T * E, 4) : NULL;
+    v->noisy = noisy ? (float *)fm__moe_take(base, &s, T * E, 4) : NULL;
+    v->indices = (int32_t *)fm__moe_take(base, &s, slots, 4);
+    v->gates = (float *)fm__moe_take(base, &s, slots, 4);
+    v->importance = (float *)fm__moe_take(base, &s, G * E, 4);
+    v->load = (float *)fm__moe_take(base, &s, G * E, 4);
+    v->targets = (int32_t *)fm__moe_take(base, &s, T, 4);
+    v->group = (int32_t *)fm__moe_take(base, &s, T, 4);
+    v->counts = (int32_t *)fm__moe_take(base, &s, E, 4);
+    v->offsets = (int32_t *)fm__moe_take(base, &s, E + 1, 4);
+    v->order = (int32_t *)fm__moe_take(base, &s, slots, 4);
+    v->position = (int32_t *)fm__moe_take(base, &s, slots, 4);
+    v->dropped = (int32_t *)fm__moe_take(base, &s, E, 4);
+    v->xe = (float *)fm__moe_take(base, &s, slots * D, 4);
+    v->hidden = (float *)fm__moe_take(base, &s, slots * H, 4);
+    v->ye = (float *)fm__moe_take(base, &s, slots * D, 4);
+    v->h_slots = confident ? (float *)fm__moe_take(base, &s, slots * D, 4) : NULL;
+    v->conf_saved = confident ? (float *)fm__moe_take(base, &s, conf_floats, 4) : NULL;
+    v->pre = with_pre ? (float *)fm__moe_take(base, &s, slots * H, 4) : NULL;
+    return s;
+}
+
+/* The scratch regions, the gate's first (the only one a forward uses). Returns the bytes, and
+ * those of the gate's region in *gate_bytes. */
+static size_t fm__moe_workspace_layout(const fm__moe_config *c, int tokens, unsigned char *base, fm__moe_views *v,
+                                       size_t *gate_bytes) {
+    const size_t T = (size_t)tokens, E = (size_t)c->experts, K = (size_t)c->top_k, D = (size_t)c->dim,
+                 H = (size_t)c->hidden, G = (size_t)c->groups, slots = T * K;
+    const int confident = c->gate == FM_GATE_CONFIDENCE;
+    size_t w = 0;
+    fm_gate_desc gd;
+    memset(&gd, 0, sizeof gd);
+    gd.tokens = tokens, gd.experts = c->experts, gd.top_k = c->top_k, gd.training = 1, gd.groups = c->groups;
+    v->gate_workspace =
+        (float *)fm__moe_take(base, &w, c->gate == FM_GATE_NOISY_TOPK ? fm_gate_workspace_floats(&gd) : 1, 4);
+    *gate_bytes = w;
+    v->dye = (float *)fm__moe_take(base, &w, slots * D, 4);
+    v->d_gates = (float *)fm__moe_take(base, &w, slots, 4);
+    v->d_hidden = (float *)fm__moe_take(base, &w, slots * H, 4);
+    v->dxe = (float *)fm__moe_take(base, &w, slots * D, 4);
+    v->d_clean = (float *)fm__moe_take(base, &w, T * E, 4);
+    v->d_noise = (float *)fm__moe_take(base, &w, T * E, 4);
+    v->d_routing = (float *)fm__moe_take(base, &w, T * E, 4);
+    v->d_importance = (float *)fm__moe_take(base, &w, G * E, 4);
+    v->d_load = (float *)fm__moe_take(base, &w, G * E, 4);
+    v->dx_residual = confident ? (float *)fm__moe_take(base, &w, T * D, 4) : NULL;
+    v->dh = confident ? (float *)fm__moe_take(base, &w, slots * D, 4) : NULL;
+    return w;
+}
+
+/* Tokens within the limits of the plan (tokens * top_k assignments numbered in int32) and buffers
+ * whose bytes fit in size_t with room to spare. */
+static fm_status fm__moe_check_tokens(const char *caller, const fm__moe_config *c, int tokens) {
+    const uint64_t slots = (uint64_t)(tokens > 0 ? tokens : 0) * (uint64_t)c->top_k;
+    const uint64_t widest = (uint64_t)(c->dim > c->hidden ? c->dim : c->hidden) + (uint64_t)c->experts;
+    if (tokens <= 0) {
+        fm__log(FM_LOG_ERROR, "%s: %d tokens (must be positive)", caller, tokens);
+        return FM_ERR_INVALID_SHAPE;
+    }
+    if (slots > (uint64_t)FLEXMOE_MAX_DIM || slots * widest > (uint64_t)(PTRDIFF_MAX / 64)) {
+        fm__log(FM_LOG_ERROR, "%s: %d tokens x top_k %d assignments of %d floats exceed the address space or "
+                "FLEXMOE_MAX_DIM", caller, tokens, c->top_k, (int)widest);
+        return FM_ERR_OVERFLOW;
+    }
+    return FM_OK;
+}
+
+fm_status fm_moe_buffer_sizes(const fm_moe_desc *desc, int max_tokens, fm_moe_sizes *sizes) {
+    fm__moe_config c;
+    fm__moe_views v;
+    size_t gate_bytes;
+    fm_status status;
+    if (!sizes) return FM_ERR_NULL_POINTER;
+    if ((status = fm__moe_config_of("fm_moe_buffer_sizes", desc, &c)) != FM_OK) return status;
+    if ((status = fm__moe_check_tokens("fm_moe_buffer_sizes", &c, max_tokens)) != FM_OK) return status;
+    sizes->saved_bytes = fm__moe_saved_layout(&c, max_tokens, NULL, 1, &v);
+    sizes->workspace_bytes = fm__moe_workspace_layout(&c, max_tokens, NULL, &v, &gate_bytes);
+    sizes->inference_workspace_bytes = gate_bytes + fm__moe_saved_layout(&c, max_tokens, NULL, 0, &v);
+    return FM_OK;
+}
+
+/* Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte. */
+static int fm__overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes) {
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + b_bytes && y < x + a_bytes;
+}
+
+/* Everything a forward or backward reads of the caller's, checked before anything is written. */
+static fm_status fm__moe_check_call(const char *caller, const fm__moe_config *c, const fm_moe_params *params,
+                                    const fm_moe_batch *batch, const float *out, int ldout, const void *workspace) {
+    const int T = batch ? batch->tokens : 0, D = c->dim;
+    const int ldx = batch && batch->ldx ? batch->ldx : D, ld = ldout ? ldout : D;
+    fm_status status;
+    int t;
+    if (!params || !batch || !workspace) return FM_ERR_NULL_POINTER;
+    if ((status = fm__moe_check_tokens(caller, c, T)) != FM_OK) return status;
+    if ((status = fm__check_matrix(batch->x, T, D, ldx)) != FM_OK) return status;
+    if ((status = fm__check_matrix(out, T, D, ld)) != FM_OK) return status;
+    if (!params->w_gate || !params->w1 || !params->w2 || (c->gate == FM_GATE_NOISY_TOPK && !params->w_noise) ||
+        (c->gate == FM_GATE_CONFIDENCE && (!params->confidence.w || !params->confidence.b ||
+                                           (batch->labels && (!params->confidence.probe_w || !params->confidence.probe_b))))) {
+        fm__log(FM_LOG_ERROR, "%s: a parameter the %s gate needs is NULL", caller,
+                c->gate == FM_GATE_NOISY_TOPK ? "noisy" : c->gate == FM_GATE_SOFTMAX_TOPK ? "softmax" : "confidence");
+        return FM_ERR_NULL_POINTER;
+    }
+    if (batch->labels && c->gate == FM_GATE_CONFIDENCE && c->classes < 2) {
+        fm__log(FM_LOG_ERROR, "%s: labels need desc.classes >= 2 (the probes' outputs)", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (fm__overlap(out, ((size_t)(T - 1) * ld + D) * sizeof(float), batch->x, ((size_t)(T - 1) * ldx + D) * sizeof(float))) {
+        fm__log(FM_LOG_ERROR, "%s: the output overlaps x", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    for (t = 0; t < T; t++) { /* the contents last, once every shape is known good */
+        const int32_t comb = batch->combination ? batch->combination[t] : 0;
+        if (comb < 0 || (batch->token_group && (batch->token_group[t] < 0 || batch->token_group[t] >= c->groups)) ||
+            (batch->labels && c->gate == FM_GATE_CONFIDENCE && (batch->labels[t] < 0 || batch->labels[t] >= c->classes))) {
+            fm__log(FM_LOG_ERROR, "%s: token %d has combination %d, group %d or label %d out of range", caller, t,
+                    (int)comb, batch->token_group ? (int)batch->token_group[t] : 0,
+                    batch->labels ? (int)batch->labels[t] : 0);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    return FM_OK;
+}
+
+static fm_routing_plan fm__moe_plan(const fm__moe_config *c, int tokens, const fm__moe_views *v) {
+    fm_routing_plan plan;
+    memset(&plan, 0, sizeof plan);
+    plan.tokens = tokens, plan.top_k = c->top_k, plan.experts = c->experts;
+    plan.rows = v->header->rows, plan.dropped = v->header->dropped;
+    plan.counts = v->counts, plan.offsets = v->offsets, plan.order = v->order, plan.position = v->position;
+    plan.dropped_per_expert = v->dropped;
+    return plan;
+}
+
+static fm_expert_ffn_desc fm__moe_ffn_desc(const fm__moe_config *c) {
+    fm_expert_ffn_desc d;
+    d.experts = c->experts, d.dim = c->dim, d.hidden = c->hidden, d.gelu = c->gelu;
+    return d;
+}
+
+static fm_gate_desc fm__moe_gate_desc(const fm__moe_config *c, const fm_moe_batch *batch) {
+    fm_gate_desc d;
+    memset(&d, 0, sizeof d);
+    d.tokens = batch->tokens, d.experts = c->experts, d.top_k = c->top_k, d.training = batch->training != 0;
+    d.groups = c->groups, d.noise_epsilon = c->noise_epsilon, d.seed = batch->seed, d.token_offset = batch->token_offset;
+    return d;
+}
+
+static fm_gate_tensors fm__moe_gate_tensors(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v) {
+    fm_gate_tensors g;
+    memset(&g, 0, sizeof g);
+    g.clean_logits = v->clean, g.ld_clean = c->experts;
+    g.noise_logits = batch->training ? v->noise : NULL, g.ld_noise = c->experts;
+    g.token_group = v->group, g.indices = v->indices, g.ld_indices = c->top_k, g.gates = v->gates, g.ld_gates = c->top_k;
+    g.noisy_logits = batch->training ? v->noisy : NULL, g.ld_noisy = c->experts;
+    g.importance = v->importance, g.load = v->load, g.workspace = v->gate_workspace;
+    return g;
+}
+
+/* The logits the S-Router cross-entropy reads: the noisy ones in training. */
+static const float *fm__moe_routing_logits(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v) {
+    return c->gate == FM_GATE_NOISY_TOPK && batch->training ? v->noisy : v->clean;
+}
+
+/* The gate-loss terms, and with d_* given their gradients scaled by `weight`. */
+static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v,
+                              float weight, float *router_ce, float *balance, float *d_routing, float *d_importance,
+                              float *d_load) {
+    const int E = c->experts, T = batch->tokens;
+    float cv;
+    size_t i;
+    int g;
+    fm_router_cross_entropy(T, E, fm__moe_routing_logits(c, batch, v), E, v->targets, router_ce, d_routing, E);
+    *balance = 0.0f;
+    if (c->gate != FM_GATE_CONFIDENCE)
+        for (g = 0; g < c->groups; g++) {
+            fm_cv_squared(E, v->importance + (size_t)g * E, &cv, d_importance ? d_importance + (size_t)g * E : NULL);
+            *balance += cv;
+            fm_cv_squared(E, v->load + (size_t)g * E, &cv, d_load ? d_load + (size_t)g * E : NULL);
+            *balance += cv;
+        }
+    if (d_routing)
+        for (i = 0; i < (size_t)T * E; i++) d_routing[i] *= weight;
+    if (d_importance)
+        for (i = 0; i < (size_t)c->groups * E; i++) d_importance[i] *= weight, d_load[i] *= weight;
+}
+
+fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, const fm_moe_batch *batch,
+                         float *y, int ldy, void *saved, void *workspace, fm_moe_stats *stats) {
+    static const char caller[] = "fm_moe_forward";
+    const fm__kernel_table *kernels;
+    fm__moe_config c;
+    fm__moe_views v;
+    fm_routing_plan plan;
+    fm_plan_desc plan_desc;
+    fm_status status;
+    size_t gate_bytes;
+    int T, E, K, D, ldx, t, i;
+    if ((status = fm__moe_config_of(caller, desc, &c)) != FM_OK) return status;
+    if ((status = fm__moe_check_call(caller, &c, params, batch, y, ldy, workspace)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    T = batch->tokens, E = c.experts, K = c.top_k, D = c.dim, ldx = batch->ldx ? batch->ldx : D, ldy = ldy ? ldy : D;
+    gate_bytes = 0;
+    fm__moe_workspace_layout(&c, T, (unsigned char *)workspace, &v, &gate_bytes);
+    fm__moe_saved_layout(&c, T, saved ? (unsigned char *)saved : (unsigned char *)workspace + gate_bytes, saved != NULL, &v);
+    v.header->magic = 0; /* valid again only once the forward has succeeded */
+    for (t = 0; t < T; t++) {
+        const int32_t comb = batch->combination ? batch->combination[t] : 0;
+        v.targets[t] = comb > 0 ? comb % E : -1;
+        v.group[t] = batch->token_group ? batch->token_group[t] : comb > 0 && c.groups > 1;
+    }
+    FM__FOR_ROW_CHUNKS(T, r0, n,
+                       fm__gate_logits(kernels, n, D, E, batch->x + (size_t)r0 * ldx, ldx, params->w_gate,
+                                       c.gate == FM_GATE_NOISY_TOPK && batch->training ? params->w_noise : NULL,
+                                       v.clean + (size_t)r0 * E, E, v.noise ? v.noise + (size_t)r0 * E : NULL, E));
+    if (c.gate == FM_GATE_NOISY_TOPK) {
+        const fm_gate_desc gd = fm__moe_gate_desc(&c, batch);
+        const fm_gate_tensors gt = fm__moe_gate_tensors(&c, batch, &v);
+        if ((status = fm_noisy_gate_forward(&gd, &gt)) != FM_OK) return status;
+    } else {
+        if ((status = fm_softmax_topk_forward(T, E, K, c.renormalize, v.clean, E, v.indices, K, v.gates, K)) != FM_OK)
+            return status;
+        memset(v.importance, 0, (size_t)c.groups * E * sizeof(float));
+        memset(v.load, 0, (size_t)c.groups * E * sizeof(float));
+        for (t = 0; t < T; t++)
+            for (i = 0; i < K; i++) {
+                const size_t at = (size_t)v.group[t] * E + v.indices[(size_t)t * K + i];
+                v.importance[at] += v.gates[(size_t)t * K + i];
+                v.load[at] += 1.0f;
+            }
+    }
+    memset(&plan_desc, 0, sizeof plan_desc);
+    plan_desc.tokens = T, plan_desc.top_k = K, plan_desc.experts = E;
+    plan_desc.capacity_factor = c.capacity_factor, plan_desc.drop_policy = c.drop_policy;
+    v.header->rows = v.header->dropped = 0;
+    plan = fm__moe_plan(&c, T, &v);
+    if ((status = fm_routing_plan_build(&plan_desc, v.indices, K, v.gates, K, &plan)) != FM_OK) return status;
+    v.header->rows = plan.rows, v.header->dropped = plan.dropped;
+    if (plan.rows > 0) {
+        const fm_expert_ffn_desc fd = fm__moe_ffn_desc(&c);
+        fm_expert_ffn_params fp;
+        fp.w1 = params->w1, fp.b1 = params->b1, fp.w2 = params->w2, fp.b2 = params->b2;
+        if ((status = fm_dispatch_forward(&plan, D, batch->x, ldx, v.xe, D)) != FM_OK) return status;
+        if ((status = fm_expert_ffn_forward(&fd, v.offsets, &fp, v.xe, D, v.ye, D, v.hidden, c.hidden, v.pre,
+                                            c.hidden)) != FM_OK)
+            return status;
+    }
+    if (c.gate == FM_GATE_CONFIDENCE) {
+        const fm_confsmoe_desc cd = fm__moe_confsmoe_desc(&c, T);
+        float losses[2] = {0.0f, 0.0f};
+        for (i = 0; i < T * K; i++) { /* the experts' outputs in slot order; a dropped slot's is zero */
+            float *h = v.h_slots + (size_t)i * D;
+            if (v.position[i] >= 0) memcpy(h, v.ye + (size_t)v.position[i] * D, (size_t)D * sizeof(float));
+            else memset(h, 0, (size_t)D * sizeof(float));
+        }
+        if ((status = fm_confsmoe_forward(&cd, &params->confidence, v.indices, batch->labels, batch->x, ldx, v.h_slots,
+                                          D, y, ldy, NULL, NULL, batch->labels ? losses : NULL, v.conf_saved)) != FM_OK)
+            return status;
+        if (stats) stats->confidence_loss = losses[0], stats->probe_loss = losses[1];
+    } else {
+        if (plan.rows > 0) {
+            if ((status = fm_combine_forward(&plan, D, v.ye, D, v.gates, K, y, ldy)) != FM_OK) return status;
+        } else {
+            for (t = 0; t < T; t++) memset(y + (size_t)t * ldy, 0, (size_t)D * sizeof(float));
+        }
+        if (stats) stats->confidence_loss = stats->probe_loss = 0.0f;
+    }
+    v.header->tokens = T, v.header->training = batch->training != 0, v.header->gate = (int)c.gate;
+    v.header->experts = E, v.header->top_k = K, v.header->dim = D, v.header->hidden = c.hidden;
+    v.header->magic = saved ? FM__MOE_MAGIC : 0;
+    if (stats) {
+        if (stats->expert_rows) memcpy(stats->expert_rows, v.counts, (size_t)E * sizeof(int32_t));
+        if (stats->expert_dropped) memcpy(stats->expert_dropped, v.dropped, (size_t)E * sizeof(int32_t));
+        if (stats->indices) memcpy(stats->indices, v.indices, (size_t)T * K * sizeof(int32_t));
+        stats->rows = plan.rows, stats->dropped = plan.dropped;
+        fm__moe_gate_loss(&c, batch, &v, 0.0f, &stats->router_ce, &stats->balance, NULL, NULL, NULL);
+        stats->gate_loss = stats->router_ce + stats->balance;
+    }
+    return FM_OK;
+}
+
+/* rows x cols of dst += src. */
+static void fm__add_rows(const fm__kernel_table *kernels, int rows, int cols, const float *src, int lds, float *dst,
+                         int ldd) {
+    int r;
+    for (r = 0; r < rows; r++) kernels->axpy(cols, 1.0f, src + (size_t)r * lds, dst + (size_t)r * ldd);
+}
+
+fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, const fm_moe_batch *batch,
+                          void *saved, const float *dy, int lddy, const fm_moe_loss_weights *weights, float *dx,
+                          int lddx, const fm_moe_grads *grads, void *workspace) {
+    static const char caller[] = "fm_moe_backward";
+    static const fm_moe_grads no_grads;
+    static const fm_moe_loss_weights no_weights;
+    const fm__kernel_table *kernels;
+    fm__moe_config c;
+    fm__moe_views v;
+    fm_routing_plan plan;
+    fm_status status;
+    size_t gate_bytes;
+    int T, E, K, D, H, ldx, t, i, with_loss;
+    float ce, balance;
+    if (!grads) grads = &no_grads;
+    if (!weights) weights = &no_weights;
+    with_loss = weights->gate != 0.0f;
+    if ((status = fm__moe_config_of(caller, desc, &c)) != FM_OK) return status;
+    if ((status = fm__moe_check_call(caller, &c, params, batch, dx, lddx, workspace)) != FM_OK) return status;
+    if (!saved) return FM_ERR_NULL_POINTER;
+    T = batch->tokens, E = c.experts, K = c.top_k, D = c.dim, H = c.hidden;
+    ldx = batch->ldx ? batch->ldx : D, lddx = lddx ? lddx : D, lddy = lddy ? lddy : D;
+    if ((status = fm__check_matrix(dy, T, D, lddy)) != FM_OK) return status;
+    if (!(weights->gate == weights->gate && weights->confidence == weights->confidence && weights->probe == weights->probe))
+        return FM_ERR_INVALID_ARGUMENT;
+    fm__moe_workspace_layout(&c, T, (unsigned char *)workspace, &v, &gate_bytes);
+    fm__moe_saved_layout(&c, T, (unsigned char *)saved, 1, &v);
+    if (v.header->magic != FM__MOE_MAGIC || v.header->tokens != T || v.header->training != (batch->training != 0) ||
+        v.header->gate != (int)c.gate || v.header->experts != E || v.header->top_k != K || v.header->dim != D ||
+        v.header->hidden != H || v.header->rows < 0 || v.header->rows > T * K) {
+        fm__log(FM_LOG_ERROR, "%s: `saved` holds no forward of this desc and batch (run fm_moe_forward with it first)",
+                caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    plan = fm__moe_plan(&c, T, &v);
+    /* combine: the experts' output gradients and the gates' */
+    if (c.gate == FM_GATE_CONFIDENCE) {
+        const fm_confsmoe_desc cd = fm__moe_confsmoe_desc(&c, T);
+        if ((status = fm_confsmoe_backward(&cd, &params->confidence, v.indices, batch->labels, batch->x, ldx, v.h_slots, D,
+                                           dy, lddy, weights->confidence, weights->probe, v.conf_saved, v.dx_residual, D,
+                                           v.dh, D, &grads->confidence)) != FM_OK)
+            return status;
+        for (i = 0; i < T * K; i++)
+            if (v.position[i] >= 0)
+                memcpy(v.dye + (size_t)v.position[i] * D, v.dh + (size_t)i * D, (size_t)D * sizeof(float));
+    } else if (plan.rows > 0) {
+        if ((status = fm_combine_backward(&plan, D, v.ye, D, v.gates, K, dy, lddy, v.dye, D, v.d_gates, K)) != FM_OK)
+            return status;
+    } else {
+        memset(v.d_gates, 0, (size_t)T * K * sizeof(float));
+    }
+    /* the experts, then back to the tokens */
+    {
+        const fm_expert_ffn_desc fd = fm__moe_ffn_desc(&c);
+        fm_expert_ffn_params fp;
+        fm_expert_ffn_grads fg;
+        fp.w1 = params->w1, fp.b1 = params->b1, fp.w2 = params->w2, fp.b2 = params->b2;
+        fg.w1 = grads->w1, fg.b1 = grads->b1, fg.w2 = grads->w2, fg.b2 = grads->b2;
+        if ((status = fm_expert_ffn_backward(&fd, v.offsets, &fp, v.xe, D, v.pre, H, v.hidden, H, v.dye, D, v.dxe, D, &fg,
+                                             v.d_hidden, H)) != FM_OK)
+            return status;
+    }
+    if (plan.rows > 0) {
+        if ((status = fm_dispatch_backward(&plan, D, v.dxe, D, dx, lddx)) != FM_OK) return status;
+    } else {
+        for (t = 0; t < T; t++) memset(dx + (size_t)t * lddx, 0, (size_t)D * sizeof(float));
+    }
+    if (c.gate == FM_GATE_CONFIDENCE) fm__add_rows(kernels, T, D, v.dx_residual, D, dx, lddx);
+    /* the gate: its loss, the gates' softmax, the logits */
+    if (with_loss)
+        fm__moe_gate_loss(&c, batch, &v, weights->gate, &ce, &balance, v.d_routing, v.d_importance, v.d_load);
+    if (c.gate == FM_GATE_NOISY_TOPK) {
+        const fm_gate_desc gd = fm__moe_gate_desc(&c, batch);
+        const fm_gate_tensors gt = fm__moe_gate_tensors(&c, batch, &v);
+        fm_gate_gradients gg;
+        memset(&gg, 0, sizeof gg);
+        gg.d_gates = v.d_gates, gg.ld_d_gates = K;
+        gg.d_importance = with_loss ? v.d_importance : NULL, gg.d_load = with_loss ? v.d_load : NULL;
+        gg.d_noisy_logits = with_loss ? v.d_routing : NULL, gg.ld_d_noisy = E;
+        gg.d_clean_logits = v.d_clean, gg.ld_d_clean = E;
+        gg.d_noise_logits = batch->training ? v.d_noise : NULL, gg.ld_d_noise = E;
+        if ((status = fm_noisy_gate_backward(&gd, &gt, &gg)) != FM_OK) return status;
+    } else if (c.gate == FM_GATE_SOFTMAX_TOPK) {
+        if (with_loss) /* the gates' gradient from importance, then through the softmax */
+            for (t = 0; t < T; t++)
+                for (i = 0; i < K; i++)
+                    v.d_gates[(size_t)t * K + i] += v.d_importance[(size_t)v.group[t] * E + v.indices[(size_t)t * K + i]];
+        if ((status = fm_softmax_topk_backward(T, E, K, c.renormalize, v.clean, E, v.indices, K, v.gates, K, v.d_gates,
+                                               K, v.d_clean, E)) != FM_OK)
+            return status;
+        if (with_loss) kernels->axpy(T * E, 1.0f, v.d_routing, v.d_clean);
+    } else if (with_loss) {
+        memcpy(v.d_clean, v.d_routing, (size_t)T * E * sizeof(float));
+    } else { /* the confidence gate's router without the S-Router term: no gradient reaches it */
+        if (grads->w_gate) memset(grads->w_gate, 0, (size_t)D * E * sizeof(float));
+        if (grads->w_noise) memset(grads->w_noise, 0, (size_t)D * E * sizeof(float));
+        return FM_OK;
+    }
+    {
+        const int with_noise = c.gate == FM_GATE_NOISY_TOPK && batch->training;
+        FM__FOR_ROW_CHUNKS(T, r0, n,
+                           fm__gate_logits_backward(kernels, n, D, E, NULL, ldx, params->w_gate,
+                                                    with_noise ? params->w_noise : NULL, v.d_clean + (size_t)r0 * E, E,
+                                                    with_noise ? v.d_noise + (size_t)r0 * E : NULL, E,
+                                                    dx + (size_t)r0 * lddx, lddx, 1, NULL, NULL));
+        fm__gate_logits_backward(kernels, T, D, E, batch->x, ldx, NULL, NULL, v.d_clean, E,
+                                 with_noise ? v.d_noise : NULL, E, NULL, 0, 0, grads->w_gate,
+                                 with_noise ? grads->w_noise : NULL);
+        if (grads->w_noise && !with_noise) memset(grads->w_noise, 0, (size_t)D * E * sizeof(float));
+    }
+    return FM_OK;
 }
 
 #endif /* FLEXMOE_IMPLEMENTATION */
