@@ -190,44 +190,10 @@ void libxsmm_backward(benchmark::State &state, Shape shape) {
     run(state, s, step);
 }
 
-// Twelve independent accumulator chains cover the FMA latency on both pipes. The empty asm
-// ties each chain to a register, so the compiler neither folds nor spills it.
-#define FM_BENCH_FMA_LOOP(V, FMADD, ADD, CONSTRAINT)                                                       \
-    V a0 = a, a1 = a, a2 = a, a3 = a, a4 = a, a5 = a, a6 = a, a7 = a, a8 = a, a9 = a, a10 = a, a11 = a; \
-    for (int64_t s = 0; s < steps; s++) {                                                                 \
-        a0 = FMADD(a0, m, c), a1 = FMADD(a1, m, c), a2 = FMADD(a2, m, c), a3 = FMADD(a3, m, c);           \
-        a4 = FMADD(a4, m, c), a5 = FMADD(a5, m, c), a6 = FMADD(a6, m, c), a7 = FMADD(a7, m, c);           \
-        a8 = FMADD(a8, m, c), a9 = FMADD(a9, m, c), a10 = FMADD(a10, m, c), a11 = FMADD(a11, m, c);       \
-        __asm__ volatile("" : "+" CONSTRAINT(a0), "+" CONSTRAINT(a1), "+" CONSTRAINT(a2), "+" CONSTRAINT(a3), \
-                         "+" CONSTRAINT(a4), "+" CONSTRAINT(a5), "+" CONSTRAINT(a6), "+" CONSTRAINT(a7),   \
-                         "+" CONSTRAINT(a8), "+" CONSTRAINT(a9), "+" CONSTRAINT(a10), "+" CONSTRAINT(a11)); \
-    }                                                                                                     \
-    const V sum = ADD(ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(a6, a7))),                  \
-                      ADD(ADD(a8, a9), ADD(a10, a11)))
-constexpr int kPeakChains = 12;
-__attribute__((target("avx512f"))) float fma_loop_avx512(int64_t steps) {
-    const __m512 a = _mm512_set1_ps(1.0f), m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-    FM_BENCH_FMA_LOOP(__m512, _mm512_fmadd_ps, _mm512_add_ps, "v");
-    float lanes[16];
-    _mm512_storeu_ps(lanes, sum);
-    return lanes[0];
-}
-__attribute__((target("avx2,fma"))) float fma_loop_avx2(int64_t steps) {
-    const __m256 a = _mm256_set1_ps(1.0f), m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    FM_BENCH_FMA_LOOP(__m256, _mm256_fmadd_ps, _mm256_add_ps, "x");
-    float lanes[8];
-    _mm256_storeu_ps(lanes, sum);
-    return lanes[0];
-}
-
 // 2 d h flops per row and pass: one pass forward, two backward (dX and dW).
 void peak(benchmark::State &state, Shape shape, int passes) {
-    const bool wide = __builtin_cpu_supports("avx512f");
-    const int64_t steps = 1 << 16, flops_per_step = int64_t(kPeakChains) * (wide ? 16 : 8) * 2;
-    float sink = 0.0f;
-    for (auto _ : state) sink += wide ? fma_loop_avx512(steps) : fma_loop_avx2(steps);
-    benchmark::DoNotOptimize(sink);
-    const double flops = double(state.iterations()) * double(steps) * double(flops_per_step);
+    double flops = 0.0;
+    for (auto _ : state) flops += fmbench::fma_loop();
     state.SetItemsProcessed(int64_t(flops / (2.0 * passes * shape.d * shape.h)));
     state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
 }

@@ -7,7 +7,9 @@
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
 #   - the demo's every out-of-memory path, under AddressSanitizer's leak check;
-#   - a short run of the benchmark program (its result checks, not its timings).
+#   - a short run of the benchmark program (its result checks, not its timings);
+#   - scripts/bench.sh --quick: the headline benchmarks (SMoE layer, its training step, routing) at
+#     one small size, through to their JSON, charts and summary (in build/bench-quick/).
 # Ends with one line "N passed, N failed"; exits non-zero when anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +64,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_robustness test_cxx)
+tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_layer test_robustness test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled
@@ -75,7 +77,8 @@ for isa in $isas; do
   done
 done
 run demo build/release/examples/flexmoe_demo --tokens 1000
-run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
+run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='^(softmax|topk|gate|dispatch|combine)[a-z_]*/.*/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
+run bench-quick scripts/bench.sh --quick --out build/bench-quick
 
 # ---- sanitizers -------------------------------------------------------------------------------
 run build-sanitize configure build/sanitize -Dbench=disabled -Dbuildtype=debugoptimized \

@@ -799,6 +799,62 @@ static fm_status call_names(void) {
     return s ? s : fm_status_str(FM_ERR_OVERFLOW)[0] && fm_isa_supported(isa) && p ? FM_OK : FM_ERR_INVALID_ARGUMENT;
 }
 
+/* The SMoE layer over the fixture's tokens, with experts of its own (E of them, packed). */
+static struct {
+    float *w1, *w2, *b1, *b2, *dw1, *dw2, *db1, *db2, *dwg, *dwn, *y, *dy, *dx;
+    void *saved, *workspace;
+} L;
+static fm_moe_desc layer_desc(fm_gate_kind gate) {
+    fm_moe_desc d;
+    memset(&d, 0, sizeof d);
+    d.dim = D, d.hidden = H, d.experts = E, d.top_k = K, d.gate = gate, d.classes = C;
+    return d;
+}
+static void layer_setup(void) {
+    fm_moe_sizes sizes, most;
+    fm_gate_kind gate;
+    memset(&most, 0, sizeof most);
+    for (gate = FM_GATE_NOISY_TOPK; gate <= FM_GATE_CONFIDENCE; gate = (fm_gate_kind)(gate + 1)) {
+        const fm_moe_desc d = layer_desc(gate);
+        FM_CHECK(fm_moe_buffer_sizes(&d, T, &sizes) == FM_OK, "layer buffer sizes");
+        if (sizes.saved_bytes > most.saved_bytes) most.saved_bytes = sizes.saved_bytes;
+        if (sizes.workspace_bytes > most.workspace_bytes) most.workspace_bytes = sizes.workspace_bytes;
+        if (sizes.inference_workspace_bytes > most.workspace_bytes) most.workspace_bytes = sizes.inference_workspace_bytes;
+    }
+    L.w1 = random_floats((size_t)E * fm_packed_weight_floats(D, H), 0.2f);
+    L.w2 = random_floats((size_t)E * fm_packed_weight_floats(H, D), 0.2f);
+    L.dw1 = random_floats((size_t)E * fm_packed_weight_floats(D, H), 0.2f);
+    L.dw2 = random_floats((size_t)E * fm_packed_weight_floats(H, D), 0.2f);
+    L.b1 = random_floats((size_t)E * H, 0.2f), L.b2 = random_floats((size_t)E * D, 0.2f);
+    L.db1 = random_floats((size_t)E * H, 0.2f), L.db2 = random_floats((size_t)E * D, 0.2f);
+    L.dwg = random_floats((size_t)D * E, 0.2f), L.dwn = random_floats((size_t)D * E, 0.2f);
+    L.y = random_floats((size_t)T * D, 1.0f), L.dy = random_floats((size_t)T * D, 1.0f), L.dx = random_floats((size_t)T * D, 1.0f);
+    L.saved = fm_alloc(most.saved_bytes), L.workspace = fm_alloc(most.workspace_bytes);
+}
+static fm_status layer_call(fm_gate_kind gate, int training, int backward) {
+    const fm_moe_desc d = layer_desc(gate);
+    const fm_moe_loss_weights weights = {0.01f, 1.0f, 1.0f};
+    fm_moe_params p;
+    fm_moe_grads g;
+    fm_moe_batch b;
+    fm_status s;
+    memset(&p, 0, sizeof p), memset(&g, 0, sizeof g), memset(&b, 0, sizeof b);
+    p.w_gate = f.wg, p.w_noise = f.wn, p.w1 = L.w1, p.b1 = L.b1, p.w2 = L.w2, p.b2 = L.b2;
+    p.confidence = conf_params();
+    g.w_gate = L.dwg, g.w_noise = L.dwn, g.w1 = L.dw1, g.b1 = L.db1, g.w2 = L.dw2, g.b2 = L.db2;
+    g.confidence.w = f.d_conf_w, g.confidence.b = f.d_conf_b, g.confidence.gamma = f.dgamma, g.confidence.beta = f.dbeta;
+    g.confidence.probe_w = f.d_probe_w, g.confidence.probe_b = f.d_probe_b;
+    b.tokens = T, b.x = f.x, b.combination = f.combination, b.labels = gate == FM_GATE_CONFIDENCE ? f.labels : NULL;
+    b.training = training, b.seed = 5;
+    s = fm_moe_forward(&d, &p, &b, L.y, 0, training || backward ? L.saved : NULL, L.workspace, NULL);
+    return s || !backward ? s : fm_moe_backward(&d, &p, &b, L.saved, L.dy, 0, &weights, L.dx, 0, &g, L.workspace);
+}
+static fm_status call_layer_inference(void) { return layer_call(FM_GATE_NOISY_TOPK, 0, 0); }
+static fm_status call_layer_training(void) { return layer_call(FM_GATE_NOISY_TOPK, 1, 0); }
+static fm_status call_layer_backward(void) { return layer_call(FM_GATE_NOISY_TOPK, 1, 1); }
+static fm_status call_layer_softmax(void) { return layer_call(FM_GATE_SOFTMAX_TOPK, 0, 1); }
+static fm_status call_layer_confidence(void) { return layer_call(FM_GATE_CONFIDENCE, 0, 1); }
+
 typedef struct public_call {
     const char *name;
     fm_status (*run)(void);
@@ -839,6 +895,11 @@ static const public_call calls[] = {
     {"fm_gelu_backward", call_gelu_backward},
     {"fm_expert_ffn_forward", call_ffn},
     {"fm_expert_ffn_backward", call_ffn_backward},
+    {"fm_moe_forward (inference)", call_layer_inference},
+    {"fm_moe_forward (training)", call_layer_training},
+    {"fm_moe_forward / fm_moe_backward (noisy gate)", call_layer_backward},
+    {"fm_moe_forward / fm_moe_backward (softmax gate)", call_layer_softmax},
+    {"fm_moe_forward / fm_moe_backward (confidence gate)", call_layer_confidence},
     {"fm_isa_* / fm_alloc / fm_status_str", call_names},
 };
 
@@ -944,6 +1005,7 @@ int main(void) {
     if (!xinuse) printf("test_robustness: XGETBV(1) is not available here: upper-state checks skipped\n");
     if (SANITIZED) printf("test_robustness: sanitizers inflate stack frames: stack bounds not measured\n");
     fixture_setup();
+    layer_setup();
     for (i = 0; i < n; i++) {
         fm_test_use_isa(isas[i]);
         check_every_call(isas[i], xinuse);

@@ -1,0 +1,415 @@
+// The headline: the SMoE layer per modality-combination mix, at one thread, side by side with
+// what a user would otherwise run.
+//   moe_layer/<impl>/<mix>/<M>/<tokens>        forward (inference: no noise)
+//   moe_layer_train/<impl>/<mix>/<M>/<tokens>  forward in training (noise, gate loss) + backward
+//   routing/<impl>/<mix>/<M>/<tokens>          gate -> plan -> dispatch -> combine, no experts
+// impls:
+//   flexmoe   fm_moe_forward / fm_moe_backward (routing: the public kernels in a row)
+//   torch     the same layer as the Flex-MoE reference code runs it, through libtorch in this
+//             process (bench/torch_moe.cpp), on the same weights, inputs and noise; its output is
+//             checked against flexmoe's before it is timed
+//   openblas  the experts alone: per expert cblas_sgemm (x W1 + b1), GELU, cblas_sgemm (h W2 + b2)
+//             on rows already dispatched
+//   peak      the layer's FLOPs at the FMA peak measured in this process, as tokens per second
+// Mixes over the 2^M - 1 modality combinations (Flex-MoE's order, 0 = all modalities), one
+// combination per sample of 16 tokens:
+//   full       every sample has every modality
+//   single     every sample has modality 0 only
+//   uniform    combinations uniformly
+//   skewed     60 % full, 30 % one modality missing, 10 % two missing
+//   realistic  each modality dropped with probability 0.3, at least one kept
+// Tokens are routed by a trained-looking S-Router: each combination's tokens carry a direction
+// that the gate weights map to the expert (combination mod E), so most of them go to it first;
+// full-modality tokens spread over all experts (balanced by the G-Router). Counters: GFLOPs,
+// peak_pct (% of the FMA peak), imbalance (the busiest expert's rows over the mean), dropped.
+// FLOPs: 2 T d E per gate projection (two in training), 4 d h per expert row forward, twice that
+// backward, and twice the projections backward; softmax, GELU and the data movement count none.
+#include <cblas.h>
+
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#ifdef FLEXMOE_BENCH_TORCH
+#include "torch_moe.hpp"
+#endif
+
+namespace {
+
+constexpr int kTokensPerSample = 16;
+const char *const kMixes[] = {"full", "single", "uniform", "skewed", "realistic"};
+
+// Flex-MoE's combination order: by size M .. 1, each size in lexicographic order of positions.
+std::vector<unsigned> combinations(int M) {
+    std::vector<unsigned> order;
+    for (int size = M; size >= 1; size--) {
+        std::vector<int> pick(size);
+        for (int i = 0; i < size; i++) pick[i] = i;
+        while (true) {
+            unsigned mask = 0;
+            for (int i : pick) mask |= 1u << i;
+            order.push_back(mask);
+            int i = size - 1;
+            while (i >= 0 && pick[i] == M - size + i) i--;
+            if (i < 0) break;
+            pick[i]++;
+            for (int j = i + 1; j < size; j++) pick[j] = pick[j - 1] + 1;
+        }
+    }
+    return order;
+}
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {
+        s += 0x9E3779B97F4A7C15ull;
+        uint64_t z = s;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
+    int below(int n) { return int(next() % uint64_t(n)); }
+};
+
+// The combination index of each sample of a mix.
+int draw_combination(const std::string &mix, int M, const std::vector<unsigned> &order, Rng &rng) {
+    auto index_of = [&](unsigned mask) { return int(std::find(order.begin(), order.end(), mask) - order.begin()); };
+    const unsigned all = (1u << M) - 1;
+    if (mix == "full") return 0;
+    if (mix == "single") return index_of(1u);
+    if (mix == "uniform") return rng.below(int(order.size()));
+    if (mix == "skewed") {
+        const double u = rng.uniform();
+        int missing = u < 0.6 ? 0 : u < 0.9 ? 1 : 2;
+        if (missing >= M) missing = M - 1;
+        unsigned mask = all;
+        while (__builtin_popcount(mask) > M - missing) mask &= ~(1u << rng.below(M));
+        return index_of(mask);
+    }
+    unsigned mask = 0; // realistic
+    while (!mask)
+        for (int m = 0; m < M; m++)
+            if (rng.uniform() >= 0.3) mask |= 1u << m;
+    return index_of(mask);
+}
+
+struct Layer {
+    static constexpr int D = 128, H = 256, E = 16, K = 4;
+    int T, M;
+    std::string mix;
+    fm_moe_desc desc{};
+    std::vector<int32_t> combination, group;
+    fmbench::Floats x, dy, w_gate, w_noise, w1, b1, w2, b2, w1_packed, w2_packed, noise;
+    fmbench::Floats y, dx, g_gate, g_noise, g_w1, g_b1, g_w2, g_b2;
+    void *saved = nullptr, *workspace = nullptr;
+    fm_moe_params params{};
+    fm_moe_grads grads{};
+    fm_moe_batch batch{};
+    std::vector<int32_t> expert_rows;
+    int rows = 0;
+    double imbalance = 0.0;
+    // the routed rows, for the openblas experts
+    fmbench::Floats xe, he, ye;
+    std::vector<int32_t> offsets;
+
+    Layer(std::string mix_, int M_, int T_) : T(T_), M(M_), mix(std::move(mix_)) {
+        Rng rng{uint64_t(M) * 1000003u + uint64_t(T)};
+        const std::vector<unsigned> order = combinations(M);
+        combination.resize(T), group.resize(T);
+        for (int s = 0; s < T; s += kTokensPerSample) {
+            const int c = draw_combination(mix, M, order, rng);
+            for (int t = s; t < std::min(T, s + kTokensPerSample); t++) combination[t] = c, group[t] = c > 0;
+        }
+        // each combination c > 0 has a direction u_c; its tokens lean along it, and the gate
+        // column of expert c mod E is the sum of its combinations' directions
+        const size_t C = order.size();
+        fmbench::Floats directions = fmbench::normal_floats(C * D, 1.0f / std::sqrt(float(D)), 101);
+        x = fmbench::normal_floats(size_t(T) * D, 1.0f, 102);
+        for (int t = 0; t < T; t++)
+            if (combination[t] > 0)
+                for (int d = 0; d < D; d++) x[size_t(t) * D + d] += 2.5f * directions[size_t(combination[t]) * D + d];
+        w_gate = fmbench::normal_floats(size_t(D) * E, 0.02f, 103);
+        for (size_t c = 1; c < C; c++)
+            for (int d = 0; d < D; d++) w_gate[size_t(d) * E + c % E] += 2.0f * directions[c * D + d];
+        w_noise = fmbench::normal_floats(size_t(D) * E, 0.01f, 104);
+        w1 = fmbench::normal_floats(size_t(E) * D * H, 1.0f / std::sqrt(float(D)), 105);
+        b1 = fmbench::normal_floats(size_t(E) * H, 0.01f, 106);
+        w2 = fmbench::normal_floats(size_t(E) * H * D, 1.0f / std::sqrt(float(H)), 107);
+        b2 = fmbench::normal_floats(size_t(E) * D, 0.01f, 108);
+        dy = fmbench::normal_floats(size_t(T) * D, 1.0f, 109);
+        w1_packed.resize(E * fm_packed_weight_floats(D, H)), w2_packed.resize(E * fm_packed_weight_floats(H, D));
+        fm_pack_weights(E, D, H, FM_WEIGHTS_IN_BY_OUT, w1.data(), H, w1_packed.data());
+        fm_pack_weights(E, H, D, FM_WEIGHTS_IN_BY_OUT, w2.data(), D, w2_packed.data());
+        g_w1.resize(w1_packed.size()), g_w2.resize(w2_packed.size());
+        g_gate.resize(w_gate.size()), g_noise.resize(w_noise.size()), g_b1.resize(b1.size()), g_b2.resize(b2.size());
+        y.resize(size_t(T) * D), dx.resize(size_t(T) * D);
+        noise.resize(size_t(T) * E);
+        for (int t = 0; t < T; t++)
+            for (int e = 0; e < E; e++) noise[size_t(t) * E + e] = fm_gate_noise(kSeed, uint64_t(t), e);
+        fm_moe_sizes sizes;
+        fm_moe_buffer_sizes(&desc, T, &sizes);
+        saved = fm_alloc(sizes.saved_bytes);
+        workspace = fm_alloc(std::max(sizes.workspace_bytes, sizes.inference_workspace_bytes));
+        params.w_gate = w_gate.data(), params.w_noise = w_noise.data(), params.w1 = w1_packed.data();
+        params.b1 = b1.data(), params.w2 = w2_packed.data(), params.b2 = b2.data();
+        grads.w_gate = g_gate.data(), grads.w_noise = g_noise.data(), grads.w1 = g_w1.data(), grads.b1 = g_b1.data();
+        grads.w2 = g_w2.data(), grads.b2 = g_b2.data();
+        batch.tokens = T, batch.x = x.data(), batch.combination = combination.data(), batch.token_group = group.data();
+        batch.seed = kSeed;
+        // the routing of an inference forward: loads, and the rows the openblas experts run
+        expert_rows.resize(E);
+        std::vector<int32_t> indices(size_t(T) * K);
+        fm_moe_stats stats{};
+        stats.expert_rows = expert_rows.data(), stats.indices = indices.data();
+        fm_moe_forward(&desc, &params, &batch, y.data(), 0, nullptr, workspace, &stats);
+        rows = stats.rows;
+        imbalance = double(*std::max_element(expert_rows.begin(), expert_rows.end())) / (double(rows) / E);
+        offsets.assign(E + 1, 0);
+        for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + expert_rows[e];
+        xe.resize(size_t(rows) * D), he.resize(size_t(rows) * H), ye.resize(size_t(rows) * D);
+        std::vector<int32_t> fill(offsets.begin(), offsets.end() - 1);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < K; i++)
+                std::memcpy(&xe[size_t(fill[indices[size_t(t) * K + i]]++) * D], &x[size_t(t) * D], D * sizeof(float));
+    }
+    ~Layer() { fm_free(saved), fm_free(workspace); }
+    static constexpr uint64_t kSeed = 7;
+
+    double forward_flops() const { return 2.0 * T * D * E + 4.0 * rows * D * H; }
+    double train_flops() const { return 12.0 * T * D * E + 12.0 * rows * D * H; }
+    double expert_flops() const { return 4.0 * rows * D * H; }
+
+#ifdef FLEXMOE_BENCH_TORCH
+    std::unique_ptr<fmbench::TorchMoe> torch;
+    fmbench::TorchMoe &torch_peer() {
+        if (!torch) {
+            fmbench::TorchMoeWeights w;
+            w.dim = D, w.hidden = H, w.experts = E, w.top_k = K;
+            w.w_gate = w_gate.data(), w.w_noise = w_noise.data(), w.w1 = w1.data(), w.b1 = b1.data();
+            w.w2 = w2.data(), w.b2 = b2.data();
+            fmbench::TorchMoeBatch b;
+            b.tokens = T, b.x = x.data(), b.noise = noise.data(), b.combination = combination.data();
+            b.group = group.data();
+            torch = std::make_unique<fmbench::TorchMoe>(w, b);
+        }
+        return *torch;
+    }
+#endif
+};
+
+Layer &layer_of(const std::string &mix, int M, int T) { return fmbench::cached<Layer>(mix, M, T); }
+
+void counters(benchmark::State &state, const Layer &l, double flops_per_call) {
+    state.SetItemsProcessed(int64_t(state.iterations()) * l.T);
+    const double flops = flops_per_call * double(state.iterations());
+    state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+    state.counters["peak_pct"] =
+        benchmark::Counter(flops * 1e-9 * 100.0 / fmbench::fma_peak_gflops(), benchmark::Counter::kIsRate);
+    state.counters["imbalance"] = l.imbalance;
+    state.counters["dropped"] = 0;
+}
+
+void flexmoe_forward(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    l.batch.training = 0;
+    for (auto _ : state) {
+        if (fm_moe_forward(&l.desc, &l.params, &l.batch, l.y.data(), 0, nullptr, l.workspace, nullptr) != FM_OK)
+            return state.SkipWithError("fm_moe_forward failed");
+        benchmark::ClobberMemory();
+    }
+    counters(state, l, l.forward_flops());
+}
+
+void flexmoe_train(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f};
+    l.batch.training = 1;
+    for (auto _ : state) {
+        if (fm_moe_forward(&l.desc, &l.params, &l.batch, l.y.data(), 0, l.saved, l.workspace, nullptr) != FM_OK ||
+            fm_moe_backward(&l.desc, &l.params, &l.batch, l.saved, l.dy.data(), 0, &weights, l.dx.data(), 0, &l.grads,
+                            l.workspace) != FM_OK)
+            return state.SkipWithError("fm_moe_forward/backward failed");
+        benchmark::ClobberMemory();
+    }
+    l.batch.training = 0;
+    counters(state, l, l.train_flops());
+}
+
+// The experts alone, the way a per-expert loop of nn.Linear runs them on OpenBLAS.
+void openblas_experts(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    const int D = Layer::D, H = Layer::H;
+    for (auto _ : state) {
+        for (int e = 0; e < Layer::E; e++) {
+            const int m = l.offsets[e + 1] - l.offsets[e];
+            if (!m) continue;
+            float *xe = &l.xe[size_t(l.offsets[e]) * D], *he = &l.he[size_t(l.offsets[e]) * H];
+            float *ye = &l.ye[size_t(l.offsets[e]) * D];
+            for (int r = 0; r < m; r++) std::memcpy(he + size_t(r) * H, &l.b1[size_t(e) * H], H * sizeof(float));
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, H, D, 1.0f, xe, D, &l.w1[size_t(e) * D * H], H, 1.0f,
+                        he, H);
+            for (size_t i = 0; i < size_t(m) * H; i++) he[i] = 0.5f * he[i] * (1.0f + std::erf(he[i] * 0.70710678f));
+            for (int r = 0; r < m; r++) std::memcpy(ye + size_t(r) * D, &l.b2[size_t(e) * D], D * sizeof(float));
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, D, H, 1.0f, he, H, &l.w2[size_t(e) * H * D], D, 1.0f,
+                        ye, D);
+        }
+        benchmark::ClobberMemory();
+    }
+    counters(state, l, l.expert_flops());
+}
+
+void peak(benchmark::State &state, std::string mix, int M, int T, bool train) {
+    Layer &l = layer_of(mix, M, T);
+    double flops = 0.0;
+    for (auto _ : state) flops += fmbench::fma_loop();
+    const double per_token = (train ? l.train_flops() : l.forward_flops()) / T;
+    state.SetItemsProcessed(int64_t(flops / per_token));
+    state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+}
+
+// gate -> plan -> dispatch -> combine with the public kernels, the experts left out (combine
+// reads the dispatched rows back).
+struct Routing {
+    Layer &l;
+    fmbench::Floats clean, gates, xe;
+    std::vector<int32_t> indices, counts, offsets, order, position;
+    fm_routing_plan plan{};
+    explicit Routing(Layer &l_)
+        : l(l_), clean(size_t(l_.T) * Layer::E), gates(size_t(l_.T) * Layer::K), xe(size_t(l_.T) * Layer::K * Layer::D),
+          indices(size_t(l_.T) * Layer::K), counts(Layer::E), offsets(Layer::E + 1), order(size_t(l_.T) * Layer::K),
+          position(size_t(l_.T) * Layer::K) {
+        plan.counts = counts.data(), plan.offsets = offsets.data(), plan.order = order.data();
+        plan.position = position.data();
+    }
+    bool run() {
+        const int T = l.T, D = Layer::D, E = Layer::E, K = Layer::K;
+        fm_gate_desc gate{};
+        gate.tokens = T, gate.experts = E, gate.top_k = K;
+        fm_gate_tensors tensors{};
+        tensors.clean_logits = clean.data(), tensors.indices = indices.data(), tensors.gates = gates.data();
+        fm_plan_desc plan_desc{};
+        plan_desc.tokens = T, plan_desc.top_k = K, plan_desc.experts = E;
+        return fm_gate_logits_forward(T, D, E, l.x.data(), D, l.w_gate.data(), nullptr, clean.data(), nullptr) == FM_OK &&
+               fm_noisy_gate_forward(&gate, &tensors) == FM_OK &&
+               fm_routing_plan_build(&plan_desc, indices.data(), K, gates.data(), K, &plan) == FM_OK &&
+               fm_dispatch_forward(&plan, D, l.x.data(), D, xe.data(), D) == FM_OK &&
+               fm_combine_forward(&plan, D, xe.data(), D, gates.data(), K, l.y.data(), D) == FM_OK;
+    }
+};
+
+void flexmoe_routing(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    Routing r(l);
+    for (auto _ : state) {
+        if (!r.run()) return state.SkipWithError("routing failed");
+        benchmark::ClobberMemory();
+    }
+    counters(state, l, 2.0 * T * Layer::D * Layer::E);
+}
+
+#ifdef FLEXMOE_BENCH_TORCH
+// max |a - b| / max |b|
+double relative_error(const float *a, const float *b, size_t n) {
+    double worst = 0.0, scale = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        worst = std::max(worst, double(std::fabs(a[i] - b[i])));
+        scale = std::max(scale, double(std::fabs(b[i])));
+    }
+    return worst / (scale > 0 ? scale : 1.0);
+}
+
+// Tokens whose output differs from flexmoe's by more than 1e-4 of the largest value: a token
+// whose top k + 1 logits nearly tie may choose another expert in torch's rounding; more than
+// one in a thousand means the peer computes something else.
+bool torch_agrees(benchmark::State &state, const float *mine, const float *theirs, int T, int D) {
+    double scale = 0.0;
+    for (size_t i = 0; i < size_t(T) * D; i++) scale = std::max(scale, double(std::fabs(mine[i])));
+    int differ = 0;
+    for (int t = 0; t < T; t++) {
+        double worst = 0.0;
+        for (int d = 0; d < D; d++) worst = std::max(worst, double(std::fabs(mine[size_t(t) * D + d] - theirs[size_t(t) * D + d])));
+        differ += worst > 1e-4 * scale;
+    }
+    state.counters["tokens_differ"] = differ;
+    if (differ * 1000 > T) {
+        state.SkipWithError(("torch and flexmoe disagree on " + std::to_string(differ) + " tokens").c_str());
+        return false;
+    }
+    return true;
+}
+
+void torch_forward(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    fmbench::TorchMoe &torch = l.torch_peer();
+    fmbench::Floats y_torch(l.y.size());
+    l.batch.training = 0;
+    fm_moe_forward(&l.desc, &l.params, &l.batch, l.y.data(), 0, nullptr, l.workspace, nullptr);
+    torch.forward(y_torch.data());
+    if (!torch_agrees(state, y_torch.data(), l.y.data(), T, Layer::D)) return;
+    for (auto _ : state) {
+        torch.forward(y_torch.data());
+        benchmark::ClobberMemory();
+    }
+    counters(state, l, l.forward_flops());
+}
+
+void torch_train(benchmark::State &state, std::string mix, int M, int T) {
+    Layer &l = layer_of(mix, M, T);
+    fmbench::TorchMoe &torch = l.torch_peer();
+    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f};
+    fmbench::Floats y_torch(l.y.size()), dx_torch(l.dx.size()), g_gate(l.g_gate.size()), g_w1(l.w1.size());
+    fmbench::Floats g_w1_mine(l.w1.size());
+    float gate_loss = 0.0f;
+    fmbench::TorchMoe::Grads g;
+    g.dx = dx_torch.data(), g.w_gate = g_gate.data(), g.w1 = g_w1.data();
+    l.batch.training = 1;
+    fm_moe_stats stats{};
+    fm_moe_forward(&l.desc, &l.params, &l.batch, l.y.data(), 0, l.saved, l.workspace, &stats);
+    fm_moe_backward(&l.desc, &l.params, &l.batch, l.saved, l.dy.data(), 0, &weights, l.dx.data(), 0, &l.grads, l.workspace);
+    l.batch.training = 0;
+    torch.train_step(l.dy.data(), 0.01f, y_torch.data(), &gate_loss, g);
+    fm_unpack_weights(Layer::E, Layer::D, Layer::H, FM_WEIGHTS_IN_BY_OUT, l.g_w1.data(), g_w1_mine.data(), Layer::H);
+    if (!torch_agrees(state, y_torch.data(), l.y.data(), T, Layer::D)) return;
+    const double errors[] = {relative_error(dx_torch.data(), l.dx.data(), l.dx.size()),
+                             relative_error(g_gate.data(), l.g_gate.data(), g_gate.size()),
+                             relative_error(g_w1.data(), g_w1_mine.data(), g_w1.size()),
+                             std::fabs(gate_loss - stats.gate_loss) / std::max(1.0f, std::fabs(stats.gate_loss))};
+    const double worst = *std::max_element(std::begin(errors), std::end(errors));
+    state.counters["torch_grad_err"] = worst;
+    if (worst > 1e-3)
+        return state.SkipWithError(("torch's gradients differ from flexmoe's by " + std::to_string(worst)).c_str());
+    for (auto _ : state) {
+        torch.train_step(l.dy.data(), 0.01f, y_torch.data(), nullptr, fmbench::TorchMoe::Grads{});
+        benchmark::ClobberMemory();
+    }
+    counters(state, l, l.train_flops());
+}
+#endif
+
+const bool registered = [] {
+    openblas_set_num_threads(1);
+    for (int M : {3, 4, 6})
+        for (const char *mix : kMixes)
+            for (int T : {1024, 4096}) {
+                const std::string tail = std::string("/") + mix + "/" + std::to_string(M) + "/" + std::to_string(T);
+                benchmark::RegisterBenchmark(("moe_layer/flexmoe" + tail).c_str(), flexmoe_forward, mix, M, T);
+#ifdef FLEXMOE_BENCH_TORCH
+                benchmark::RegisterBenchmark(("moe_layer/torch" + tail).c_str(), torch_forward, mix, M, T);
+#endif
+                benchmark::RegisterBenchmark(("moe_layer/openblas" + tail).c_str(), openblas_experts, mix, M, T);
+                benchmark::RegisterBenchmark(("moe_layer/peak" + tail).c_str(), peak, mix, M, T, false);
+                benchmark::RegisterBenchmark(("moe_layer_train/flexmoe" + tail).c_str(), flexmoe_train, mix, M, T);
+#ifdef FLEXMOE_BENCH_TORCH
+                benchmark::RegisterBenchmark(("moe_layer_train/torch" + tail).c_str(), torch_train, mix, M, T);
+#endif
+                benchmark::RegisterBenchmark(("moe_layer_train/peak" + tail).c_str(), peak, mix, M, T, true);
+                benchmark::RegisterBenchmark(("routing/flexmoe" + tail).c_str(), flexmoe_routing, mix, M, T);
+            }
+    return true;
+}();
+
+}  // namespace
