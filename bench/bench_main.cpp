@@ -4,14 +4,48 @@
 #include <omp.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
 
 #include "flexmoe.h"
+
+extern "C" char *openblas_get_corename(void);
+
+namespace {
+
+// The CPU's "model name" from /proc/cpuinfo, or "unknown" (Google Benchmark's own context gives
+// only the core count, the clock and the caches).
+std::string cpu_model_name() {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(cpuinfo, line)) {
+        if (line.compare(0, 10, "model name") != 0) continue;
+        const size_t colon = line.find(':');
+        if (colon == std::string::npos) break;
+        const size_t begin = line.find_first_not_of(" \t", colon + 1);
+        if (begin == std::string::npos) break;
+        return line.substr(begin, line.find_last_not_of(" \t") + 1 - begin);
+    }
+    return "unknown";
+}
+
+}  // namespace
 
 int main(int argc, char **argv) {
     omp_set_num_threads(1);  // oneDNN runs on OpenMP: one thread, like flexmoe here
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::AddCustomContext("flexmoe_best_isa", fm_isa_name(fm_active_isa()));
+    benchmark::AddCustomContext("cpu_model", cpu_model_name());
+    // OpenBLAS picks its kernels by CPU model when loaded; on a CPU newer than it knows it falls
+    // back to generic ones (Prescott) unless OPENBLAS_CORETYPE names a family
+    // (scripts/openblas_coretype.sh): the openblas rows mean little without these two.
+    const char *corename = openblas_get_corename();
+    benchmark::AddCustomContext("openblas_corename", corename ? corename : "unknown");
+    const char *coretype = std::getenv("OPENBLAS_CORETYPE");
+    // (set but empty is not unset: OpenBLAS then skips its model detection and picks by features)
+    benchmark::AddCustomContext("openblas_coretype_env", !coretype ? "unset" : *coretype ? coretype : "(empty)");
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
     return 0;
