@@ -2879,11 +2879,15 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
             float block[FM__GEMM_TRANSPOSE_DEPTH * FM_GEMM_PANEL];
             int j0, r0;
             if (count < FM__GEMM_TRANSPOSE_MIN_ROWS) continue;
-            for (j0 = 0; j0 < out_features; j0 += FM__GEMM_TRANSPOSE_DEPTH) {
-                const int depth = out_features - j0 < FM__GEMM_TRANSPOSE_DEPTH ? out_features - j0 : FM__GEMM_TRANSPOSE_DEPTH;
-                kernels->gemm_transpose_block(packed_w + ex * per_expert, in_features, q * FM_GEMM_PANEL, j0, depth, block);
-                for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
-                    const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
+            /* row blocks outside: a block's dx rows stay in L2 while every depth block adds to
+             * them (the other way round, an expert of thousands of rows re-read its whole dx from
+             * memory per depth block); the transposed blocks are recomputed per row block, little
+             * next to the block's FMAs (32 x 64 moves against 32 x 64 x 256) */
+            for (r0 = 0; r0 < count; r0 += FM__GEMM_ROW_BLOCK) {
+                const int m = count - r0 < FM__GEMM_ROW_BLOCK ? count - r0 : FM__GEMM_ROW_BLOCK;
+                for (j0 = 0; j0 < out_features; j0 += FM__GEMM_TRANSPOSE_DEPTH) {
+                    const int depth = out_features - j0 < FM__GEMM_TRANSPOSE_DEPTH ? out_features - j0 : FM__GEMM_TRANSPOSE_DEPTH;
+                    kernels->gemm_transpose_block(packed_w + ex * per_expert, in_features, q * FM_GEMM_PANEL, j0, depth, block);
                     kernels->gemm_panel(m, depth, dy + (size_t)(first + r0) * lddy + j0, lddy, 1, block, NULL, j0 > 0,
                                         dx + (size_t)(first + r0) * lddx + q * FM_GEMM_PANEL, lddx, cols);
                 }
