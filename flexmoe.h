@@ -3468,8 +3468,8 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
                           void *saved, const float *dy, int lddy, const fm_moe_loss_weights *weights, float *dx,
                           int lddx, const fm_moe_grads *grads, void *workspace) {
     static const char caller[] = "fm_moe_backward";
-    static const fm_moe_grads no_grads;
-    static const fm_moe_loss_weights no_weights;
+    fm_moe_grads no_grads;
+    fm_moe_loss_weights no_weights;
     const fm__kernel_table *kernels;
     fm__moe_config c;
     fm__moe_views v;
@@ -3478,6 +3478,8 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
     size_t gate_bytes;
     int T, E, K, D, H, ldx, t, i, with_loss;
     float ce, balance;
+    memset(&no_grads, 0, sizeof no_grads);
+    memset(&no_weights, 0, sizeof no_weights);
     if (!grads) grads = &no_grads;
     if (!weights) weights = &no_weights;
     with_loss = weights->gate != 0.0f;
