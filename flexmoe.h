@@ -943,6 +943,13 @@ struct fm__kernel_table {
      * a(i, p) = a[i * a_row + p * a_depth]; bias (cols floats) may be NULL; accumulate adds C */
     void (*gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel,
                        const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols);
+    /* gemm_panel on a panel whose rows are ldp floats apart (rows of dy read in place), and, with
+     * act, GELU(C) of gelu_kind (fm_gelu) written to act as well (when act is c, only GELU(C)):
+     * the FFN's first layer with its activation. A full panel row (64 floats) is read per depth
+     * step whatever cols is. */
+    void (*gemm_panel_ex)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel,
+                          ptrdiff_t ldp, const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols,
+                          int gelu_kind, float *act, ptrdiff_t ldact);
     /* dx[r][k] = <dy[r][0..out), W[k][0..out)> for W packed (one expert) */
     void (*gemm_dot)(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
                      const float *packed, float *dx, ptrdiff_t lddx);
@@ -1301,16 +1308,27 @@ static void fm__scalar_row_dots(int tokens, int k, int dim, const float *a, int 
         }
 }
 
-static void fm__scalar_gemm_panel(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
-                                  const float *panel, const float *bias, int accumulate, float *c, ptrdiff_t ldc,
-                                  int cols) {
+
+static void fm__scalar_gelu_row(int n, int kind, const float *x, const float *dy, float *y);
+
+static void fm__scalar_gemm_panel_ex(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                     const float *panel, ptrdiff_t ldp, const float *bias, int accumulate, float *c,
+                                     ptrdiff_t ldc, int cols, int gelu_kind, float *act, ptrdiff_t ldact) {
     int r, j, p;
     for (r = 0; r < rows; r++)
         for (j = 0; j < cols; j++) {
             double sum = bias ? bias[j] : 0.0;
-            for (p = 0; p < depth; p++) sum += (double)a[r * a_row + p * a_depth] * panel[(size_t)p * FM_GEMM_PANEL + j];
+            for (p = 0; p < depth; p++) sum += (double)a[r * a_row + p * a_depth] * panel[p * ldp + j];
             c[r * ldc + j] = (float)(accumulate ? c[r * ldc + j] + sum : sum);
         }
+    for (r = 0; act && r < rows; r++) fm__scalar_gelu_row(cols, gelu_kind, c + r * ldc, NULL, act + r * ldact);
+}
+
+static void fm__scalar_gemm_panel(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                  const float *panel, const float *bias, int accumulate, float *c, ptrdiff_t ldc,
+                                  int cols) {
+    fm__scalar_gemm_panel_ex(rows, depth, a, a_row, a_depth, panel, FM_GEMM_PANEL, bias, accumulate, c, ldc, cols, 0,
+                             NULL, 0);
 }
 
 static void fm__scalar_gemm_dot(int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy,
@@ -1386,6 +1404,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_combine_rows,
     fm__scalar_row_dots,
     fm__scalar_gemm_panel,
+    fm__scalar_gemm_panel_ex,
     fm__scalar_gemm_dot,
     fm__scalar_gelu_row,
     fm__scalar_gemm_transpose_block,
@@ -2703,16 +2722,24 @@ static int fm__panel_cols(int out_features, int p) {
 }
 
 /* y[rows][0..cols) = x[rows] . P (+ bias) for one packed panel P of in_features rows: the BLIS
- * loops around the micro-kernel, rows and depth in blocks. */
+ * loops around the micro-kernel, rows and depth in blocks. With act, the last depth block also
+ * writes GELU(y) of kind gelu to act (only that when act is y). */
 static void fm__gemm_panel_blocked(const fm__kernel_table *kernels, int rows, int in_features, const float *x,
-                                   int ldx, const float *panel, const float *bias, float *y, int ldy, int cols) {
+                                   int ldx, const float *panel, const float *bias, float *y, int ldy, int cols,
+                                   fm_gelu gelu, float *act, int ldact) {
     int r0, k0;
     for (r0 = 0; r0 < rows; r0 += FM__GEMM_ROW_BLOCK) {
         const int m = rows - r0 < FM__GEMM_ROW_BLOCK ? rows - r0 : FM__GEMM_ROW_BLOCK;
-        for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK)
-            kernels->gemm_panel(m, in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK,
-                                x + (size_t)r0 * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
-                                k0 == 0 ? bias : NULL, k0 > 0, y + (size_t)r0 * ldy, ldy, cols);
+        for (k0 = 0; k0 < in_features; k0 += FM__GEMM_DEPTH_BLOCK) {
+            const int depth = in_features - k0 < FM__GEMM_DEPTH_BLOCK ? in_features - k0 : FM__GEMM_DEPTH_BLOCK;
+            if (act && k0 + depth == in_features)
+                kernels->gemm_panel_ex(m, depth, x + (size_t)r0 * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
+                                       FM_GEMM_PANEL, k0 == 0 ? bias : NULL, k0 > 0, y + (size_t)r0 * ldy, ldy, cols,
+                                       (int)gelu, act + (size_t)r0 * ldact, ldact);
+            else
+                kernels->gemm_panel(m, depth, x + (size_t)r0 * ldx + k0, ldx, 1, panel + (size_t)k0 * FM_GEMM_PANEL,
+                                    k0 == 0 ? bias : NULL, k0 > 0, y + (size_t)r0 * ldy, ldy, cols);
+        }
     }
 }
 
@@ -2818,16 +2845,18 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
         fm__gemm_panel_blocked(kernels, offsets[e + 1] - first, in_features, x + (size_t)first * ldx, ldx,
                                packed_w + e * per_expert + (size_t)p * in_features * FM_GEMM_PANEL,
                                bias ? bias + (size_t)e * out_features + p * FM_GEMM_PANEL : NULL,
-                               y + (size_t)first * ldy + p * FM_GEMM_PANEL, ldy, fm__panel_cols(out_features, p));
+                               y + (size_t)first * ldy + p * FM_GEMM_PANEL, ldy, fm__panel_cols(out_features, p),
+                               FM_GELU_ERF, NULL, 0);
     }
     return FM_OK;
 }
 
 /* dx's rows go to the dot-product kernels in chunks of this many, split where the expert changes. */
 #define FM__GEMM_GRAD_ROW_BLOCK 64
-/* dW's rows are taken a block at a time; each block of dy's panel columns is copied, zero
- * padded, into a panel-shaped buffer (8 KiB: kernels keep their stack small) so the micro-kernel
- * reads whole vectors past out_features. */
+/* dW's rows are taken a block at a time. A panel of 64 of dy's columns is read in place, in
+ * blocks of FM__GEMM_DEPTH_BLOCK rows; the last, partial panel of a width that is not a multiple
+ * of 64 is copied a block at a time, zero padded, into a panel-shaped buffer (8 KiB: kernels
+ * keep their stack small) so the micro-kernel reads whole vectors past out_features. */
 #define FM__GEMM_DY_BLOCK 32
 /* The depth of a transposed block of W for dx (32 x 64 floats, 8 KiB of stack). */
 #define FM__GEMM_TRANSPOSE_DEPTH 32
@@ -2903,6 +2932,14 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
             float dy_block[FM__GEMM_DY_BLOCK * FM_GEMM_PANEL];
             int r0, i, j;
             if (count == 0) memset(d_panel, 0, (size_t)in_features * FM_GEMM_PANEL * sizeof(float));
+            if (cols == FM_GEMM_PANEL) { /* a full panel of dy's columns: read in place, deep blocks */
+                for (r0 = 0; r0 < count; r0 += FM__GEMM_DEPTH_BLOCK)
+                    kernels->gemm_panel_ex(in_features, count - r0 < FM__GEMM_DEPTH_BLOCK ? count - r0 : FM__GEMM_DEPTH_BLOCK,
+                                           x + (size_t)(first + r0) * ldx, 1, ldx,
+                                           dy + (size_t)(first + r0) * lddy + p * FM_GEMM_PANEL, lddy, NULL, r0 > 0,
+                                           d_panel, FM_GEMM_PANEL, cols, 0, NULL, 0);
+                continue;
+            }
             for (r0 = 0; r0 < count; r0 += FM__GEMM_DY_BLOCK) {
                 const int n = count - r0 < FM__GEMM_DY_BLOCK ? count - r0 : FM__GEMM_DY_BLOCK;
                 for (i = 0; i < n; i++) {
@@ -2977,14 +3014,16 @@ static fm_status fm__check_ffn(const fm_expert_ffn_desc *desc, const int32_t *of
  * still in L2 or L3 when the second layer reads them. */
 #define FM__FFN_ROW_BLOCK 256
 
-/* y[rows] = x[rows] . W (+ bias) for one expert's block of rows: every panel. */
+/* y[rows] = x[rows] . W (+ bias) for one expert's block of rows: every panel; with act, GELU(y)
+ * into act as well (as fm__gemm_panel_blocked). */
 static void fm__gemm_rows(const fm__kernel_table *kernels, int rows, int in_features, int out_features,
-                          const float *x, int ldx, const float *packed, const float *bias, float *y, int ldy) {
+                          const float *x, int ldx, const float *packed, const float *bias, float *y, int ldy,
+                          fm_gelu gelu, float *act, int ldact) {
     int p;
     for (p = 0; p < fm__gemm_panels(out_features); p++)
         fm__gemm_panel_blocked(kernels, rows, in_features, x, ldx, packed + (size_t)p * in_features * FM_GEMM_PANEL,
                                bias ? bias + p * FM_GEMM_PANEL : NULL, y + p * FM_GEMM_PANEL, ldy,
-                               fm__panel_cols(out_features, p));
+                               fm__panel_cols(out_features, p), gelu, act ? act + p * FM_GEMM_PANEL : NULL, ldact);
 }
 
 fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
@@ -3009,7 +3048,7 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
         int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, e = 0;
         const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
         while (r0 < end) { /* the chunk's rows, split where they change expert */
-            int m, i;
+            int m;
             float *a;
             int lda;
             while (offsets[e + 1] <= r0) e++;
@@ -3017,10 +3056,11 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
             a = pre ? pre + (size_t)r0 * ldp : hidden + (size_t)r0 * ldh;
             lda = pre ? ldp : ldh;
             fm__gemm_rows(kernels, m, D, H, x + (size_t)r0 * ldx, ldx, params->w1 + e * w1_floats,
-                          params->b1 ? params->b1 + (size_t)e * H : NULL, a, lda);
-            for (i = 0; i < m; i++) kernels->gelu_row(H, desc->gelu, a + (size_t)i * lda, NULL, hidden + (size_t)(r0 + i) * ldh);
+                          params->b1 ? params->b1 + (size_t)e * H : NULL, a, lda, desc->gelu, hidden + (size_t)r0 * ldh,
+                          ldh);
             fm__gemm_rows(kernels, m, H, D, hidden + (size_t)r0 * ldh, ldh, params->w2 + e * w2_floats,
-                          params->b2 ? params->b2 + (size_t)e * D : NULL, y + (size_t)r0 * ldy, ldy);
+                          params->b2 ? params->b2 + (size_t)e * D : NULL, y + (size_t)r0 * ldy, ldy, FM_GELU_ERF, NULL,
+                          0);
             r0 += m;
         }
     }

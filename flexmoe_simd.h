@@ -1032,8 +1032,10 @@ static FM__TARGET void FM__OP(load_block)(int nrows, int E, int group_count, con
  * k < E) from a tile of the first pass's noisy logits, std and clean logits, or the softmax
  * denominator over all experts from the clean logits read again.
  * Nothing of size tokens x experts is written unless the caller asked for the noisy logits. */
-static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int nrows, int levels,
-                                          FM__OP(topk_chunk_fn) chunk) {
+static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0,
+                                                                                int nrows, int levels,
+                                                                                FM__OP(topk_chunk_fn) chunk,
+                                                                                float (*stack_tile)[3][FM__W]) {
     const int E = job->experts, k = job->top_k, with_load = job->training && job->load && k < E;
     const FM__V epsilon = FM__OP(set1)(job->noise_epsilon);
     const float *clean = job->clean + (size_t)row0 * job->ld_clean;
@@ -1048,7 +1050,6 @@ static FM__TARGET void FM__OP(gate_block)(const fm__gate_job *job, int row0, int
     FM__V *const noisy_v = job->training ? v : cl, *const keys = nz; /* nz is free once the tile has it */
     FM__V state = FM__OP(set1)(0.0f);
     FM__V sum = FM__OP(set1)(0.0f);
-    float stack_tile[FM__GATE_STACK_TILE_EXPERTS][3][FM__W];
     float(*const tile)[3][FM__W] = job->tile ? (float(*)[3][FM__W])job->tile : stack_tile;
     const int tile_experts = job->tile ? E : FM__GATE_STACK_TILE_EXPERTS;
     int i, j, c0, r;
@@ -1169,12 +1170,27 @@ static FM__TARGET void FM__OP(gate_noise)(const fm__gate_job *job) {
     }
 }
 
+/* The blocks of a gate with a caller workspace for the load pass's tile, and without one: the
+ * stack tile (3 KiB) only lives in the frame that uses it, so a caller that passes a workspace
+ * (the SMoE layer) keeps those 3 KiB of its stack bound. */
+static FM__TARGET void FM__OP(gate_blocks_with_workspace)(const fm__gate_job *job, int levels, FM__OP(topk_chunk_fn) chunk) {
+    int r;
+    for (r = 0; r < job->tokens; r += FM__W)
+        FM__OP(gate_block)(job, r, job->tokens - r < FM__W ? job->tokens - r : FM__W, levels, chunk, NULL);
+}
+
+static FM__TARGET void FM__OP(gate_blocks_with_stack_tile)(const fm__gate_job *job, int levels, FM__OP(topk_chunk_fn) chunk) {
+    float stack_tile[FM__GATE_STACK_TILE_EXPERTS][3][FM__W];
+    int r;
+    for (r = 0; r < job->tokens; r += FM__W)
+        FM__OP(gate_block)(job, r, job->tokens - r < FM__W ? job->tokens - r : FM__W, levels, chunk, stack_tile);
+}
+
 static FM__TARGET void FM__OP(gate)(const fm__gate_job *job) {
     const int levels = job->training && job->load && job->top_k < job->experts ? job->top_k + 1 : job->top_k;
     const FM__OP(topk_chunk_fn) chunk = FM__OP(topk_chunk_for)(levels);
-    int r;
-    for (r = 0; r < job->tokens; r += FM__W)
-        FM__OP(gate_block)(job, r, job->tokens - r < FM__W ? job->tokens - r : FM__W, levels, chunk);
+    if (job->tile) FM__OP(gate_blocks_with_workspace)(job, levels, chunk);
+    else FM__OP(gate_blocks_with_stack_tile)(job, levels, chunk);
 }
 
 /* ---- LayerNorm ---- */
@@ -1610,11 +1626,15 @@ static FM__TARGET void FM__OP(row_dots)(int tokens, int k, int dim, const float 
 #define FM__GEMM_NR (FM__GEMM_NV * FM__W)
 
 /* C[m x cols] (+)= bias + A[m x depth] . B[depth x NR], for m <= MR and cols <= NR: a(i, p) is
- * a[i * a_row + p * a_depth], B's rows are FM_GEMM_PANEL floats apart (a packed panel), bias
- * (cols floats, may be NULL) is added once, accumulate adds C's old values. */
+ * a[i * a_row + p * a_depth], B's rows are ldb floats apart (FM_GEMM_PANEL: a packed panel), bias
+ * (cols floats, may be NULL) is added once, accumulate adds C's old values. The epilogue: with
+ * act, GELU(C) of kind gelu_kind goes to act (ldact) as well, and when act is C only GELU(C) is
+ * stored; the activation is computed while the tile is still in registers, instead of in a
+ * pass of its own over the stored C. */
 static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_tile)(const int m, int depth, const float *a, ptrdiff_t a_row,
-                                                ptrdiff_t a_depth, const float *b, const float *bias,
-                                                int accumulate, float *c, ptrdiff_t ldc, int cols) {
+                                                ptrdiff_t a_depth, const float *b, ptrdiff_t ldb, const float *bias,
+                                                int accumulate, float *c, ptrdiff_t ldc, int cols,
+                                                int gelu_kind, float *act, ptrdiff_t ldact) {
     FM__V acc[FM__GEMM_MR][FM__GEMM_NV];
     const float *row[FM__GEMM_MR];
     int i, v, p;
@@ -1632,13 +1652,35 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_tile)(c
     for (p = 0; p < depth; p++) {
         FM__V panel_row[FM__GEMM_NV];
         FM__UNROLL_W
-        for (v = 0; v < FM__GEMM_NV; v++) panel_row[v] = FM__OP(load)(b + (size_t)p * FM_GEMM_PANEL + v * FM__W);
+        for (v = 0; v < FM__GEMM_NV; v++) panel_row[v] = FM__OP(load)(b + p * ldb + v * FM__W);
         FM__UNROLL_W
         for (i = 0; i < m; i++) {
             const FM__V ai = FM__OP(set1)(row[i][p * a_depth]);
             FM__UNROLL_W
             for (v = 0; v < FM__GEMM_NV; v++) acc[i][v] = FM__OP(fmadd)(ai, panel_row[v], acc[i][v]);
         }
+    }
+    if (act) {
+        FM__UNROLL_W
+        for (i = 0; i < m; i++) {
+            float *ci = c + i * ldc, *ai = act + i * ldact;
+            FM__UNROLL_W
+            for (v = 0; v < FM__GEMM_NV; v++) {
+                const int n = cols - v * FM__W;
+                FM__V out = acc[i][v];
+                if (n <= 0) continue;
+                if (accumulate)
+                    out = FM__OP(add)(out, n >= FM__W ? FM__OP(load)(ci + v * FM__W) : FM__OP(load_part)(ci + v * FM__W, n, 0.0f));
+                if (ai != ci) {
+                    if (n >= FM__W) FM__OP(store)(ci + v * FM__W, out);
+                    else FM__OP(store_part)(ci + v * FM__W, out, n);
+                }
+                out = FM__OP(gelu)(out, gelu_kind, 0);
+                if (n >= FM__W) FM__OP(store)(ai + v * FM__W, out);
+                else FM__OP(store_part)(ai + v * FM__W, out, n);
+            }
+        }
+        return;
     }
     FM__UNROLL_W
     for (i = 0; i < m; i++) {
@@ -1658,10 +1700,11 @@ static inline __attribute__((always_inline)) FM__TARGET void FM__OP(gemm_tile)(c
 /* The tile at each fixed row count, compiled once each so the accumulators stay in registers. */
 #define FM__GEMM_TILE_AT(M)                                                                            \
     static FM__TARGET void FM__OP(FM__CAT(gemm_tile_, M))(int depth, const float *a, ptrdiff_t a_row,    \
-                                                          ptrdiff_t a_depth, const float *b,            \
+                                                          ptrdiff_t a_depth, const float *b, ptrdiff_t ldb, \
                                                           const float *bias, int accumulate, float *c,  \
-                                                          ptrdiff_t ldc, int cols) {                    \
-        FM__OP(gemm_tile)(M, depth, a, a_row, a_depth, b, bias, accumulate, c, ldc, cols);             \
+                                                          ptrdiff_t ldc, int cols, int gelu_kind,       \
+                                                          float *act, ptrdiff_t ldact) {                \
+        FM__OP(gemm_tile)(M, depth, a, a_row, a_depth, b, ldb, bias, accumulate, c, ldc, cols, gelu_kind, act, ldact); \
     }
 FM__GEMM_TILE_AT(1)
 FM__GEMM_TILE_AT(2)
@@ -1676,11 +1719,11 @@ FM__GEMM_TILE_AT(6)
  * of A streams past it. Row blocks are as few as MR allows and within one row of each other (8
  * rows run as 4 + 4, not 6 + 2, whose 2-row tile would load as many panel vectors as it does
  * FMAs). */
-static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
-                                          const float *panel, const float *bias, int accumulate, float *c,
-                                          ptrdiff_t ldc, int cols) {
-    typedef void (*tile_fn)(int, const float *, ptrdiff_t, ptrdiff_t, const float *, const float *, int, float *,
-                            ptrdiff_t, int);
+static FM__TARGET void FM__OP(gemm_panel_ex)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                             const float *panel, ptrdiff_t ldp, const float *bias, int accumulate, float *c,
+                                             ptrdiff_t ldc, int cols, int gelu_kind, float *act, ptrdiff_t ldact) {
+    typedef void (*tile_fn)(int, const float *, ptrdiff_t, ptrdiff_t, const float *, ptrdiff_t, const float *, int,
+                            float *, ptrdiff_t, int, int, float *, ptrdiff_t);
     static const tile_fn tile_for_rows[FM__GEMM_MR + 1] = {NULL, FM__OP(gemm_tile_1), FM__OP(gemm_tile_2),
                                                            FM__OP(gemm_tile_3), FM__OP(gemm_tile_4),
                                                            FM__OP(gemm_tile_5), FM__OP(gemm_tile_6)};
@@ -1691,11 +1734,18 @@ static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, p
         const float *b = bias ? bias + col0 : NULL;
         for (block = 0, r = 0; block < blocks; block++) {
             const int m = (rows - r) / (blocks - block) + ((rows - r) % (blocks - block) != 0);
-            tile_for_rows[m](depth, a + r * a_row, a_row, a_depth, panel + col0, b, accumulate, c + r * ldc + col0,
-                             ldc, n);
+            tile_for_rows[m](depth, a + r * a_row, a_row, a_depth, panel + col0, ldp, b, accumulate, c + r * ldc + col0,
+                             ldc, n, gelu_kind, act ? act + r * ldact + col0 : NULL, ldact);
             r += m;
         }
     }
+}
+
+static FM__TARGET void FM__OP(gemm_panel)(int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth,
+                                          const float *panel, const float *bias, int accumulate, float *c,
+                                          ptrdiff_t ldc, int cols) {
+    FM__OP(gemm_panel_ex)(rows, depth, a, a_row, a_depth, panel, FM_GEMM_PANEL, bias, accumulate, c, ldc, cols, 0, NULL,
+                          0);
 }
 
 /* dx = dy . W^T over the packed panels: dx[r][k] = <dy[r][0..out), row k of W>. A tile of
@@ -1853,6 +1903,8 @@ FM__ENTRY(row_dots, (int tokens, int k, int dim, const float *a, int lda, const 
           (tokens, k, dim, a, lda, src, ld_src, position, out, ldo))
 FM__ENTRY(gemm_panel, (int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel, const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols),
           (rows, depth, a, a_row, a_depth, panel, bias, accumulate, c, ldc, cols))
+FM__ENTRY(gemm_panel_ex, (int rows, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_depth, const float *panel, ptrdiff_t ldp, const float *bias, int accumulate, float *c, ptrdiff_t ldc, int cols, int gelu_kind, float *act, ptrdiff_t ldact),
+          (rows, depth, a, a_row, a_depth, panel, ldp, bias, accumulate, c, ldc, cols, gelu_kind, act, ldact))
 FM__ENTRY(gemm_dot, (int rows, int in_features, int out_features, const float *dy, ptrdiff_t lddy, const float *packed, float *dx, ptrdiff_t lddx),
           (rows, in_features, out_features, dy, lddy, packed, dx, lddx))
 FM__ENTRY(gelu_row, (int n, int kind, const float *x, const float *dy, float *y),
@@ -1880,6 +1932,7 @@ static const fm__kernel_table FM__OP(kernels) = {
     FM__OP(combine_rows_entry),
     FM__OP(row_dots_entry),
     FM__OP(gemm_panel_entry),
+    FM__OP(gemm_panel_ex_entry),
     FM__OP(gemm_dot_entry),
     FM__OP(gelu_row_entry),
     FM__OP(gemm_transpose_block_entry),
