@@ -2992,16 +2992,18 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
     if (d_packed_w) {
         FM__OMP_PARALLEL_FOR
         for (item = 0; item < experts * panels; item++) {
-            const int ex = item / panels, p = item % panels, first = offsets[ex];
-            fm__gemm_dw_panel(kernels, offsets[ex + 1] - first, in_features, out_features, p, x + (size_t)first * ldx, ldx,
-                              dy + (size_t)first * lddy, lddy,
+            const int ex = item / panels, p = item % panels, first = offsets[ex], count = offsets[ex + 1] - first;
+            /* x and dy may be NULL when no expert has rows: no offset is applied to them then */
+            fm__gemm_dw_panel(kernels, count, in_features, out_features, p, count ? x + (size_t)first * ldx : x, ldx,
+                              count ? dy + (size_t)first * lddy : dy, lddy,
                               d_packed_w + ex * per_expert + (size_t)p * in_features * FM_GEMM_PANEL, 0);
         }
     }
     if (d_bias) {
         FM__OMP_PARALLEL_FOR
         for (e = 0; e < experts; e++)
-            fm__gemm_db_rows(kernels, offsets[e + 1] - offsets[e], out_features, dy + (size_t)offsets[e] * lddy, lddy,
+            fm__gemm_db_rows(kernels, offsets[e + 1] - offsets[e], out_features,
+                             offsets[e + 1] > offsets[e] ? dy + (size_t)offsets[e] * lddy : dy, lddy,
                              d_bias + (size_t)e * out_features, 0);
     }
     return FM_OK;
