@@ -5,6 +5,8 @@
  * gradient, and argument errors that must return the right status and write nothing. */
 #include "fm_test.h"
 
+#include <float.h>
+
 #include <string.h>
 
 /* LayerNorm: errors relative to the scale of the terms of each output (|xhat * gamma| + |beta|,
@@ -369,8 +371,12 @@ static double **ref_param(gate_ref *r, int which) {
 /* The gate in double, straight from the formulas in flexmoe.h. h_probe: the h the probe's
  * cross-entropy sees (the unperturbed one unless probe_trains_experts); fixed_target: the
  * detached target (NULL: computed here). Returns sum(dout * out) + a loss_conf + b loss_probe. */
+/* amplification (T, optional): how much the output LayerNorm magnifies a rounding of its input,
+ * rstd * max|gamma| * the row's largest term |x| + sum |c h|: float rounding of the sum it
+ * normalises reaches the output that many times over, which matters when a row's spread is near
+ * sqrt(eps) (two features, say, that nearly tie). */
 static double ref_gate(const gate_case *g, const gate_ref *R, const double *h_probe, const double *fixed_target,
-                       double *out, double *conf, double *target, double *losses) {
+                       double *out, double *conf, double *target, double *losses, double *amplification) {
     const int T = g->desc.tokens, k = g->desc.k, E = g->desc.experts, d = g->desc.dim, C = g->desc.classes;
     const double eps = g->desc.eps == 0.0f ? 1e-5 : g->desc.eps;
     const int S = T * k;
@@ -390,15 +396,22 @@ static double ref_gate(const gate_case *g, const gate_ref *R, const double *h_pr
     }
     for (s = 0; s < S; s++) c[s] = g->desc.mode == FM_CONF_EXPERT_MEAN ? sum[g->experts[s]] / count[g->experts[s]] : u[s];
     for (t = 0; t < T; t++) {
-        double mu = 0.0, var = 0.0;
+        double mu = 0.0, var = 0.0, terms = 0.0, gamma_max = 0.0;
         for (j = 0; j < d; j++) {
+            double row_terms = fabs(R->x[(size_t)t * d + j]);
             m[j] = R->x[(size_t)t * d + j];
-            for (i = 0; i < k; i++) m[j] += c[t * k + i] * R->h[((size_t)t * k + i) * d + j];
+            for (i = 0; i < k; i++) {
+                m[j] += c[t * k + i] * R->h[((size_t)t * k + i) * d + j];
+                row_terms += fabs(c[t * k + i] * R->h[((size_t)t * k + i) * d + j]);
+            }
+            terms = maxd(terms, row_terms);
+            gamma_max = maxd(gamma_max, R->gamma ? fabs(R->gamma[j]) : 1.0);
         }
         for (j = 0; j < d; j++) mu += m[j];
         mu /= d;
         for (j = 0; j < d; j++) var += (m[j] - mu) * (m[j] - mu);
         var /= d;
+        if (amplification) amplification[t] = terms * gamma_max / sqrt(var + eps);
         for (j = 0; j < d; j++) {
             double o = (m[j] - mu) / sqrt(var + eps) * (R->gamma ? R->gamma[j] : 1.0) + (R->beta ? R->beta[j] : 0.0);
             if (out) out[(size_t)t * d + j] = o;
@@ -543,7 +556,7 @@ static void check_gate(gate_case *g, int n_fd) {
     float *dx = fm_test_new_matrix(T, D, ldout), *dh = fm_test_new_matrix(S, D, g->ldh), *dh2 = fm_test_new_matrix(S, D, g->ldh);
     float *gr[P_COUNT];
     double *ref_out = dalloc((size_t)T * D), *ref_conf = dalloc(S);
-    double *ref_target = dalloc(S), ref_losses[2] = {0, 0}, *h_base;
+    double *ref_target = dalloc(S), ref_losses[2] = {0, 0}, *h_base, *amplification = dalloc(T);
     double worst_out = 0.0, worst_conf = 0.0, worst_target = 0.0, worst_loss = 0.0;
     const int32_t *labels = g->has_labels ? g->labels : NULL;
     fm_status status;
@@ -563,10 +576,13 @@ static void check_gate(gate_case *g, int n_fd) {
     status = fm_confsmoe_forward(d, &params, g->experts, labels, g->x, g->ldx, g->h, g->ldh, out, ldout, conf,
                                  target, losses, saved);
     ref_make(g, &R);
-    ref_gate(g, &R, NULL, NULL, ref_out, ref_conf, ref_target, ref_losses);
+    ref_gate(g, &R, NULL, NULL, ref_out, ref_conf, ref_target, ref_losses, amplification);
     for (t = 0; t < T && status == FM_OK; t++) {
+        /* relative to the row's largest output, or to what float rounding of the LayerNorm's input
+         * becomes at its output (k + 2 roundings of the sum, magnified), whichever is larger */
         double scale = 1e-30;
         for (j = 0; j < D; j++) scale = maxd(scale, fabs(ref_out[(size_t)t * D + j]));
+        scale = maxd(scale, (d->k + 2) * FLT_EPSILON * amplification[t] / GATE_TOLERANCE);
         for (j = 0; j < D; j++) worst_out = maxd(worst_out, fabs(out[(size_t)t * ldout + j] - ref_out[(size_t)t * D + j]) / scale);
     }
     for (j = 0; j < S; j++) {
@@ -615,9 +631,9 @@ static void check_gate(gate_case *g, int n_fd) {
             const double step = 1e-5, saved_value = p[at];
             double plus, minus, fd, got;
             p[at] = saved_value + step;
-            plus = ref_gate(g, &R, d->probe_trains_experts ? NULL : h_base, labels ? ref_target : NULL, NULL, NULL, NULL, NULL);
+            plus = ref_gate(g, &R, d->probe_trains_experts ? NULL : h_base, labels ? ref_target : NULL, NULL, NULL, NULL, NULL, NULL);
             p[at] = saved_value - step;
-            minus = ref_gate(g, &R, d->probe_trains_experts ? NULL : h_base, labels ? ref_target : NULL, NULL, NULL, NULL, NULL);
+            minus = ref_gate(g, &R, d->probe_trains_experts ? NULL : h_base, labels ? ref_target : NULL, NULL, NULL, NULL, NULL, NULL);
             p[at] = saved_value;
             fd = (plus - minus) / (2 * step);
             switch (which) {
@@ -634,6 +650,7 @@ static void check_gate(gate_case *g, int n_fd) {
     free(h_base), ref_free(&R);
     for (which = 0; which < P_COUNT; which++) free(gr[which]);
     free(saved), free(out), free(conf), free(target), free(dx), free(dh), free(dh2), free(ref_out), free(ref_conf);
+    free(amplification);
     free(ref_target);
 }
 
