@@ -270,7 +270,8 @@ static void check_gate_case(const gate_case *c) {
     }
     FM_CHECK(bad_index == 0, "T=%d E=%d k=%d training=%d: %d tokens route differently, not at a near-tie", T, E, k,
              c->training, bad_index);
-    FM_CHECK(near_ties * 100 <= T, "T=%d E=%d k=%d: %d near-ties, too many to be ties", T, E, k, near_ties);
+    /* near-ties are rare, but one can fall in a batch of a few dozen tokens (a seed of T = 26 drew one) */
+    FM_CHECK(near_ties <= 1 + T / 100, "T=%d E=%d k=%d: %d near-ties, too many to be ties", T, E, k, near_ties);
     FM_CHECK(worst_noisy <= GATE_TOLERANCE, "T=%d E=%d k=%d: noisy logits off by %.3g", T, E, k, worst_noisy);
     FM_CHECK(worst_gate <= GATE_TOLERANCE, "T=%d E=%d k=%d training=%d: gates off by %.3g", T, E, k, c->training, worst_gate);
     FM_CHECK(worst_importance <= GATE_TOLERANCE, "T=%d E=%d k=%d: importance off by %.3g", T, E, k, worst_importance);
