@@ -20,8 +20,9 @@
 # the reference is one).
 #
 # OpenBLAS (the openblas peer, and PyTorch's matmuls where they go through it) falls back to its
-# generic Prescott kernels on CPUs newer than it knows; unless OPENBLAS_CORETYPE is already set,
-# the run exports the value scripts/openblas_coretype.sh prints for this CPU, and says so.
+# generic Prescott kernels on CPUs newer than it knows: the run exports the value
+# scripts/openblas_coretype.sh prints for this CPU, and replaces an OPENBLAS_CORETYPE from the
+# environment that would run older kernels than the best this CPU can (and says so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,16 +70,25 @@ ninja -C build/release bench/flexmoe_bench
 bench=build/release/bench/flexmoe_bench
 
 # ---- OpenBLAS's kernels -----------------------------------------------------------------------
-if [ -z "${OPENBLAS_CORETYPE:-}" ]; then unset OPENBLAS_CORETYPE; fi  # set but empty still forces
-if [ -n "${OPENBLAS_CORETYPE:-}" ]; then
-  echo "bench: OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE (already set; kept)"
-else
-  coretype=$(scripts/openblas_coretype.sh)
-  if [ -n "$coretype" ]; then
-    export OPENBLAS_CORETYPE=$coretype
-    echo "bench: OpenBLAS would fall back to its generic kernels on this CPU;" \
-         "exporting OPENBLAS_CORETYPE=$coretype ($(build/openblas_corename 2>/dev/null || echo '?') kernels)"
+# The best kernels are OpenBLAS's own choice, or the family scripts/openblas_coretype.sh names when
+# that choice is a fallback. An inherited OPENBLAS_CORETYPE that picks other (older) kernels would
+# slow down the openblas and torch peers, so it is replaced, and the run says so.
+inherited=${OPENBLAS_CORETYPE-}
+unset OPENBLAS_CORETYPE
+coretype=$(scripts/openblas_coretype.sh)
+best=$( (if [ -n "$coretype" ]; then export OPENBLAS_CORETYPE=$coretype; fi; build/openblas_corename) 2>/dev/null || echo '?')
+if [ -n "$inherited" ]; then
+  got=$(OPENBLAS_CORETYPE=$inherited build/openblas_corename 2>/dev/null || echo '?')
+  if [ "${got,,}" = "${best,,}" ]; then
+    coretype=$inherited
+  else
+    echo "bench: not using OPENBLAS_CORETYPE=$inherited from the environment: it gives OpenBLAS's $got kernels," \
+         "and this CPU runs its $best ones"
   fi
+fi
+if [ -n "$coretype" ]; then
+  export OPENBLAS_CORETYPE=$coretype
+  echo "bench: OPENBLAS_CORETYPE=$coretype ($best kernels)"
 fi
 
 # ---- what to run ------------------------------------------------------------------------------

@@ -9,11 +9,12 @@
 #
 # This script prints a value only when OpenBLAS, left alone, falls back: it compiles (once, into
 # build/) a tiny program printing openblas_get_corename() and runs it without OPENBLAS_CORETYPE.
-# The value is the newest family OpenBLAS 0.3.21 knows that /proc/cpuinfo's flags allow:
-#   AMD/Hygon with avx2 (Zen 2-5)                  Zen
-#   avx512_bf16 (Cooper Lake, Sapphire Rapids on)  Cooperlake
-#   avx512f, avx512bw, avx512vl, avx512dq          SkylakeX
-#   avx2 and fma                                   Haswell
+# The value is the widest family OpenBLAS 0.3.21 knows that /proc/cpuinfo's flags allow (AVX-512
+# first, on AMD too: its Zen kernels are AVX2 and run SGEMM at half the speed on Zen 4 and 5):
+#   avx512_bf16 (Cooper Lake, Sapphire Rapids on, Zen 4-5)  Cooperlake
+#   avx512f, avx512bw, avx512vl, avx512dq                   SkylakeX
+#   AMD/Hygon with avx2 (Zen 2-3)                           Zen
+#   avx2 and fma                                            Haswell
 # and each candidate is checked: it is printed only if OpenBLAS then reports that very core
 # (otherwise the next older one is tried). Messages go to stderr; the exit status is 0 unless the
 # script itself is misused.
@@ -68,11 +69,11 @@ flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | sed 's/.*://' || true) "
 has() { for f in "$@"; do [[ "$flags" == *" $f "* ]] || return 1; done; }
 
 candidates=()
+if has avx512_bf16 avx512f avx512bw avx512vl avx512dq; then candidates+=(Cooperlake); fi
+if has avx512f avx512bw avx512vl avx512dq; then candidates+=(SkylakeX); fi
 if [[ "$vendor" == AuthenticAMD || "$vendor" == HygonGenuine ]] && has avx2; then
   candidates+=(Zen)
 fi
-if has avx512_bf16 avx512f avx512bw avx512vl avx512dq; then candidates+=(Cooperlake); fi
-if has avx512f avx512bw avx512vl avx512dq; then candidates+=(SkylakeX); fi
 if has avx2 fma; then candidates+=(Haswell); fi
 
 for c in "${candidates[@]}"; do
