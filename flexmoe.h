@@ -756,6 +756,149 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
                           void *saved, const float *dy, int lddy, const fm_moe_loss_weights *weights, float *dx,
                           int lddx, const fm_moe_grads *grads, void *workspace);
 
+/* ==== 9. The Flex-MoE model ================================================================ */
+
+/* Flex-MoE (multimodal learning with missing modalities) as its official code builds it
+ * (DESIGN.md), forward and backward, in the style of llm.c: plain structs, flat arenas, one
+ * forward and one backward. M modalities; each sample observes a non-empty subset of them.
+ *
+ *   combination  c = fm_combination_index(M, the sample's observed mask): Flex-MoE's order
+ *   encoders     each observed modality m: its F_m features, zero-padded to patches * P_m with
+ *                P_m = ceil(F_m / patches), make `patches` patches (patch p = features
+ *                [p P_m, (p + 1) P_m)), each a token: patch . encoder.m.weight + encoder.m.bias
+ *   bank         each missing modality m: the `patches` learned tokens bank[c][m]
+ *   position     x = the M * patches tokens (modality-major) + position
+ *   attention    x = x + dropout(MHA(LayerNorm(x))): pre-LN, `heads` heads, q and kv without
+ *                bias, the output projection with bias (no_attention_residual: the official
+ *                code's x = dropout(MHA(LayerNorm(x))), for comparison)
+ *   SMoE         for each modality's chunk of `patches` tokens: x = x + dropout(SMoE(LN(x))),
+ *                one LayerNorm and one SMoE layer (section 8, Flex-MoE's noisy top-k gate)
+ *                shared by the chunks, each chunk its own call and its own gate loss (the
+ *                S-Router target is c mod experts, so with 2^M - 1 > experts combinations share)
+ *   head         logits = (the mean of each chunk's tokens, concatenated: M * dim) . head.weight
+ *                + head.bias
+ *   loss         cross-entropy (class weights optional: sum_b w[y_b] nll_b / sum_b w[y_b], as
+ *                PyTorch) + gate_loss_weight * the sum over chunks of the gate loss
+ *
+ * Parameters, gradients and Adam's two moments are four arenas of the same layout, one
+ * contiguous 64-byte aligned array each, described by one table of named tensors; the activations
+ * the backward needs live in a fifth, sized for max_samples. Every dense product runs on the
+ * GEMM micro-kernels. Dropout masks and gate noise come from counter-based streams keyed by
+ * (seed, step, purpose, index), so they depend neither on the thread count nor on where a sample
+ * sits in memory.
+ *
+ * Tensors (dense weights are stored in x W layout, in x out; PyTorch's nn.Linear.weight is the
+ * transpose):
+ *   encoder.<m>.weight  P_m x dim           encoder.<m>.bias  dim
+ *   bank                (2^M - 1) x M x patches x dim
+ *   position            M * patches x dim
+ *   attention.norm.weight, attention.norm.bias       dim
+ *   attention.q.weight  dim x dim           attention.kv.weight  dim x 2 dim (K's columns, then V's)
+ *   attention.out.weight dim x dim          attention.out.bias   dim
+ *   moe.norm.weight, moe.norm.bias          dim
+ *   moe.gate.weight, moe.noise.weight       dim x experts
+ *   moe.w1  experts x dim x hidden (packed: fm_pack_weights)     moe.b1  experts x hidden
+ *   moe.w2  experts x hidden x dim (packed)                      moe.b2  experts x dim
+ *   head.weight         M * dim x classes   head.bias  classes
+ * Initialisation (fm_model_init) as the reference's PyTorch modules do it: nn.Linear's
+ * U(+-1/sqrt(in)) for the encoders, attention and head (weights and biases); the bank N(0, 1);
+ * position zero; LayerNorms 1 and 0; FastMoE's gate (kaiming_uniform on a dim x experts tensor,
+ * whose fan-in PyTorch takes as experts: U(+-1/sqrt(experts))) and experts (kaiming_uniform on
+ * the experts x out x in tensor: U(+-1/sqrt(out * in)), biases zero). */
+#define FLEXMOE_MODEL_MAX_MODALITIES 8
+#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 16)
+
+/* Zero is the reference's configuration, except the modalities, their features and the classes,
+ * which have no default. */
+typedef struct fm_model_desc {
+    int modalities;                              /* M: 1 .. FLEXMOE_MODEL_MAX_MODALITIES */
+    int features[FLEXMOE_MODEL_MAX_MODALITIES];  /* each modality's feature count, >= 1 */
+    int classes;                                 /* >= 2 */
+    int patches;                                 /* tokens per modality; 0: 16 */
+    int dim;                                     /* 0: 128 */
+    int heads;                                   /* dividing dim; 0: 4 */
+    int experts, top_k, hidden;                  /* 0: 16, 4, 2 * dim */
+    float dropout;                               /* 0: 0.5; negative: none; else < 1 */
+    float gate_loss_weight;                      /* 0: 0.01; negative: none */
+    int no_attention_residual;                   /* nonzero: the official code's attention */
+    float layernorm_eps;                         /* 0: 1e-5 */
+} fm_model_desc;
+
+/* One named tensor of the arenas: `floats` floats from `offset` (a multiple of 16), `packed`
+ * for the expert weights (fm_pack_weights' layout, with its padding; shape gives the plain
+ * experts x in x out). */
+typedef struct fm_tensor_info {
+    char name[32];
+    int rank, shape[4];
+    size_t offset, floats;
+    int packed;
+} fm_tensor_info;
+
+typedef struct fm__model_state fm__model_state;
+
+typedef struct fm_model {
+    fm_model_desc config;  /* the desc with every default filled in */
+    int max_samples;
+    size_t param_floats;   /* of each arena */
+    float *params, *grads, *adam_m, *adam_v;
+    int tensor_count;
+    fm_tensor_info tensors[FLEXMOE_MODEL_MAX_TENSORS];
+    fm__model_state *state; /* the activations and scratch; internal */
+} fm_model;
+
+/* One batch of samples. */
+typedef struct fm_model_batch {
+    int samples;                                       /* 1 .. max_samples */
+    const float *features[FLEXMOE_MODEL_MAX_MODALITIES]; /* samples x features[m], rows packed; a
+                                                          missing modality's row is not read (NULL
+                                                          when no sample has the modality) */
+    const uint8_t *observed;     /* samples x modalities, nonzero = observed; >= 1 per sample */
+    const int32_t *labels;       /* samples, in [0, classes); NULL: no loss, no backward */
+    const float *class_weights;  /* classes, finite and >= 0, not all zero; NULL: all 1 */
+    int training;                /* nonzero: dropout and the gate's noise */
+    uint64_t seed, step;         /* the streams of dropout and noise */
+} fm_model_batch;
+
+typedef struct fm_model_losses {
+    float loss;       /* task + gate_loss_weight * gate */
+    float task;       /* the (weighted) cross-entropy */
+    float gate;       /* the sum over chunks of the SMoE gate loss */
+} fm_model_losses;
+
+/* 2^modalities - 1 (0 outside 1 .. 30). */
+int fm_combination_count(int modalities);
+/* The combination index of an observed mask (bit m = modality m observed) in Flex-MoE's order:
+ * subsets by size, largest first, each size in lexicographic order of the modality positions; 0
+ * is all modalities. -1 for an empty mask, a bit past the modalities, or modalities outside
+ * 1 .. 30. */
+int fm_combination_index(int modalities, uint32_t mask);
+/* The inverse: the mask of an index in [0, 2^modalities - 1); 0 outside. */
+uint32_t fm_combination_mask(int modalities, int index);
+
+/* Creates a model for batches of up to max_samples: checks the desc (an error message through
+ * the logger names the field), fills model (every arena allocated, parameters zero until
+ * fm_model_init). fm_model_destroy frees it (and accepts a model whose create failed). */
+fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *model);
+void fm_model_destroy(fm_model *model);
+
+/* The parameters' initial values from a seed (above); Adam's moments zero. */
+fm_status fm_model_init(fm_model *model, uint64_t seed);
+
+/* The tensor of that name, or NULL. */
+const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name);
+
+/* The seed of the gate noise of a batch's chunk m: token t (sample t / patches, patch t % patches)
+ * and expert e draw fm_gate_noise(fm_model_noise_seed(batch, m), t, e). */
+uint64_t fm_model_noise_seed(const fm_model_batch *batch, int chunk);
+
+/* Forward: logits (samples x classes, optional) and, with labels, the losses (optional). The
+ * activations stay in the model for fm_model_backward of the same batch. */
+fm_status fm_model_forward(fm_model *model, const fm_model_batch *batch, float *logits, fm_model_losses *losses);
+
+/* Backward of the last forward (same batch, with labels): d(loss) for every parameter into
+ * model->grads (overwritten). */
+fm_status fm_model_backward(fm_model *model, const fm_model_batch *batch);
+
 #ifdef __cplusplus
 }
 #endif
@@ -786,7 +929,7 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 9. Status strings, allocator, logger ================================================= */
+/* ==== 10. Status strings, allocator, logger ================================================*/
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -900,7 +1043,7 @@ void fm_free(void *ptr) {
     block.allocator.free(block.raw, block.allocator.user_data);
 }
 
-/* ==== 10. Kernel table and scalar reference kernels ========================================= */
+/* ==== 11. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -1411,7 +1554,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gather_scale_dot,
 };
 
-/* ==== 11. ISA kernels and run-time selection ============================================= */
+/* ==== 12. ISA kernels and run-time selection ============================================= */
 
 #include "flexmoe_simd.h"
 
@@ -1558,7 +1701,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 12. Argument checking and public entry points ======================================= */
+/* ==== 13. Argument checking and public entry points ======================================= */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, each dimension
  * within FLEXMOE_MAX_DIM, extent addressable. */
@@ -3170,7 +3313,7 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
     return FM_OK;
 }
 
-/* ==== 13. The SMoE layer =================================================================== */
+/* ==== 14. The SMoE layer =================================================================== */
 
 /* The desc with its defaults filled in and checked. */
 typedef struct fm__moe_config {
@@ -3677,6 +3820,724 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
                                  with_noise ? v.d_noise : NULL, E, NULL, 0, 0, grads->w_gate,
                                  with_noise ? grads->w_noise : NULL);
         if (grads->w_noise && !with_noise) memset(grads->w_noise, 0, (size_t)D * E * sizeof(float));
+    }
+    return FM_OK;
+}
+
+/* ==== 15. The Flex-MoE model =============================================================== */
+
+int fm_combination_count(int modalities) {
+    return modalities >= 1 && modalities <= 30 ? (int)((1u << modalities) - 1u) : 0;
+}
+
+static int fm__popcount(uint32_t v) {
+    int n = 0;
+    for (; v; v &= v - 1) n++;
+    return n;
+}
+
+/* Masks of one size in lexicographic order of their sorted positions: the order of
+ * itertools.combinations(range(M), r). a < b in that order iff the lowest bit where they differ
+ * belongs to a. */
+static int fm__mask_before(uint32_t a, uint32_t b) {
+    const uint32_t differ = a ^ b;
+    return differ && (a & differ & (~differ + 1u)) != 0;
+}
+
+int fm_combination_index(int modalities, uint32_t mask) {
+    uint32_t other;
+    int index = 0, size;
+    if (!fm_combination_count(modalities) || mask == 0 || mask >> modalities) return -1;
+    size = fm__popcount(mask);
+    for (other = 1; other < (1u << modalities); other++) {
+        const int other_size = fm__popcount(other);
+        if (other_size > size || (other_size == size && fm__mask_before(other, mask))) index++;
+    }
+    return index;
+}
+
+uint32_t fm_combination_mask(int modalities, int index) {
+    uint32_t mask;
+    if (index < 0 || index >= fm_combination_count(modalities)) return 0;
+    for (mask = 1; mask < (1u << modalities); mask++)
+        if (fm_combination_index(modalities, mask) == index) return mask;
+    return 0;
+}
+
+/* The counter-based streams: one 64-bit hash of (seed, step, purpose, index). */
+enum { FM__STREAM_INIT = 1, FM__STREAM_DROPOUT_ATTENTION, FM__STREAM_DROPOUT_MOE, FM__STREAM_NOISE };
+
+static uint64_t fm__mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t fm__stream(uint64_t seed, uint64_t step, int purpose, uint64_t index) {
+    return fm__mix64(fm__mix64(fm__mix64(seed + 0x9E3779B97F4A7C15ull) ^ (step * 0xD1B54A32D192ED03ull + (uint64_t)purpose)) ^
+                     (index + 1) * 0x9E3779B97F4A7C15ull);
+}
+
+/* Uniform in [0, 1), 24 bits. */
+static float fm__stream_uniform(uint64_t seed, uint64_t step, int purpose, uint64_t index) {
+    return (float)(fm__stream(seed, step, purpose, index) >> 40) * 0x1p-24f;
+}
+
+uint64_t fm_model_noise_seed(const fm_model_batch *batch, int chunk) {
+    return batch ? fm__stream(batch->seed, batch->step, FM__STREAM_NOISE, (uint64_t)chunk) : 0;
+}
+
+/* The activations of one batch and the scratch of the backward, views into one block. */
+struct fm__model_state {
+    int samples, forward_done, tokens; /* tokens = M * patches per sample */
+    fm_moe_desc moe;
+    fm_moe_sizes moe_sizes;
+    float *x0, *ln1, *mean1, *rstd1, *q, *kv, *probs, *context, *attention, *x1;
+    float *chunk_in, *chunk_ln, *mean2, *rstd2, *chunk_out, *x2, *pooled, *logits_probs;
+    float *patches[FLEXMOE_MODEL_MAX_MODALITIES];
+    int32_t *combination, *token_combination;
+    unsigned char *moe_saved, *moe_workspace;
+    float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits, *d_moe, *d_norm;
+    float loss_weight_sum;
+};
+
+static const char *fm__model_field_error(const fm_model_desc *d) {
+    int m;
+    if (d->modalities < 1 || d->modalities > FLEXMOE_MODEL_MAX_MODALITIES) return "modalities must be 1 .. 8";
+    for (m = 0; m < d->modalities; m++)
+        if (d->features[m] < 1 || d->features[m] > (1 << 24)) return "every features[m] must be 1 .. 2^24";
+    if (d->classes < 2 || d->classes > (1 << 20)) return "classes must be 2 .. 2^20";
+    if (d->patches < 0 || d->patches > 4096) return "patches must be 0 (16) .. 4096";
+    if (d->dim < 0 || d->dim > 65536) return "dim must be 0 (128) .. 65536";
+    if (d->heads < 0 || (d->dim ? d->dim : 128) % (d->heads ? d->heads : 4) != 0) return "heads must divide dim";
+    if (d->experts < 0 || d->experts > FLEXMOE_GATE_MAX_EXPERTS) return "experts must be 0 (16) .. 1024";
+    if (d->top_k < 0 || d->top_k > FLEXMOE_GATE_MAX_TOP_K || (d->top_k ? d->top_k : 4) > (d->experts ? d->experts : 16))
+        return "top_k must be 0 (4) .. min(experts, 16)";
+    if (d->hidden < 0 || d->hidden > 1 << 20) return "hidden must be 0 (2 * dim) .. 2^20";
+    if (!(d->dropout < 1.0f)) return "dropout must be below 1 (negative: none)";
+    if (!(d->gate_loss_weight == d->gate_loss_weight) || d->gate_loss_weight > 1e30f) return "gate_loss_weight must be finite";
+    if (!(d->layernorm_eps >= 0.0f) || d->layernorm_eps > 1.0f) return "layernorm_eps must be 0 (1e-5) .. 1";
+    return NULL;
+}
+
+static fm_model_desc fm__model_config(const fm_model_desc *d) {
+    fm_model_desc c = *d;
+    if (!c.patches) c.patches = 16;
+    if (!c.dim) c.dim = 128;
+    if (!c.heads) c.heads = 4;
+    if (!c.experts) c.experts = 16;
+    if (!c.top_k) c.top_k = 4;
+    if (!c.hidden) c.hidden = 2 * c.dim;
+    if (c.dropout == 0.0f) c.dropout = 0.5f; /* a negative value (none) stays, so the config round-trips */
+    if (c.gate_loss_weight == 0.0f) c.gate_loss_weight = 0.01f;
+    if (c.layernorm_eps == 0.0f) c.layernorm_eps = 1e-5f;
+    return c;
+}
+
+static float fm__model_dropout(const fm_model_desc *c) { return c->dropout > 0.0f ? c->dropout : 0.0f; }
+static float fm__model_gate_weight(const fm_model_desc *c) { return c->gate_loss_weight > 0.0f ? c->gate_loss_weight : 0.0f; }
+
+static int fm__patch_width(const fm_model_desc *c, int m) { return (c->features[m] + c->patches - 1) / c->patches; }
+
+static void fm__model_add_tensor(fm_model *model, const char *name, int rank, const int *shape, int packed) {
+    fm_tensor_info *t = &model->tensors[model->tensor_count++];
+    size_t floats = 1;
+    int i;
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->rank = rank;
+    for (i = 0; i < 4; i++) t->shape[i] = i < rank ? shape[i] : 0;
+    for (i = 0; i < rank; i++) floats *= (size_t)shape[i];
+    if (packed) floats = (size_t)shape[0] * fm_packed_weight_floats(shape[1], shape[2]);
+    t->offset = model->param_floats;
+    t->floats = floats;
+    t->packed = packed;
+    model->param_floats += (floats + 15) / 16 * 16; /* every tensor on a 64-byte boundary */
+}
+
+static void fm__model_layout(fm_model *model) {
+    const fm_model_desc *c = &model->config;
+    const int M = c->modalities, P = c->patches, d = c->dim, E = c->experts, H = c->hidden;
+    char name[32];
+    int m;
+    for (m = 0; m < M; m++) {
+        const int w[2] = {fm__patch_width(c, m), d};
+        snprintf(name, sizeof name, "encoder.%d.weight", m);
+        fm__model_add_tensor(model, name, 2, w, 0);
+        snprintf(name, sizeof name, "encoder.%d.bias", m);
+        fm__model_add_tensor(model, name, 1, &d, 0);
+    }
+    {
+        const int bank[4] = {fm_combination_count(M), M, P, d}, position[2] = {M * P, d}, qw[2] = {d, d},
+                  kvw[2] = {d, 2 * d}, gate[2] = {d, E}, w1[3] = {E, d, H}, b1[2] = {E, H}, w2[3] = {E, H, d},
+                  b2[2] = {E, d}, head[2] = {M * d, c->classes};
+        fm__model_add_tensor(model, "bank", 4, bank, 0);
+        fm__model_add_tensor(model, "position", 2, position, 0);
+        fm__model_add_tensor(model, "attention.norm.weight", 1, &d, 0);
+        fm__model_add_tensor(model, "attention.norm.bias", 1, &d, 0);
+        fm__model_add_tensor(model, "attention.q.weight", 2, qw, 0);
+        fm__model_add_tensor(model, "attention.kv.weight", 2, kvw, 0);
+        fm__model_add_tensor(model, "attention.out.weight", 2, qw, 0);
+        fm__model_add_tensor(model, "attention.out.bias", 1, &d, 0);
+        fm__model_add_tensor(model, "moe.norm.weight", 1, &d, 0);
+        fm__model_add_tensor(model, "moe.norm.bias", 1, &d, 0);
+        /* the SMoE layer's tensors last and together: a chunk's gradients add up in one pass */
+        fm__model_add_tensor(model, "moe.gate.weight", 2, gate, 0);
+        fm__model_add_tensor(model, "moe.noise.weight", 2, gate, 0);
+        fm__model_add_tensor(model, "moe.w1", 3, w1, 1);
+        fm__model_add_tensor(model, "moe.b1", 2, b1, 0);
+        fm__model_add_tensor(model, "moe.w2", 3, w2, 1);
+        fm__model_add_tensor(model, "moe.b2", 2, b2, 0);
+        fm__model_add_tensor(model, "head.weight", 2, head, 0);
+        fm__model_add_tensor(model, "head.bias", 1, &c->classes, 0);
+    }
+}
+
+const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name) {
+    int i;
+    if (!model || !name) return NULL;
+    for (i = 0; i < model->tensor_count; i++)
+        if (strcmp(model->tensors[i].name, name) == 0) return &model->tensors[i];
+    return NULL;
+}
+
+static float *fm__model_param(const fm_model *model, float *arena, const char *name) {
+    return arena + fm_model_tensor(model, name)->offset;
+}
+
+/* The state's block: every view, 64-byte aligned, from one allocation (base NULL: only sizes). */
+static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_state *s, unsigned char *base) {
+    const fm_model_desc *c = &model->config;
+    const int M = c->modalities, N = M * c->patches, d = c->dim, heads = c->heads;
+    const size_t R = (size_t)S * N, chunk_rows = (size_t)S * c->patches;
+    size_t used = 0;
+    int m;
+#define FM__TAKE(ptr, count, type)                                                \
+    do {                                                                          \
+        (ptr) = base ? (type *)(void *)(base + used) : NULL;                      \
+        used += ((size_t)(count) * sizeof(type) + 63) / 64 * 64;                  \
+    } while (0)
+    FM__TAKE(s->x0, R * d, float);
+    FM__TAKE(s->ln1, R * d, float);
+    FM__TAKE(s->mean1, R, float);
+    FM__TAKE(s->rstd1, R, float);
+    FM__TAKE(s->q, R * d, float);
+    FM__TAKE(s->kv, R * 2 * d, float);
+    FM__TAKE(s->probs, (size_t)S * heads * N * N, float);
+    FM__TAKE(s->context, R * d, float);
+    FM__TAKE(s->attention, R * d, float);
+    FM__TAKE(s->x1, R * d, float);
+    FM__TAKE(s->chunk_in, R * d, float);
+    FM__TAKE(s->chunk_ln, R * d, float);
+    FM__TAKE(s->mean2, R, float);
+    FM__TAKE(s->rstd2, R, float);
+    FM__TAKE(s->chunk_out, R * d, float);
+    FM__TAKE(s->x2, R * d, float);
+    FM__TAKE(s->pooled, (size_t)S * M * d, float);
+    FM__TAKE(s->logits_probs, (size_t)S * c->classes, float);
+    for (m = 0; m < M; m++) FM__TAKE(s->patches[m], chunk_rows * fm__patch_width(c, m), float);
+    FM__TAKE(s->combination, S, int32_t);
+    FM__TAKE(s->token_combination, chunk_rows, int32_t);
+    FM__TAKE(s->moe_saved, (size_t)M * s->moe_sizes.saved_bytes, unsigned char);
+    FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
+    FM__TAKE(s->d_x, R * d, float);
+    FM__TAKE(s->d_tmp, R * d, float);
+    FM__TAKE(s->d_q, R * d, float);
+    FM__TAKE(s->d_kv, R * 2 * d, float);
+    FM__TAKE(s->d_probs, (size_t)N * N, float);
+    FM__TAKE(s->d_context, R * d, float);
+    FM__TAKE(s->d_chunk, chunk_rows * d, float);
+    FM__TAKE(s->d_pooled, (size_t)S * M * d, float);
+    FM__TAKE(s->d_logits, (size_t)S * c->classes, float);
+    FM__TAKE(s->d_norm, 2 * (size_t)d, float);
+    FM__TAKE(s->d_moe, model->param_floats - fm_model_tensor(model, "moe.gate.weight")->offset, float);
+#undef FM__TAKE
+    return used;
+}
+
+void fm_model_destroy(fm_model *model) {
+    if (!model) return;
+    fm_free(model->params);
+    fm_free(model->grads);
+    fm_free(model->adam_m);
+    fm_free(model->adam_v);
+    if (model->state) fm_free(model->state);
+    memset(model, 0, sizeof *model);
+}
+
+fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *model) {
+    const char *problem;
+    fm__model_state probe;
+    size_t state_bytes, arena_bytes;
+    fm_status status;
+    if (!model) return FM_ERR_NULL_POINTER;
+    memset(model, 0, sizeof *model);
+    if (!desc) return FM_ERR_NULL_POINTER;
+    if ((problem = fm__model_field_error(desc))) {
+        fm__log(FM_LOG_ERROR, "fm_model_create: %s", problem);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (max_samples < 1 || max_samples > (1 << 20)) {
+        fm__log(FM_LOG_ERROR, "fm_model_create: max_samples must be 1 .. 2^20 (got %d)", max_samples);
+        return FM_ERR_INVALID_SHAPE;
+    }
+    model->config = fm__model_config(desc);
+    model->max_samples = max_samples;
+    {
+        const fm_model_desc *c = &model->config;
+        const double rows = (double)max_samples * c->modalities * c->patches;
+        if (rows * c->dim * 4 > (double)FLEXMOE_MAX_DIM || rows * c->modalities * c->patches * c->heads > (double)FLEXMOE_MAX_DIM ||
+            (double)fm_combination_count(c->modalities) * c->modalities * c->patches * c->dim > (double)FLEXMOE_MAX_DIM) {
+            fm__log(FM_LOG_ERROR, "fm_model_create: %d samples of this configuration do not fit", max_samples);
+            return FM_ERR_OVERFLOW;
+        }
+    }
+    fm__model_layout(model);
+    memset(&probe, 0, sizeof probe);
+    memset(&probe.moe, 0, sizeof probe.moe);
+    probe.moe.dim = model->config.dim, probe.moe.hidden = model->config.hidden;
+    probe.moe.experts = model->config.experts, probe.moe.top_k = model->config.top_k;
+    if ((status = fm_moe_buffer_sizes(&probe.moe, max_samples * model->config.patches, &probe.moe_sizes)) != FM_OK)
+        return status;
+    state_bytes = sizeof(fm__model_state) + fm__model_state_layout(model, max_samples, &probe, NULL) + 64;
+    arena_bytes = model->param_floats * sizeof(float);
+    model->params = (float *)fm_alloc(arena_bytes);
+    model->grads = (float *)fm_alloc(arena_bytes);
+    model->adam_m = (float *)fm_alloc(arena_bytes);
+    model->adam_v = (float *)fm_alloc(arena_bytes);
+    model->state = (fm__model_state *)fm_alloc(state_bytes);
+    if (!model->params || !model->grads || !model->adam_m || !model->adam_v || !model->state) {
+        fm__log(FM_LOG_ERROR, "fm_model_create: out of memory (%zu bytes of arenas, %zu of activations)", 4 * arena_bytes,
+                state_bytes);
+        fm_model_destroy(model);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    memset(model->params, 0, arena_bytes);
+    memset(model->grads, 0, arena_bytes);
+    memset(model->adam_m, 0, arena_bytes);
+    memset(model->adam_v, 0, arena_bytes);
+    *model->state = probe;
+    fm__model_state_layout(model, max_samples, model->state,
+                           (unsigned char *)model->state + (sizeof(fm__model_state) + 63) / 64 * 64);
+    return FM_OK;
+}
+
+/* N(0, 1) from two uniforms of the stream (Box-Muller). */
+static float fm__stream_normal(uint64_t seed, int purpose, uint64_t index) {
+    const uint64_t h = fm__stream(seed, 0, purpose, index);
+    const double u1 = ((double)(h >> 40) + 0.5) * 0x1p-24, u2 = (double)((h >> 16) & 0xFFFFFFu) * 0x1p-24;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+fm_status fm_model_init(fm_model *model, uint64_t seed) {
+    const fm_model_desc *c;
+    int i;
+    if (!model || !model->params) return FM_ERR_NULL_POINTER;
+    c = &model->config;
+    memset(model->params, 0, model->param_floats * sizeof(float));
+    memset(model->adam_m, 0, model->param_floats * sizeof(float));
+    memset(model->adam_v, 0, model->param_floats * sizeof(float));
+    for (i = 0; i < model->tensor_count; i++) {
+        const fm_tensor_info *t = &model->tensors[i];
+        float *p = model->params + t->offset;
+        const char *n = t->name;
+        const size_t count = t->packed ? (size_t)t->shape[0] * t->shape[1] * t->shape[2] : t->floats;
+        const uint64_t stream = seed + 0x100000000ull * (uint64_t)i; /* one stream per tensor */
+        float bound = 0.0f;
+        size_t j;
+        if (strcmp(n, "bank") == 0) {
+            for (j = 0; j < count; j++) p[j] = fm__stream_normal(stream, FM__STREAM_INIT, j);
+            continue;
+        }
+        if (strstr(n, ".norm.weight")) {
+            for (j = 0; j < count; j++) p[j] = 1.0f;
+            continue;
+        }
+        if (strcmp(n, "position") == 0 || strstr(n, ".norm.bias") || strcmp(n, "moe.b1") == 0 || strcmp(n, "moe.b2") == 0)
+            continue;
+        if (strcmp(n, "moe.gate.weight") == 0 || strcmp(n, "moe.noise.weight") == 0) bound = 1.0f / sqrtf((float)c->experts);
+        else if (t->packed) bound = 1.0f / sqrtf((float)t->shape[1] * (float)t->shape[2]);
+        else if (strstr(n, ".bias")) bound = 1.0f / sqrtf((float)model->tensors[i - 1].shape[0]); /* its weight's fan-in */
+        else bound = 1.0f / sqrtf((float)t->shape[0]);
+        if (t->packed) { /* drawn in the plain layout, then packed, so the values do not depend on the packing */
+            float *plain = model->grads; /* scratch: the gradients are overwritten by every backward */
+            for (j = 0; j < count; j++) plain[j] = (2.0f * fm__stream_uniform(stream, 0, FM__STREAM_INIT, j) - 1.0f) * bound;
+            fm_pack_weights(t->shape[0], t->shape[1], t->shape[2], FM_WEIGHTS_IN_BY_OUT, plain, t->shape[2], p);
+            memset(plain, 0, count * sizeof(float));
+        } else {
+            for (j = 0; j < count; j++) p[j] = (2.0f * fm__stream_uniform(stream, 0, FM__STREAM_INIT, j) - 1.0f) * bound;
+        }
+    }
+    return FM_OK;
+}
+
+/* y (rows x out, ldy) (+)= x . W (+ bias), W plain in x out. */
+static void fm__linear_forward(const fm__kernel_table *kernels, int rows, int in, int out, const float *x, int ldx,
+                               const float *w, const float *bias, int accumulate, float *y, int ldy) {
+    int r;
+    fm__gemm_strided(kernels, rows, in, out, x, ldx, 1, w, out, 1, accumulate, y, ldy);
+    if (bias)
+        for (r = 0; r < rows; r++) kernels->axpy(out, 1.0f, bias, y + (size_t)r * ldy);
+}
+
+/* Its backward: dx (+)= dy . W^T (dx optional), dW (+)= x^T dy, db (+)= column sums of dy (each
+ * optional). */
+static void fm__linear_backward(const fm__kernel_table *kernels, int rows, int in, int out, const float *x, int ldx,
+                                const float *w, const float *dy, int lddy, float *dx, int lddx, int accumulate_dx,
+                                float *dw, float *db, int accumulate_dw) {
+    int r;
+    if (dx) fm__gemm_strided(kernels, rows, out, in, dy, lddy, 1, w, 1, out, accumulate_dx, dx, lddx);
+    if (dw) fm__gemm_strided(kernels, in, rows, out, x, 1, ldx, dy, lddy, 1, accumulate_dw, dw, out);
+    if (db) {
+        if (!accumulate_dw) memset(db, 0, (size_t)out * sizeof(float));
+        for (r = 0; r < rows; r++) kernels->axpy(out, 1.0f, dy + (size_t)r * lddy, db);
+    }
+}
+
+/* Inverted dropout of n floats in place (the same mask for the values and their gradients):
+ * keep with probability 1 - p, scaled by 1 / (1 - p); index0 numbers the floats in the stream. */
+static void fm__dropout(const fm_model_batch *b, int purpose, float p, uint64_t index0, int n, float *v) {
+    const float scale = 1.0f / (1.0f - p);
+    int i;
+    for (i = 0; i < n; i++)
+        v[i] = fm__stream_uniform(b->seed, b->step, purpose, index0 + (uint64_t)i) < p ? 0.0f : v[i] * scale;
+}
+
+static fm_status fm__model_check_batch(const char *caller, const fm_model *model, const fm_model_batch *b) {
+    const fm_model_desc *c;
+    int s, m;
+    if (!model || !b) return FM_ERR_NULL_POINTER;
+    if (!model->state) {
+        fm__log(FM_LOG_ERROR, "%s: the model was not created (fm_model_create)", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    c = &model->config;
+    if (b->samples < 1 || b->samples > model->max_samples) {
+        fm__log(FM_LOG_ERROR, "%s: samples must be 1 .. %d (the model's max_samples), got %d", caller, model->max_samples,
+                b->samples);
+        return FM_ERR_INVALID_SHAPE;
+    }
+    if (!b->observed) return FM_ERR_NULL_POINTER;
+    for (s = 0; s < b->samples; s++) {
+        int any = 0;
+        for (m = 0; m < c->modalities; m++)
+            if (b->observed[(size_t)s * c->modalities + m]) {
+                any = 1;
+                if (!b->features[m]) {
+                    fm__log(FM_LOG_ERROR, "%s: sample %d observes modality %d, whose features are NULL", caller, s, m);
+                    return FM_ERR_NULL_POINTER;
+                }
+            }
+        if (!any) {
+            fm__log(FM_LOG_ERROR, "%s: sample %d observes no modality", caller, s);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        if (b->labels && (b->labels[s] < 0 || b->labels[s] >= c->classes)) {
+            fm__log(FM_LOG_ERROR, "%s: label %d of sample %d is outside [0, %d)", caller, b->labels[s], s, c->classes);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    if (b->class_weights) {
+        double sum = 0.0;
+        for (s = 0; s < c->classes; s++) {
+            if (!(b->class_weights[s] >= 0.0f) || b->class_weights[s] > 3e38f) {
+                fm__log(FM_LOG_ERROR, "%s: class weight %d must be finite and >= 0", caller, s);
+                return FM_ERR_INVALID_ARGUMENT;
+            }
+            sum += b->class_weights[s];
+        }
+        if (!(sum > 0.0)) {
+            fm__log(FM_LOG_ERROR, "%s: the class weights are all zero", caller);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    return FM_OK;
+}
+
+static fm_moe_params fm__model_moe_params(const fm_model *model, float *arena) {
+    fm_moe_params p;
+    memset(&p, 0, sizeof p);
+    p.w_gate = fm__model_param(model, arena, "moe.gate.weight");
+    p.w_noise = fm__model_param(model, arena, "moe.noise.weight");
+    p.w1 = fm__model_param(model, arena, "moe.w1");
+    p.b1 = fm__model_param(model, arena, "moe.b1");
+    p.w2 = fm__model_param(model, arena, "moe.w2");
+    p.b2 = fm__model_param(model, arena, "moe.b2");
+    return p;
+}
+
+static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_batch *b, int chunk) {
+    const fm__model_state *s = model->state;
+    fm_moe_batch mb;
+    memset(&mb, 0, sizeof mb);
+    mb.tokens = b->samples * model->config.patches;
+    mb.x = s->chunk_ln + (size_t)chunk * mb.tokens * model->config.dim;
+    mb.combination = s->token_combination;
+    mb.training = b->training;
+    mb.seed = fm_model_noise_seed(b, chunk);
+    return mb;
+}
+
+fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logits, fm_model_losses *losses) {
+    static const char caller[] = "fm_model_forward";
+    const fm__kernel_table *kernels;
+    fm__model_state *s;
+    const fm_model_desc *c;
+    fm_status status;
+    int S, M, P, N, d, heads, dh, C, i, m, h, j;
+    size_t R;
+    float scale;
+    double task = 0.0, gate = 0.0, weight_sum = 0.0;
+    if ((status = fm__model_check_batch(caller, model, b)) != FM_OK) return status;
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    s = model->state, c = &model->config;
+    S = b->samples, M = c->modalities, P = c->patches, N = M * P, d = c->dim, heads = c->heads, dh = d / heads;
+    C = c->classes, R = (size_t)S * N, scale = 1.0f / sqrtf((float)dh);
+    s->forward_done = 0;
+    s->samples = S, s->tokens = N;
+    for (i = 0; i < S; i++) {
+        uint32_t mask = 0;
+        for (m = 0; m < M; m++)
+            if (b->observed[(size_t)i * M + m]) mask |= 1u << m;
+        s->combination[i] = fm_combination_index(M, mask);
+        for (j = 0; j < P; j++) s->token_combination[(size_t)i * P + j] = s->combination[i];
+    }
+    /* tokens: encoders for the observed modalities, the bank for the missing ones; + position */
+    {
+        const float *bank = fm__model_param(model, model->params, "bank");
+        const float *position = fm__model_param(model, model->params, "position");
+        for (m = 0; m < M; m++) {
+            char name[32];
+            const int width = fm__patch_width(c, m), F = c->features[m];
+            const float *w, *bias;
+            snprintf(name, sizeof name, "encoder.%d.weight", m);
+            w = fm__model_param(model, model->params, name);
+            snprintf(name, sizeof name, "encoder.%d.bias", m);
+            bias = fm__model_param(model, model->params, name);
+            for (i = 0; i < S; i++) {
+                float *tokens = s->x0 + ((size_t)i * N + (size_t)m * P) * d;
+                float *patch = s->patches[m] + (size_t)i * P * width;
+                if (b->observed[(size_t)i * M + m]) {
+                    memset(patch, 0, (size_t)P * width * sizeof(float));
+                    memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
+                    fm__linear_forward(kernels, P, width, d, patch, width, w, bias, 0, tokens, d);
+                } else {
+                    memcpy(tokens, bank + (((size_t)s->combination[i] * M + m) * P) * d, (size_t)P * d * sizeof(float));
+                }
+            }
+        }
+        for (i = 0; i < S; i++) kernels->axpy(N * d, 1.0f, position, s->x0 + (size_t)i * N * d);
+    }
+    /* attention */
+    if ((status = fm_layernorm_forward((int)R, d, s->x0, d, fm__model_param(model, model->params, "attention.norm.weight"),
+                                       fm__model_param(model, model->params, "attention.norm.bias"), c->layernorm_eps, s->ln1,
+                                       d, s->mean1, s->rstd1)) != FM_OK)
+        return status;
+    fm__linear_forward(kernels, (int)R, d, d, s->ln1, d, fm__model_param(model, model->params, "attention.q.weight"), NULL, 0,
+                       s->q, d);
+    fm__linear_forward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),
+                       NULL, 0, s->kv, 2 * d);
+    for (i = 0; i < S; i++)
+        for (h = 0; h < heads; h++) {
+            const float *q = s->q + (size_t)i * N * d + h * dh, *k = s->kv + (size_t)i * N * 2 * d + h * dh;
+            float *probs = s->probs + ((size_t)i * heads + h) * N * N;
+            fm__gemm_strided(kernels, N, dh, N, q, d, 1, k, 1, 2 * d, 0, probs, N);
+            for (j = 0; j < N * N; j++) probs[j] *= scale;
+            if ((status = fm_softmax_forward(N, N, probs, N, probs, N)) != FM_OK) return status;
+            fm__gemm_strided(kernels, N, N, dh, probs, N, 1, k + d, 2 * d, 1, 0, s->context + (size_t)i * N * d + h * dh, d);
+        }
+    fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
+                       fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
+    memcpy(s->x1, s->attention, R * d * sizeof(float));
+    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), 0, (int)(R * d), s->x1);
+    if (!c->no_attention_residual) kernels->axpy((int)(R * d), 1.0f, s->x0, s->x1);
+    /* the SMoE per modality chunk, on the chunk's rows gathered (sample-major) */
+    {
+        const fm_moe_params mp = fm__model_moe_params(model, model->params);
+        const size_t chunk_rows = (size_t)S * P;
+        memcpy(s->x2, s->x1, R * d * sizeof(float));
+        for (m = 0; m < M; m++) {
+            float *in = s->chunk_in + m * chunk_rows * d, *ln = s->chunk_ln + m * chunk_rows * d;
+            float *out = s->chunk_out + m * chunk_rows * d;
+            const fm_moe_batch mb = fm__model_moe_batch(model, b, m);
+            fm_moe_stats stats;
+            memset(&stats, 0, sizeof stats);
+            for (i = 0; i < S; i++)
+                memcpy(in + (size_t)i * P * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d, (size_t)P * d * sizeof(float));
+            if ((status = fm_layernorm_forward((int)chunk_rows, d, in, d, fm__model_param(model, model->params, "moe.norm.weight"),
+                                               fm__model_param(model, model->params, "moe.norm.bias"), c->layernorm_eps, ln, d,
+                                               s->mean2 + m * chunk_rows, s->rstd2 + m * chunk_rows)) != FM_OK)
+                return status;
+            if ((status = fm_moe_forward(&s->moe, &mp, &mb, out, d, s->moe_saved + (size_t)m * s->moe_sizes.saved_bytes,
+                                         s->moe_workspace, &stats)) != FM_OK)
+                return status;
+            gate += stats.gate_loss;
+            if (b->training && fm__model_dropout(c) > 0.0f)
+                fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (uint64_t)m * chunk_rows * d, (int)(chunk_rows * d), out);
+            for (i = 0; i < S; i++)
+                kernels->axpy(P * d, 1.0f, out + (size_t)i * P * d, s->x2 + ((size_t)i * N + (size_t)m * P) * d);
+        }
+    }
+    /* head and loss */
+    for (i = 0; i < S; i++)
+        for (m = 0; m < M; m++) {
+            float *pooled = s->pooled + ((size_t)i * M + m) * d;
+            memset(pooled, 0, (size_t)d * sizeof(float));
+            for (j = 0; j < P; j++) kernels->axpy(d, 1.0f / (float)P, s->x2 + ((size_t)i * N + (size_t)m * P + j) * d, pooled);
+        }
+    fm__linear_forward(kernels, S, M * d, C, s->pooled, M * d, fm__model_param(model, model->params, "head.weight"),
+                       fm__model_param(model, model->params, "head.bias"), 0, s->logits_probs, C);
+    if (logits)
+        for (i = 0; i < S; i++) memcpy(logits + (size_t)i * C, s->logits_probs + (size_t)i * C, (size_t)C * sizeof(float));
+    if ((status = fm_softmax_forward(S, C, s->logits_probs, C, s->logits_probs, C)) != FM_OK) return status;
+    if (b->labels) {
+        for (i = 0; i < S; i++) {
+            const double w = b->class_weights ? b->class_weights[b->labels[i]] : 1.0;
+            task -= w * log((double)s->logits_probs[(size_t)i * C + b->labels[i]]);
+            weight_sum += w;
+        }
+        task = weight_sum > 0.0 ? task / weight_sum : 0.0;
+        s->loss_weight_sum = (float)weight_sum;
+        s->forward_done = 1;
+    }
+    if (losses) {
+        losses->task = (float)task;
+        losses->gate = (float)gate;
+        losses->loss = (float)(task + fm__model_gate_weight(c) * gate);
+    }
+    return FM_OK;
+}
+
+fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
+    static const char caller[] = "fm_model_backward";
+    const fm__kernel_table *kernels;
+    fm__model_state *s;
+    const fm_model_desc *c;
+    fm_status status;
+    int S, M, P, N, d, heads, dh, C, i, m, h, j;
+    size_t R, chunk_rows;
+    float *g, scale;
+    if ((status = fm__model_check_batch(caller, model, b)) != FM_OK) return status;
+    s = model->state, c = &model->config;
+    if (!b->labels || !s->forward_done || s->samples != b->samples) {
+        fm__log(FM_LOG_ERROR, "%s: needs the forward of this batch, with labels, first", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    S = b->samples, M = c->modalities, P = c->patches, N = M * P, d = c->dim, heads = c->heads, dh = d / heads;
+    C = c->classes, R = (size_t)S * N, chunk_rows = (size_t)S * P, scale = 1.0f / sqrtf((float)dh);
+    g = model->grads;
+    /* loss -> logits -> head */
+    for (i = 0; i < S; i++) {
+        const float w = (b->class_weights ? b->class_weights[b->labels[i]] : 1.0f) / s->loss_weight_sum;
+        for (j = 0; j < C; j++)
+            s->d_logits[(size_t)i * C + j] = w * (s->logits_probs[(size_t)i * C + j] - (j == b->labels[i] ? 1.0f : 0.0f));
+    }
+    fm__linear_backward(kernels, S, M * d, C, s->pooled, M * d, fm__model_param(model, model->params, "head.weight"),
+                        s->d_logits, C, s->d_pooled, M * d, 0, fm__model_param(model, g, "head.weight"),
+                        fm__model_param(model, g, "head.bias"), 0);
+    /* mean pool -> x2 (the residual stream after the SMoE chunks) */
+    for (i = 0; i < S; i++)
+        for (m = 0; m < M; m++)
+            for (j = 0; j < P; j++) {
+                float *dx = s->d_x + ((size_t)i * N + (size_t)m * P + j) * d;
+                const float *dp = s->d_pooled + ((size_t)i * M + m) * d;
+                int k;
+                for (k = 0; k < d; k++) dx[k] = dp[k] / (float)P;
+            }
+    /* the SMoE chunks: d_x stays the residual's gradient; each chunk adds its branch's */
+    {
+        const fm_moe_params mp = fm__model_moe_params(model, model->params);
+        fm_moe_grads mg;
+        fm_moe_loss_weights weights;
+        const size_t moe_offset = fm_model_tensor(model, "moe.gate.weight")->offset, moe_floats = model->param_floats - moe_offset;
+        float *norm_w = fm__model_param(model, g, "moe.norm.weight"), *norm_b = fm__model_param(model, g, "moe.norm.bias");
+        memset(&weights, 0, sizeof weights);
+        weights.gate = fm__model_gate_weight(c);
+        memset(norm_w, 0, (size_t)d * sizeof(float));
+        memset(norm_b, 0, (size_t)d * sizeof(float));
+        for (m = 0; m < M; m++) {
+            const fm_moe_batch mb = fm__model_moe_batch(model, b, m);
+            float *target = m == 0 ? g + moe_offset : s->d_moe;
+            const fm_moe_params tp = fm__model_moe_params(model, target - moe_offset);
+            memset(&mg, 0, sizeof mg);
+            mg.w_gate = (float *)tp.w_gate, mg.w_noise = (float *)tp.w_noise, mg.w1 = (float *)tp.w1;
+            mg.b1 = (float *)tp.b1, mg.w2 = (float *)tp.w2, mg.b2 = (float *)tp.b2;
+            for (i = 0; i < S; i++)
+                memcpy(s->d_chunk + (size_t)i * P * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d, (size_t)P * d * sizeof(float));
+            if (b->training && fm__model_dropout(c) > 0.0f)
+                fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (uint64_t)m * chunk_rows * d, (int)(chunk_rows * d), s->d_chunk);
+            if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved + (size_t)m * s->moe_sizes.saved_bytes, s->d_chunk, d,
+                                          &weights, s->d_tmp, d, &mg, s->moe_workspace)) != FM_OK)
+                return status;
+            if (m > 0) kernels->axpy((int)moe_floats, 1.0f, s->d_moe, g + moe_offset);
+            if ((status = fm_layernorm_backward((int)chunk_rows, d, s->chunk_in + m * chunk_rows * d, d,
+                                                fm__model_param(model, model->params, "moe.norm.weight"), s->mean2 + m * chunk_rows,
+                                                s->rstd2 + m * chunk_rows, s->d_tmp, d, s->d_tmp, d, s->d_norm, s->d_norm + d)) != FM_OK)
+                return status;
+            kernels->axpy(d, 1.0f, s->d_norm, norm_w);
+            kernels->axpy(d, 1.0f, s->d_norm + d, norm_b);
+            for (i = 0; i < S; i++)
+                kernels->axpy(P * d, 1.0f, s->d_tmp + (size_t)i * P * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d);
+        }
+    }
+    /* attention: d_x is now d x1; the branch's gradient goes to d_tmp */
+    memcpy(s->d_tmp, s->d_x, R * d * sizeof(float));
+    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), 0, (int)(R * d), s->d_tmp);
+    if (c->no_attention_residual) memset(s->d_x, 0, R * d * sizeof(float));
+    fm__linear_backward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
+                        s->d_tmp, d, s->d_context, d, 0, fm__model_param(model, g, "attention.out.weight"),
+                        fm__model_param(model, g, "attention.out.bias"), 0);
+    for (i = 0; i < S; i++)
+        for (h = 0; h < heads; h++) {
+            const size_t row0 = (size_t)i * N;
+            const float *q = s->q + row0 * d + h * dh, *k = s->kv + row0 * 2 * d + h * dh, *v = k + d;
+            const float *probs = s->probs + ((size_t)i * heads + h) * N * N, *dctx = s->d_context + row0 * d + h * dh;
+            float *dq = s->d_q + row0 * d + h * dh, *dk = s->d_kv + row0 * 2 * d + h * dh, *dv = dk + d;
+            fm__gemm_strided(kernels, N, dh, N, dctx, d, 1, v, 1, 2 * d, 0, s->d_probs, N);
+            fm__gemm_strided(kernels, N, N, dh, probs, 1, N, dctx, d, 1, 0, dv, 2 * d);
+            if ((status = fm_softmax_backward(N, N, probs, N, s->d_probs, N, s->d_probs, N)) != FM_OK) return status;
+            for (j = 0; j < N * N; j++) s->d_probs[j] *= scale;
+            fm__gemm_strided(kernels, N, N, dh, s->d_probs, N, 1, k, 2 * d, 1, 0, dq, d);
+            fm__gemm_strided(kernels, N, N, dh, s->d_probs, 1, N, q, d, 1, 0, dk, 2 * d);
+        }
+    fm__linear_backward(kernels, (int)R, d, d, s->ln1, d, fm__model_param(model, model->params, "attention.q.weight"), s->d_q, d,
+                        s->d_tmp, d, 0, fm__model_param(model, g, "attention.q.weight"), NULL, 0);
+    fm__linear_backward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),
+                        s->d_kv, 2 * d, s->d_tmp, d, 1, fm__model_param(model, g, "attention.kv.weight"), NULL, 0);
+    if ((status = fm_layernorm_backward((int)R, d, s->x0, d, fm__model_param(model, model->params, "attention.norm.weight"),
+                                        s->mean1, s->rstd1, s->d_tmp, d, s->d_tmp, d,
+                                        fm__model_param(model, g, "attention.norm.weight"),
+                                        fm__model_param(model, g, "attention.norm.bias"))) != FM_OK)
+        return status;
+    kernels->axpy((int)(R * d), 1.0f, s->d_tmp, s->d_x);
+    /* d_x is d x0: position, bank, encoders */
+    {
+        float *dpos = fm__model_param(model, g, "position"), *dbank = fm__model_param(model, g, "bank");
+        memcpy(dpos, s->d_x, (size_t)N * d * sizeof(float));
+        for (i = 1; i < S; i++) kernels->axpy(N * d, 1.0f, s->d_x + (size_t)i * N * d, dpos);
+        memset(dbank, 0, fm_model_tensor(model, "bank")->floats * sizeof(float));
+        for (m = 0; m < M; m++) {
+            char name[32];
+            const int width = fm__patch_width(c, m);
+            float *dw, *db;
+            int first = 1;
+            snprintf(name, sizeof name, "encoder.%d.weight", m);
+            dw = fm__model_param(model, g, name);
+            snprintf(name, sizeof name, "encoder.%d.bias", m);
+            db = fm__model_param(model, g, name);
+            memset(dw, 0, (size_t)width * d * sizeof(float));
+            memset(db, 0, (size_t)d * sizeof(float));
+            for (i = 0; i < S; i++) {
+                const float *dtokens = s->d_x + ((size_t)i * N + (size_t)m * P) * d;
+                if (b->observed[(size_t)i * M + m]) {
+                    fm__linear_backward(kernels, P, width, d, s->patches[m] + (size_t)i * P * width, width, NULL, dtokens, d,
+                                        NULL, 0, 0, dw, db, !first);
+                    first = 0;
+                } else {
+                    kernels->axpy(P * d, 1.0f, dtokens, dbank + (((size_t)s->combination[i] * M + m) * P) * d);
+                }
+            }
+        }
     }
     return FM_OK;
 }

@@ -1,0 +1,496 @@
+/* The Flex-MoE model (fm_model_*) against its PyTorch reference, llm.c's check against a
+ * PyTorch debug state: this program writes a model's parameters and a batch into a safetensors
+ * file, tests/model_reference.py (Debian's python3-torch) runs the same model in float64 with
+ * dropout off and the same gate noise, and every path's logits, losses and every parameter
+ * gradient must agree within 1e-4 of each tensor's largest value. The reference checks its own
+ * gradients against central differences in double (its --selftest, also run here), so the
+ * model's backward is checked against finite differences of the double-precision model too.
+ * Also: the combination order, the tensor table, the arenas, initialisation and the errors.
+ *
+ * The configurations and batches come from fixed seeds (FLEXMOE_TEST_SEED changes them): a
+ * float32 forward and the float64 reference could choose different experts where two noisy
+ * logits are within rounding of each other, and a fixed batch makes such a near-tie either
+ * always or never happen (it does not, for these). */
+#include "fm_test.h"
+
+#include <sys/wait.h>
+
+#ifndef FM_TEST_SOURCE_ROOT
+#define FM_TEST_SOURCE_ROOT "."
+#endif
+
+/* Relative to the largest value of each compared tensor (the acceptance criterion). */
+#define MODEL_TOLERANCE 1e-4
+
+/* ---- a minimal safetensors writer and reader (the test's own, independent of the library) ---- */
+
+typedef struct st_tensor {
+    const char *name, *dtype; /* "F32" or "I32" */
+    int rank, shape[4];
+    const void *data;
+} st_tensor;
+
+static size_t st_bytes(const st_tensor *t) {
+    size_t n = 4;
+    int i;
+    for (i = 0; i < t->rank; i++) n *= (size_t)t->shape[i];
+    return n;
+}
+
+static int st_write(const char *path, const st_tensor *tensors, int count, const char *config_json) {
+    char *header = (char *)malloc(1 << 20), *escaped = (char *)malloc(2 * strlen(config_json) + 1);
+    size_t used = 0, offset = 0, length, i;
+    uint64_t n;
+    FILE *f;
+    int t, k;
+    for (i = 0, k = 0; config_json[i]; i++) {
+        if (config_json[i] == '"' || config_json[i] == '\\') escaped[k++] = '\\';
+        escaped[k++] = config_json[i];
+    }
+    escaped[k] = 0;
+    used += (size_t)sprintf(header + used, "{\"__metadata__\":{\"config\":\"%s\"}", escaped);
+    for (t = 0; t < count; t++) {
+        used += (size_t)sprintf(header + used, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", tensors[t].name, tensors[t].dtype);
+        for (k = 0; k < tensors[t].rank; k++) used += (size_t)sprintf(header + used, "%s%d", k ? "," : "", tensors[t].shape[k]);
+        used += (size_t)sprintf(header + used, "],\"data_offsets\":[%zu,%zu]}", offset, offset + st_bytes(&tensors[t]));
+        offset += st_bytes(&tensors[t]);
+    }
+    header[used++] = '}';
+    while (used % 8) header[used++] = ' ';
+    length = used;
+    n = (uint64_t)length;
+    if (!(f = fopen(path, "wb"))) return 0;
+    fwrite(&n, 8, 1, f); /* little-endian: the test runs on x86-64 and aarch64 */
+    fwrite(header, 1, length, f);
+    for (t = 0; t < count; t++) fwrite(tensors[t].data, 1, st_bytes(&tensors[t]), f);
+    free(header);
+    free(escaped);
+    return fclose(f) == 0;
+}
+
+typedef struct st_file {
+    char *header;
+    unsigned char *data;
+    size_t data_bytes;
+} st_file;
+
+static int st_read(const char *path, st_file *file) {
+    FILE *f = fopen(path, "rb");
+    uint64_t n = 0;
+    long end;
+    memset(file, 0, sizeof *file);
+    if (!f) return 0;
+    if (fread(&n, 8, 1, f) != 1 || n > (1u << 26) || fseek(f, 0, SEEK_END) != 0 || (end = ftell(f)) < (long)(8 + n)) {
+        fclose(f);
+        return 0;
+    }
+    file->header = (char *)calloc(n + 1, 1);
+    file->data_bytes = (size_t)end - 8 - n;
+    file->data = (unsigned char *)malloc(file->data_bytes + 1);
+    fseek(f, 8, SEEK_SET);
+    if (fread(file->header, 1, n, f) != n || fread(file->data, 1, file->data_bytes, f) != file->data_bytes) {
+        fclose(f);
+        return 0;
+    }
+    fclose(f);
+    return 1;
+}
+
+/* The named tensor as doubles (F64 or F32), its element count in *count; NULL if absent. */
+static double *st_get(const st_file *file, const char *name, size_t *count) {
+    char key[96];
+    const char *at, *dtype, *offsets;
+    size_t begin, end, i, width;
+    double *values;
+    snprintf(key, sizeof key, "\"%s\":", name);
+    if (!(at = strstr(file->header, key)) || !(dtype = strstr(at, "\"dtype\"")) || !(offsets = strstr(at, "\"data_offsets\"")))
+        return NULL;
+    if (sscanf(offsets, "\"data_offsets\": [%zu, %zu]", &begin, &end) != 2 &&
+        sscanf(offsets, "\"data_offsets\":[%zu,%zu]", &begin, &end) != 2)
+        return NULL;
+    dtype += strlen("\"dtype\"");
+    while (*dtype == ':' || *dtype == ' ' || *dtype == '"') dtype++;
+    if (strncmp(dtype, "F64", 3) && strncmp(dtype, "F32", 3)) return NULL;
+    width = strncmp(dtype, "F64", 3) == 0 ? 8 : 4;
+    if (end > file->data_bytes || end < begin || (end - begin) % width) return NULL;
+    *count = (end - begin) / width;
+    values = (double *)malloc((*count ? *count : 1) * sizeof(double));
+    for (i = 0; i < *count; i++) {
+        if (width == 8) memcpy(&values[i], file->data + begin + 8 * i, 8);
+        else {
+            float f;
+            memcpy(&f, file->data + begin + 4 * i, 4);
+            values[i] = f;
+        }
+    }
+    return values;
+}
+
+/* ---- the cases ----------------------------------------------------------------------------- */
+
+typedef struct model_case {
+    const char *name;
+    fm_model_desc desc;
+    int samples, training, class_weights;
+} model_case;
+
+typedef struct batch_data {
+    float *features[FLEXMOE_MODEL_MAX_MODALITIES], *class_weights, *noise;
+    uint8_t *observed;
+    int32_t *observed32, *labels, *combination;
+    fm_model_batch batch;
+} batch_data;
+
+static void new_batch(const fm_model *model, const model_case *mc, batch_data *bd) {
+    const fm_model_desc *c = &model->config;
+    const int S = mc->samples, M = c->modalities, T = S * c->patches;
+    int s, m, t, e;
+    memset(bd, 0, sizeof *bd);
+    bd->observed = (uint8_t *)malloc((size_t)S * M);
+    bd->observed32 = (int32_t *)malloc((size_t)S * M * sizeof(int32_t));
+    bd->labels = (int32_t *)malloc((size_t)S * sizeof(int32_t));
+    bd->combination = (int32_t *)malloc((size_t)S * sizeof(int32_t));
+    for (s = 0; s < S; s++) {
+        uint32_t mask = s == 0 ? (1u << M) - 1 : 0; /* one full sample, the others random non-empty */
+        while (!mask) mask = (uint32_t)fm_test_next() & ((1u << M) - 1);
+        for (m = 0; m < M; m++) bd->observed[(size_t)s * M + m] = (uint8_t)((mask >> m) & 1u);
+        for (m = 0; m < M; m++) bd->observed32[(size_t)s * M + m] = (mask >> m) & 1u;
+        bd->labels[s] = fm_test_int(0, c->classes - 1);
+        bd->combination[s] = fm_combination_index(M, mask);
+    }
+    for (m = 0; m < M; m++) {
+        const size_t n = (size_t)S * c->features[m];
+        size_t i;
+        bd->features[m] = (float *)malloc(n * sizeof(float));
+        for (i = 0; i < n; i++) bd->features[m][i] = (float)fm_test_normal();
+        for (s = 0; s < S; s++) /* a missing modality's row is never read: poison it */
+            if (!bd->observed[(size_t)s * M + m])
+                for (i = 0; i < (size_t)c->features[m]; i++) bd->features[m][(size_t)s * c->features[m] + i] = NAN;
+    }
+    bd->batch.samples = S;
+    for (m = 0; m < M; m++) bd->batch.features[m] = bd->features[m];
+    bd->batch.observed = bd->observed;
+    bd->batch.labels = bd->labels;
+    bd->batch.training = mc->training;
+    bd->batch.seed = fm_test_next(), bd->batch.step = (uint64_t)fm_test_int(0, 1000);
+    if (mc->class_weights) {
+        bd->class_weights = (float *)malloc((size_t)c->classes * sizeof(float));
+        for (e = 0; e < c->classes; e++) bd->class_weights[e] = (float)(0.25 + fm_test_uniform());
+        bd->batch.class_weights = bd->class_weights;
+    }
+    bd->noise = (float *)malloc((size_t)M * T * c->experts * sizeof(float));
+    for (m = 0; m < M; m++)
+        for (t = 0; t < T; t++)
+            for (e = 0; e < c->experts; e++)
+                bd->noise[((size_t)m * T + t) * c->experts + e] = fm_gate_noise(fm_model_noise_seed(&bd->batch, m), (uint64_t)t, e);
+}
+
+static void free_batch(batch_data *bd) {
+    int m;
+    for (m = 0; m < FLEXMOE_MODEL_MAX_MODALITIES; m++) free(bd->features[m]);
+    free(bd->class_weights), free(bd->noise), free(bd->observed), free(bd->observed32), free(bd->labels), free(bd->combination);
+}
+
+/* Runs the reference on the model's parameters and the batch; the output file's contents. */
+static int run_reference(const fm_model *model, const model_case *mc, const batch_data *bd, st_file *out) {
+    const fm_model_desc *c = &model->config;
+    st_tensor tensors[FLEXMOE_MODEL_MAX_TENSORS + FLEXMOE_MODEL_MAX_MODALITIES + 8];
+    char config[1024], in_path[256], out_path[256], command[1024], names[FLEXMOE_MODEL_MAX_MODALITIES][32];
+    float *plain[2] = {NULL, NULL};
+    int count = 0, i, m, used, ok, plain_used = 0;
+    used = snprintf(config, sizeof config, "{\"modalities\": %d, \"features\": [", c->modalities);
+    for (m = 0; m < c->modalities; m++) used += snprintf(config + used, sizeof config - used, "%s%d", m ? ", " : "", c->features[m]);
+    snprintf(config + used, sizeof config - used,
+             "], \"patches\": %d, \"dim\": %d, \"heads\": %d, \"experts\": %d, \"top_k\": %d, \"hidden\": %d, "
+             "\"classes\": %d, \"gate_loss_weight\": %.9g, \"attention_residual\": %s, \"noise_epsilon\": 0.01, "
+             "\"layernorm_eps\": %.9g}",
+             c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, c->classes,
+             c->gate_loss_weight > 0 ? c->gate_loss_weight : 0.0, c->no_attention_residual ? "false" : "true",
+             c->layernorm_eps);
+    for (i = 0; i < model->tensor_count; i++) {
+        const fm_tensor_info *t = &model->tensors[i];
+        st_tensor *s = &tensors[count++];
+        s->name = t->name, s->dtype = "F32", s->rank = t->rank;
+        memcpy(s->shape, t->shape, sizeof s->shape);
+        s->data = model->params + t->offset;
+        if (t->packed) { /* files hold expert weights unpacked */
+            plain[plain_used] = (float *)malloc((size_t)t->shape[0] * t->shape[1] * t->shape[2] * sizeof(float));
+            fm_unpack_weights(t->shape[0], t->shape[1], t->shape[2], FM_WEIGHTS_IN_BY_OUT, model->params + t->offset,
+                              plain[plain_used], t->shape[2]);
+            s->data = plain[plain_used++];
+        }
+    }
+    for (m = 0; m < c->modalities; m++) {
+        st_tensor *s = &tensors[count++];
+        snprintf(names[m], sizeof names[m], "input.features.%d", m);
+        s->name = names[m], s->dtype = "F32", s->rank = 2, s->shape[0] = mc->samples, s->shape[1] = c->features[m];
+        s->data = bd->features[m];
+    }
+    tensors[count++] = (st_tensor){"input.observed", "I32", 2, {mc->samples, c->modalities, 0, 0}, bd->observed32};
+    tensors[count++] = (st_tensor){"input.labels", "I32", 1, {mc->samples, 0, 0, 0}, bd->labels};
+    tensors[count++] = (st_tensor){"input.combination", "I32", 1, {mc->samples, 0, 0, 0}, bd->combination};
+    if (bd->class_weights) tensors[count++] = (st_tensor){"input.class_weights", "F32", 1, {c->classes, 0, 0, 0}, bd->class_weights};
+    if (mc->training)
+        tensors[count++] = (st_tensor){"input.gate_noise", "F32", 3, {c->modalities, mc->samples * c->patches, c->experts, 0}, bd->noise};
+    snprintf(in_path, sizeof in_path, "/tmp/flexmoe_test_model_%d_in.safetensors", (int)getpid());
+    snprintf(out_path, sizeof out_path, "/tmp/flexmoe_test_model_%d_out.safetensors", (int)getpid());
+    ok = st_write(in_path, tensors, count, config);
+    for (i = 0; i < plain_used; i++) free(plain[i]);
+    FM_CHECK(ok, "%s: cannot write %s", mc->name, in_path);
+    if (!ok) return 0;
+    snprintf(command, sizeof command, "/usr/bin/python3 %s/tests/model_reference.py %s %s", FM_TEST_SOURCE_ROOT, in_path, out_path);
+    ok = system(command) == 0;
+    FM_CHECK(ok, "%s: the PyTorch reference failed (%s)", mc->name, command);
+    ok = ok && st_read(out_path, out);
+    FM_CHECK(ok, "%s: cannot read the reference's %s", mc->name, out_path);
+    remove(in_path);
+    remove(out_path);
+    return ok;
+}
+
+/* max |got - want| / max |want| over n values, NaN-aware (a NaN anywhere fails). */
+static double relative_error(const float *got, const double *want, size_t n) {
+    double scale = 0.0, worst = 0.0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (fabs(want[i]) > scale) scale = fabs(want[i]);
+    for (i = 0; i < n; i++) {
+        const double e = fabs((double)got[i] - want[i]);
+        if (!(e <= worst)) worst = e; /* NaN sticks */
+    }
+    return scale > 0.0 ? worst / scale : worst;
+}
+
+static void compare_case(const model_case *mc, fm_isa isa) {
+    fm_model model;
+    batch_data bd;
+    st_file ref;
+    fm_model_losses losses;
+    float *logits;
+    size_t n;
+    double *want, err, worst = 0.0;
+    int i;
+    fm_test_context = fm_isa_name(isa);
+    FM_CHECK(fm_model_create(&mc->desc, mc->samples, &model) == FM_OK, "%s: create", mc->name);
+    FM_CHECK(fm_model_init(&model, 1234) == FM_OK, "%s: init", mc->name);
+    new_batch(&model, mc, &bd);
+    logits = (float *)malloc((size_t)mc->samples * model.config.classes * sizeof(float));
+    /* the reference on this case's parameters and batch (the same on every path) */
+    if (!run_reference(&model, mc, &bd, &ref)) {
+        free(logits), free_batch(&bd), fm_model_destroy(&model);
+        return;
+    }
+    fm_test_use_isa(isa);
+    FM_CHECK(fm_model_forward(&model, &bd.batch, logits, &losses) == FM_OK, "%s: forward", mc->name);
+    FM_CHECK(fm_model_backward(&model, &bd.batch) == FM_OK, "%s: backward", mc->name);
+    want = st_get(&ref, "out.logits", &n);
+    FM_CHECK(want && n == (size_t)mc->samples * model.config.classes, "%s: out.logits", mc->name);
+    if (want) {
+        err = relative_error(logits, want, n);
+        FM_CHECK(err <= MODEL_TOLERANCE, "%s: logits off by %.3g of the largest", mc->name, err);
+        free(want);
+    }
+    {
+        const char *names[3] = {"out.loss", "out.task_loss", "out.gate_loss"};
+        const float got[3] = {losses.loss, losses.task, losses.gate};
+        for (i = 0; i < 3; i++) {
+            want = st_get(&ref, names[i], &n);
+            FM_CHECK(want && n == 1, "%s: %s missing", mc->name, names[i]);
+            if (want) {
+                err = fabs(got[i] - want[0]) / (fabs(want[0]) > 1e-3 ? fabs(want[0]) : 1e-3);
+                FM_CHECK(err <= MODEL_TOLERANCE, "%s: %s %.7g, reference %.7g", mc->name, names[i], got[i], want[0]);
+                free(want);
+            }
+        }
+    }
+    for (i = 0; i < model.tensor_count; i++) {
+        const fm_tensor_info *t = &model.tensors[i];
+        char name[64];
+        const size_t plain_n = t->packed ? (size_t)t->shape[0] * t->shape[1] * t->shape[2] : t->floats;
+        float *got = model.grads + t->offset, *unpacked = NULL;
+        snprintf(name, sizeof name, "grad.%s", t->name);
+        want = st_get(&ref, name, &n);
+        FM_CHECK(want && n == plain_n, "%s: %s missing or of %zu values, not %zu", mc->name, name, want ? n : 0, plain_n);
+        if (!want || n != plain_n) {
+            free(want);
+            continue;
+        }
+        if (t->packed) {
+            unpacked = (float *)malloc(plain_n * sizeof(float));
+            fm_unpack_weights(t->shape[0], t->shape[1], t->shape[2], FM_WEIGHTS_IN_BY_OUT, got, unpacked, t->shape[2]);
+            got = unpacked;
+        }
+        err = relative_error(got, want, n);
+        FM_CHECK(err <= MODEL_TOLERANCE, "%s: %s off by %.3g of its largest value", mc->name, name, err);
+        if (!(err <= worst)) worst = err;
+        free(unpacked);
+        free(want);
+    }
+    printf("%-32s %-7s the worst gradient is off by %.2g of its largest value\n", mc->name, fm_isa_name(isa), worst);
+    free(ref.header), free(ref.data);
+    free(logits);
+    free_batch(&bd);
+    fm_model_destroy(&model);
+}
+
+/* ---- the rest of the API ------------------------------------------------------------------- */
+
+static void check_combinations(void) {
+    /* DESIGN.md's example for M = 4 */
+    static const uint32_t m4[15] = {0xF, 0x7, 0xB, 0xD, 0xE, 0x3, 0x5, 0x9, 0x6, 0xA, 0xC, 0x1, 0x2, 0x4, 0x8};
+    int i, M;
+    fm_test_context = "combinations";
+    for (i = 0; i < 15; i++) {
+        FM_CHECK(fm_combination_index(4, m4[i]) == i, "index of mask 0x%X is %d, not %d", m4[i], fm_combination_index(4, m4[i]), i);
+        FM_CHECK(fm_combination_mask(4, i) == m4[i], "mask of index %d", i);
+    }
+    for (M = 1; M <= 8; M++) {
+        int seen[255] = {0}, distinct = 1;
+        uint32_t mask;
+        FM_CHECK(fm_combination_count(M) == (1 << M) - 1, "count for M = %d", M);
+        for (mask = 1; mask < (1u << M); mask++) {
+            const int index = fm_combination_index(M, mask);
+            if (index < 0 || index >= (1 << M) - 1 || seen[index]++) distinct = 0;
+        }
+        FM_CHECK(distinct, "M = %d: the indices are not a permutation", M);
+    }
+    FM_CHECK(fm_combination_index(3, 0) == -1 && fm_combination_index(3, 8) == -1 && fm_combination_index(0, 1) == -1,
+             "invalid masks");
+    FM_CHECK(fm_combination_mask(3, 7) == 0 && fm_combination_mask(3, -1) == 0, "invalid indices");
+}
+
+static void check_model_api(void) {
+    fm_model_desc desc;
+    fm_model model, again;
+    const fm_tensor_info *t;
+    int i, ordered = 1, aligned = 1, same = 1;
+    size_t j;
+    fm_test_context = "api";
+    memset(&desc, 0, sizeof desc);
+    desc.modalities = 6, desc.classes = 10;
+    for (i = 0; i < 6; i++) desc.features[i] = 40 + 37 * i;
+    FM_CHECK(fm_model_create(&desc, 16, &model) == FM_OK, "create with the defaults");
+    FM_CHECK(model.config.dim == 128 && model.config.patches == 16 && model.config.heads == 4 && model.config.experts == 16 &&
+                 model.config.top_k == 4 && model.config.hidden == 256 && model.config.dropout == 0.5f &&
+                 model.config.gate_loss_weight == 0.01f && !model.config.no_attention_residual,
+             "the defaults are the reference's");
+    FM_CHECK(model.tensor_count == 2 * 6 + 18, "%d tensors", model.tensor_count);
+    for (i = 0; i < model.tensor_count; i++) {
+        if (model.tensors[i].offset % 16) aligned = 0;
+        if (i && model.tensors[i].offset < model.tensors[i - 1].offset + model.tensors[i - 1].floats) ordered = 0;
+    }
+    FM_CHECK(aligned && ordered, "tensors 64-byte aligned and disjoint");
+    FM_CHECK(((uintptr_t)model.params | (uintptr_t)model.grads | (uintptr_t)model.adam_m | (uintptr_t)model.adam_v) % 64 == 0,
+             "arenas 64-byte aligned");
+    t = fm_model_tensor(&model, "bank");
+    FM_CHECK(t && t->rank == 4 && t->shape[0] == 63 && t->shape[1] == 6 && t->shape[2] == 16 && t->shape[3] == 128, "bank's shape");
+    t = fm_model_tensor(&model, "encoder.2.weight");
+    FM_CHECK(t && t->shape[0] == (40 + 74 + 15) / 16 && t->shape[1] == 128, "encoder 2's patch width");
+    FM_CHECK(fm_model_tensor(&model, "moe.w1") && fm_model_tensor(&model, "moe.w1")->packed, "moe.w1 packed");
+    FM_CHECK(!fm_model_tensor(&model, "nothing"), "unknown name");
+    FM_CHECK(fm_model_init(&model, 99) == FM_OK, "init");
+    FM_CHECK(fm_model_create(&desc, 16, &again) == FM_OK && fm_model_init(&again, 99) == FM_OK, "a second model");
+    for (j = 0; j < model.param_floats; j++)
+        if (memcmp(&model.params[j], &again.params[j], sizeof(float))) same = 0;
+    FM_CHECK(same, "the same seed gives the same parameters");
+    {
+        const fm_tensor_info *bank = fm_model_tensor(&model, "bank"), *pos = fm_model_tensor(&model, "position");
+        const fm_tensor_info *q = fm_model_tensor(&model, "attention.q.weight");
+        double mean = 0.0, var = 0.0, qmax = 0.0;
+        int zero = 1;
+        for (j = 0; j < bank->floats; j++) mean += model.params[bank->offset + j];
+        mean /= (double)bank->floats;
+        for (j = 0; j < bank->floats; j++) var += pow(model.params[bank->offset + j] - mean, 2);
+        var /= (double)bank->floats;
+        FM_CHECK(fabs(mean) < 0.02 && fabs(var - 1.0) < 0.03, "bank ~ N(0, 1): mean %.4f, variance %.4f", mean, var);
+        for (j = 0; j < pos->floats; j++)
+            if (model.params[pos->offset + j] != 0.0f) zero = 0;
+        FM_CHECK(zero, "position starts at zero");
+        for (j = 0; j < q->floats; j++) qmax = fmax(qmax, fabs(model.params[q->offset + j]));
+        FM_CHECK(qmax <= 1.0 / sqrt(128.0) && qmax > 0.9 / sqrt(128.0), "q ~ U(+-1/sqrt(dim)): max %.4f", qmax);
+    }
+    fm_model_destroy(&again);
+    fm_model_destroy(&model);
+    fm_model_destroy(&model); /* destroying twice is harmless */
+    {
+        fm_model_desc bad = desc;
+        bad.modalities = 9;
+        FM_CHECK(fm_model_create(&bad, 4, &model) == FM_ERR_INVALID_ARGUMENT && !model.params, "9 modalities");
+        bad = desc, bad.classes = 1;
+        FM_CHECK(fm_model_create(&bad, 4, &model) == FM_ERR_INVALID_ARGUMENT, "1 class");
+        bad = desc, bad.heads = 5;
+        FM_CHECK(fm_model_create(&bad, 4, &model) == FM_ERR_INVALID_ARGUMENT, "heads not dividing dim");
+        bad = desc, bad.features[3] = 0;
+        FM_CHECK(fm_model_create(&bad, 4, &model) == FM_ERR_INVALID_ARGUMENT, "a modality without features");
+        bad = desc, bad.dropout = 1.0f;
+        FM_CHECK(fm_model_create(&bad, 4, &model) == FM_ERR_INVALID_ARGUMENT, "dropout 1");
+        FM_CHECK(fm_model_create(&desc, 0, &model) == FM_ERR_INVALID_SHAPE, "no samples");
+        FM_CHECK(fm_model_create(NULL, 4, &model) == FM_ERR_NULL_POINTER, "NULL desc");
+    }
+    {
+        fm_model small;
+        fm_model_desc d;
+        fm_model_batch b;
+        float f[4] = {1, 2, 3, 4};
+        uint8_t observed[2] = {0, 0};
+        int32_t label = 0;
+        memset(&d, 0, sizeof d);
+        d.modalities = 2, d.features[0] = d.features[1] = 2, d.classes = 2, d.dim = 8, d.heads = 2, d.experts = 2, d.top_k = 1;
+        FM_CHECK(fm_model_create(&d, 1, &small) == FM_OK && fm_model_init(&small, 1) == FM_OK, "a small model");
+        memset(&b, 0, sizeof b);
+        b.samples = 1, b.features[0] = f, b.features[1] = f, b.observed = observed, b.labels = &label;
+        FM_CHECK(fm_model_forward(&small, &b, NULL, NULL) == FM_ERR_INVALID_ARGUMENT, "a sample without a modality");
+        observed[0] = 1, label = 2;
+        FM_CHECK(fm_model_forward(&small, &b, NULL, NULL) == FM_ERR_INVALID_ARGUMENT, "a label out of range");
+        label = 1, b.samples = 2;
+        FM_CHECK(fm_model_forward(&small, &b, NULL, NULL) == FM_ERR_INVALID_SHAPE, "more samples than max_samples");
+        b.samples = 1, b.features[0] = NULL;
+        FM_CHECK(fm_model_forward(&small, &b, NULL, NULL) == FM_ERR_NULL_POINTER, "an observed modality without features");
+        b.features[0] = f;
+        FM_CHECK(fm_model_backward(&small, &b) == FM_ERR_INVALID_ARGUMENT, "a backward without its forward");
+        FM_CHECK(fm_model_forward(&small, &b, NULL, NULL) == FM_OK && fm_model_backward(&small, &b) == FM_OK, "a valid step");
+        fm_model_destroy(&small);
+    }
+}
+
+int main(void) {
+    fm_isa isas[FM_ISA_COUNT];
+    int n, i, c;
+    model_case cases[3];
+    const char *given = getenv("FLEXMOE_TEST_SEED");
+    fm_test_rng_state = given ? strtoull(given, NULL, 0) : 20261201u;
+    printf("test_model: seed %llu (FLEXMOE_TEST_SEED changes it)\n", (unsigned long long)fm_test_rng_state);
+    memset(cases, 0, sizeof cases);
+    /* the acceptance's small configuration: M = 3, d = 16, 4 experts; training gate, class weights */
+    cases[0].name = "M3-d16-E4", cases[0].samples = 6, cases[0].training = 1, cases[0].class_weights = 1;
+    cases[0].desc.modalities = 3, cases[0].desc.features[0] = 5, cases[0].desc.features[1] = 20, cases[0].desc.features[2] = 33;
+    cases[0].desc.classes = 3, cases[0].desc.dim = 16, cases[0].desc.experts = 4, cases[0].desc.top_k = 2, cases[0].desc.dropout = -1;
+    /* the same without the attention residual (the official code's) and with the inference gate */
+    cases[1] = cases[0];
+    cases[1].name = "M3-d16-E4-no-residual-inference", cases[1].training = 0, cases[1].class_weights = 0;
+    cases[1].desc.no_attention_residual = 1;
+    /* the reference's sizes: six views (the handwritten digits' feature counts), d 128, 16 experts, top-4 */
+    cases[2].name = "M6-d128-E16", cases[2].samples = 4, cases[2].training = 1;
+    cases[2].desc.modalities = 6, cases[2].desc.classes = 10, cases[2].desc.dropout = -1;
+    {
+        static const int views[6] = {76, 216, 64, 240, 47, 6};
+        for (i = 0; i < 6; i++) cases[2].desc.features[i] = views[i];
+    }
+    check_combinations();
+    check_model_api();
+    n = fm_test_isas(isas);
+    for (c = 0; c < 3; c++)
+        for (i = 0; i < n; i++) {
+            const uint64_t state = fm_test_rng_state;
+            compare_case(&cases[c], isas[i]);
+            if (i + 1 < n) fm_test_rng_state = state; /* the same parameters and batch on every path */
+        }
+    {
+        char command[512];
+        snprintf(command, sizeof command, "/usr/bin/python3 %s/tests/model_reference.py --selftest >/dev/null",
+                 FM_TEST_SOURCE_ROOT);
+        fm_test_context = "reference";
+        FM_CHECK(system(command) == 0, "the reference's own finite-difference check failed (%s)", command);
+    }
+    return fm_test_finish("test_model");
+}
