@@ -262,7 +262,7 @@ fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors 
  * the gradients of its outputs (NULL: zero), writes the gradients of the clean and noise logits
  * (overwritten). Gradients flow through the gates' softmax, through the load probabilities into
  * the clean logits, the noise std and the threshold logit, and through the noise into r.
- * Memory is O(top_k) whatever the experts: each token's rows of d_clean_logits and
+ * Each token's noise is drawn once, into 4 KiB of stack; its rows of d_clean_logits and
  * d_noise_logits hold its noisy logits and std until their own gradients are written, so those
  * two outputs must not overlap any input. */
 typedef struct fm_gate_gradients {
@@ -1246,6 +1246,14 @@ static float fm__noise_std(float r, float epsilon) {
 static double fm__normal_cdf(double z) { return 0.5 * erfc(-z * 0.70710678118654752); }
 static double fm__normal_pdf(double z) { return 0.39894228040143268 * exp(-0.5 * z * z); }
 
+/* Written as 1 / (1 + e^-|z|) on the side that cannot overflow; NaN stays NaN. */
+static float fm__sigmoid(float z) {
+    float e;
+    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
+    e = expf(z);
+    return e / (1.0f + e);
+}
+
 /* Token t's noise step: stds[e] = softplus(noise[e]) + epsilon (stds may be NULL), the draw n[e]
  * (into draws, which may be NULL), noisy[e] = clean[e] + n[e] * std. */
 static void fm__noise_row(const fm__gate_job *job, int t, float *noisy, float *stds, float *draws) {
@@ -1979,6 +1987,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
                                  const fm_gate_gradients *g) {
     fm__gate_job job;
     fm_status status;
+    float draws[FLEXMOE_GATE_MAX_EXPERTS]; /* a token's noise, drawn once (4 KiB) */
     int t, e, i, E, k, ld_dg, ld_dn, ld_dc, ld_dr;
     if (!g) return FM_ERR_NULL_POINTER;
     if ((status = fm__gate_job_from(desc, tensors, 0, &job)) != FM_OK) return status;
@@ -1999,13 +2008,12 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
         const int32_t *idx = job.indices + (size_t)t * job.ld_indices;
         const float *gates = job.gates + (size_t)t * job.ld_gates;
         const int group = job.token_group ? job.token_group[t] : 0;
-        const uint32_t state = job.training ? fm__noise_token_state(job.seed, job.token_offset + (uint64_t)t) : 0;
         const int with_load = job.training && k < E && g->d_load;
         float *d_clean = g->d_clean_logits + (size_t)t * ld_dc, *d_noise = job.training ? g->d_noise_logits + (size_t)t * ld_dr : NULL;
         float *noisy = job.training ? d_clean : NULL, *stds = d_noise; /* until overwritten below */
         double dot = 0.0, dg[FLEXMOE_GATE_MAX_TOP_K], below_next = 0.0, below_kth = 0.0, next_value = 0.0, kth_value = 0.0;
-        int next = -1;
-        if (job.training) fm__noise_row(&job, t, noisy, stds, NULL);
+        int next = -1, kth = -1;
+        if (job.training) fm__noise_row(&job, t, noisy, stds, draws);
         /* gates = softmax over the selected noisy logits; importance sums the gates */
         for (i = 0; i < k; i++) {
             dg[i] = (g->d_gates ? g->d_gates[(size_t)t * ld_dg + i] : 0.0) +
@@ -2014,38 +2022,37 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
         }
         for (i = 0; i < k; i++) dg[i] = gates[i] * (dg[i] - dot);
         /* load = Phi((clean - threshold) / std), the threshold being another expert's noisy logit:
-         * the best unselected one (next) or the k-th; their gradients are the sums of the q's */
+         * the best unselected one (next) or the k-th; their gradients are the sums of the q's,
+         * added once the pass below has summed them (it overwrites noisy and stds as it goes) */
         if (with_load) {
             for (e = 0; e < E; e++)
                 if (fm__slot_of(idx, k, e) < 0 && (next < 0 || fm__rank_key(noisy[e]) > fm__rank_key(noisy[next]))) next = e;
+            kth = idx[k - 1];
             next_value = fm__rank_key(noisy[next]);
-            kth_value = fm__rank_key(noisy[idx[k - 1]]);
-            for (e = 0; e < E; e++) {
-                const int above = noisy[e] > next_value;
-                const double z = ((double)clean[e] - (above ? next_value : kth_value)) / stds[e];
-                const double q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
-                if (above) below_next += q;
-                else below_kth += q;
-            }
+            kth_value = fm__rank_key(noisy[kth]);
         }
         /* noisy = clean + n * std, std = softplus(r) + epsilon */
         for (e = 0; e < E; e++) {
             const int slot = fm__slot_of(idx, k, e);
-            double d_noisy = (g->d_noisy_logits ? g->d_noisy_logits[(size_t)t * ld_dn + e] : 0.0) + (slot >= 0 ? dg[slot] : 0.0);
+            const double d_noisy = (g->d_noisy_logits ? g->d_noisy_logits[(size_t)t * ld_dn + e] : 0.0) + (slot >= 0 ? dg[slot] : 0.0);
             double d_clean_load = 0.0, d_std = 0.0;
             if (with_load) {
                 const int above = noisy[e] > next_value;
                 const double z = ((double)clean[e] - (above ? next_value : kth_value)) / stds[e];
                 const double q = g->d_load[(size_t)group * E + e] * fm__normal_pdf(z) / stds[e];
+                if (above) below_next += q;
+                else below_kth += q;
                 d_clean_load = q;
                 d_std = -q * z;
-                if (e == next) d_noisy -= below_next;
-                if (e == idx[k - 1]) d_noisy -= below_kth;
             }
             d_clean[e] = (float)(d_clean_load + d_noisy);
-            if (job.training)
-                d_noise[e] = (float)((d_std + d_noisy * fm__normal_from_hash(fm__noise_hash(state, e))) /
-                                     (1.0 + exp(-(double)raw[e])));
+            if (job.training) d_noise[e] = (float)((d_std + d_noisy * draws[e]) * fm__sigmoid(raw[e])); /* d std / d r */
+        }
+        if (with_load) { /* the thresholds' own gradients, through their noisy logits */
+            d_clean[next] = (float)((double)d_clean[next] - below_next);
+            d_noise[next] = (float)((double)d_noise[next] - below_next * draws[next] * fm__sigmoid(raw[next]));
+            d_clean[kth] = (float)((double)d_clean[kth] - below_kth);
+            d_noise[kth] = (float)((double)d_noise[kth] - below_kth * draws[kth] * fm__sigmoid(raw[kth]));
         }
     }
     return FM_OK;
@@ -2464,13 +2471,6 @@ static fm_status fm__confsmoe_check(const fm_confsmoe_desc *desc, const fm_confs
     return FM_OK;
 }
 
-/* Written as 1 / (1 + e^-|z|) on the side that cannot overflow; NaN stays NaN. */
-static float fm__sigmoid(float z) {
-    float e;
-    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
-    e = expf(z);
-    return e / (1.0f + e);
-}
 
 /* m_t = x_t + sum_i c_{t,i} h_{t,i} for tokens [t0, t0 + n), into m. */
 static void fm__confsmoe_combine(const fm__kernel_table *kernels, int t0, int n, int k, int d, const float *x,
