@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -53,6 +54,44 @@ public:
 
     // What ran: torch version, threads, the BLAS torch was built with.
     static std::string describe();
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// The Flex-MoE model (flexmoe.h section 9, tests/model_reference.py) in libtorch: encoders,
+// missing-modality bank, position, pre-LN attention, the SMoE per modality chunk (the layer
+// above), head, cross-entropy + gate_loss_weight * the chunks' gate losses; dropout off.
+struct TorchModelConfig {
+    int modalities = 0, features[8] = {}, classes = 0, patches = 16, dim = 128, heads = 4, experts = 16, top_k = 4,
+        hidden = 256;
+    bool attention_residual = true;
+    float gate_loss_weight = 0.01f, layernorm_eps = 1e-5f, noise_epsilon = 0.01f;
+};
+
+struct TorchModelBatch {
+    int samples = 0;
+    const float *features[8] = {};         // samples x features[m]
+    const uint8_t *observed = nullptr;     // samples x modalities
+    const int32_t *combination = nullptr;  // samples, Flex-MoE's combination index
+    const int32_t *labels = nullptr;       // samples
+    const float *noise = nullptr;          // modalities x (samples * patches) x experts, the gate's draws
+};
+
+class TorchModel {
+public:
+    // parameter(name) gives the tensor of that name (flexmoe's names and shapes, expert weights
+    // unpacked), read once into torch's own leaves.
+    TorchModel(const TorchModelConfig &config, const std::function<const float *(const std::string &)> &parameter,
+               const TorchModelBatch &batch);
+    ~TorchModel();
+
+    // One training step's forward and backward (gradients zeroed first); returns the loss.
+    float train_step();
+
+    // The gradient of a parameter after train_step (plain layout), into dst.
+    void gradient(const std::string &name, float *dst) const;
 
 private:
     struct Impl;
