@@ -185,7 +185,7 @@ fm_status fm_topk(int rows, int cols, int k, const float *x, int ldx, int32_t *i
  * token groups whose importance and load are kept apart. */
 #define FLEXMOE_GATE_MAX_TOP_K 16
 #define FLEXMOE_GATE_MAX_EXPERTS 1024
-#define FLEXMOE_GATE_MAX_GROUPS 8
+#define FLEXMOE_GATE_MAX_GROUPS 16
 
 /* Softmax-then-top-k routing (Mixtral, ggml): indices = the top k of each row of logits (fm_topk
  * order, so ties and NaN as there), weights = softmax(logits) at those indices, divided by their
@@ -645,9 +645,13 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
  * feed the gate loss:
  *
  *   gate_loss = router_ce + balance
- *   router_ce = the S-Router term: mean over tokens with combination > 0 of the cross-entropy of
- *               the routing logits (the noisy logits in training, else the clean ones) toward
- *               combination mod experts (so more combinations than experts share experts)
+ *   router_ce = the S-Router term: for each token group, the mean over its tokens with
+ *               combination > 0 of the cross-entropy of the routing logits (the noisy logits in
+ *               training, else the clean ones) toward combination mod experts (so more
+ *               combinations than experts share experts), summed over the groups. With the
+ *               default groups that is one mean, over the tokens of samples that miss a
+ *               modality; a model that gives each of its chunks of tokens a pair of groups gets
+ *               the sum over chunks of each chunk's term, as Flex-MoE computes it per chunk
  *   balance   = sum over groups g of cv^2(importance[g]) + cv^2(load[g]) (the G-Router), where
  *               importance sums each expert's gates and load is FastMoE's differentiable load in
  *               training (the token counts otherwise, without gradient). The confidence gate has
@@ -773,8 +777,11 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  *                code's x = dropout(MHA(LayerNorm(x))), for comparison)
  *   SMoE         for each modality's chunk of `patches` tokens: x = x + dropout(SMoE(LN(x))),
  *                one LayerNorm and one SMoE layer (section 8, Flex-MoE's noisy top-k gate)
- *                shared by the chunks, each chunk its own call and its own gate loss (the
- *                S-Router target is c mod experts, so with 2^M - 1 > experts combinations share)
+ *                shared by the chunks, each chunk with its own gate loss (the S-Router target is
+ *                c mod experts, so with 2^M - 1 > experts combinations share). The chunks go
+ *                through the layer in one call, chunk-major, each chunk's full-modality tokens
+ *                and the others a pair of token groups, so the layer's per-group gate loss is
+ *                the sum over chunks, and the experts see every chunk's rows at once
  *   head         logits = (the mean of each chunk's tokens, concatenated: M * dim) . head.weight
  *                + head.bias
  *   loss         cross-entropy (class weights optional: sum_b w[y_b] nll_b / sum_b w[y_b], as
@@ -887,9 +894,10 @@ fm_status fm_model_init(fm_model *model, uint64_t seed);
 /* The tensor of that name, or NULL. */
 const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name);
 
-/* The seed of the gate noise of a batch's chunk m: token t (sample t / patches, patch t % patches)
- * and expert e draw fm_gate_noise(fm_model_noise_seed(batch, m), t, e). */
-uint64_t fm_model_noise_seed(const fm_model_batch *batch, int chunk);
+/* The seed of a batch's gate noise: patch p of sample s in modality m's chunk is the layer's token
+ * t = (m * samples + s) * patches + p, and its noise for expert e is
+ * fm_gate_noise(fm_model_noise_seed(batch), t, e). */
+uint64_t fm_model_noise_seed(const fm_model_batch *batch);
 
 /* Forward: logits (samples x classes, optional) and, with labels, the losses (optional). The
  * activations stay in the model for fm_model_backward of the same batch. */
@@ -3585,14 +3593,43 @@ static const float *fm__moe_routing_logits(const fm__moe_config *c, const fm_moe
 }
 
 /* The gate-loss terms, and with d_* given their gradients scaled by `weight`. */
+/* The S-Router term, summed over the token groups that have tokens with a target: each group's
+ * mean cross-entropy, by fm_router_cross_entropy over that group's targets alone (the others'
+ * are hidden, as -2 - target, for the call and restored after; -1 is "no target"). d_routing (optional) receives the
+ * sum of the groups' gradients; scratch (T x E, needed with d_routing) takes each call's. */
+static void fm__moe_router_ce(const fm__moe_config *c, int T, const float *logits, const fm__moe_views *v, float *value,
+                              float *d_routing, float *scratch) {
+    const int E = c->experts;
+    int g, t, any;
+    *value = 0.0f;
+    if (d_routing) memset(d_routing, 0, (size_t)T * E * sizeof(float));
+    for (g = 0; g < c->groups; g++) {
+        float group_value = 0.0f;
+        for (t = 0, any = 0; t < T; t++) {
+            if (v->group[t] != g && v->targets[t] >= 0) v->targets[t] = -2 - v->targets[t];
+            any |= v->group[t] == g && v->targets[t] >= 0;
+        }
+        if (any) {
+            fm_router_cross_entropy(T, E, logits, E, v->targets, &group_value, d_routing ? scratch : NULL, E);
+            *value += group_value;
+            if (d_routing)
+                for (t = 0; t < T; t++)
+                    if (v->group[t] == g && v->targets[t] >= 0)
+                        memcpy(d_routing + (size_t)t * E, scratch + (size_t)t * E, (size_t)E * sizeof(float));
+        }
+        for (t = 0; t < T; t++)
+            if (v->targets[t] < -1) v->targets[t] = -2 - v->targets[t];
+    }
+}
+
 static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v,
                               float weight, float *router_ce, float *balance, float *d_routing, float *d_importance,
-                              float *d_load) {
+                              float *d_load, float *scratch) {
     const int E = c->experts, T = batch->tokens;
     float cv;
     size_t i;
     int g;
-    fm_router_cross_entropy(T, E, fm__moe_routing_logits(c, batch, v), E, v->targets, router_ce, d_routing, E);
+    fm__moe_router_ce(c, T, fm__moe_routing_logits(c, batch, v), v, router_ce, d_routing, scratch);
     *balance = 0.0f;
     if (c->gate != FM_GATE_CONFIDENCE)
         for (g = 0; g < c->groups; g++) {
@@ -3695,7 +3732,7 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
         if (stats->expert_dropped) memcpy(stats->expert_dropped, v.dropped, (size_t)E * sizeof(int32_t));
         if (stats->indices) memcpy(stats->indices, v.indices, (size_t)T * K * sizeof(int32_t));
         stats->rows = plan.rows, stats->dropped = plan.dropped;
-        fm__moe_gate_loss(&c, batch, &v, 0.0f, &stats->router_ce, &stats->balance, NULL, NULL, NULL);
+        fm__moe_gate_loss(&c, batch, &v, 0.0f, &stats->router_ce, &stats->balance, NULL, NULL, NULL, NULL);
         stats->gate_loss = stats->router_ce + stats->balance;
     }
     return FM_OK;
@@ -3781,7 +3818,7 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
     if (c.gate == FM_GATE_CONFIDENCE) fm__add_rows(kernels, T, D, v.dx_residual, D, dx, lddx);
     /* the gate: its loss, the gates' softmax, the logits */
     if (with_loss)
-        fm__moe_gate_loss(&c, batch, &v, weights->gate, &ce, &balance, v.d_routing, v.d_importance, v.d_load);
+        fm__moe_gate_loss(&c, batch, &v, weights->gate, &ce, &balance, v.d_routing, v.d_importance, v.d_load, v.d_clean);
     if (c.gate == FM_GATE_NOISY_TOPK) {
         const fm_gate_desc gd = fm__moe_gate_desc(&c, batch);
         const fm_gate_tensors gt = fm__moe_gate_tensors(&c, batch, &v);
@@ -3883,8 +3920,8 @@ static float fm__stream_uniform(uint64_t seed, uint64_t step, int purpose, uint6
     return (float)(fm__stream(seed, step, purpose, index) >> 40) * 0x1p-24f;
 }
 
-uint64_t fm_model_noise_seed(const fm_model_batch *batch, int chunk) {
-    return batch ? fm__stream(batch->seed, batch->step, FM__STREAM_NOISE, (uint64_t)chunk) : 0;
+uint64_t fm_model_noise_seed(const fm_model_batch *batch) {
+    return batch ? fm__stream(batch->seed, batch->step, FM__STREAM_NOISE, 0) : 0;
 }
 
 /* The activations of one batch and the scratch of the backward, views into one block. */
@@ -3895,9 +3932,9 @@ struct fm__model_state {
     float *x0, *ln1, *mean1, *rstd1, *q, *kv, *probs, *context, *attention, *x1;
     float *chunk_in, *chunk_ln, *mean2, *rstd2, *chunk_out, *x2, *pooled, *logits_probs;
     float *patches[FLEXMOE_MODEL_MAX_MODALITIES];
-    int32_t *combination, *token_combination;
+    int32_t *combination, *token_combination, *token_group;
     unsigned char *moe_saved, *moe_workspace;
-    float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits, *d_moe, *d_norm;
+    float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits;
     float loss_weight_sum;
 };
 
@@ -3980,7 +4017,6 @@ static void fm__model_layout(fm_model *model) {
         fm__model_add_tensor(model, "attention.out.bias", 1, &d, 0);
         fm__model_add_tensor(model, "moe.norm.weight", 1, &d, 0);
         fm__model_add_tensor(model, "moe.norm.bias", 1, &d, 0);
-        /* the SMoE layer's tensors last and together: a chunk's gradients add up in one pass */
         fm__model_add_tensor(model, "moe.gate.weight", 2, gate, 0);
         fm__model_add_tensor(model, "moe.noise.weight", 2, gate, 0);
         fm__model_add_tensor(model, "moe.w1", 3, w1, 1);
@@ -4036,8 +4072,9 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->logits_probs, (size_t)S * c->classes, float);
     for (m = 0; m < M; m++) FM__TAKE(s->patches[m], chunk_rows * fm__patch_width(c, m), float);
     FM__TAKE(s->combination, S, int32_t);
-    FM__TAKE(s->token_combination, chunk_rows, int32_t);
-    FM__TAKE(s->moe_saved, (size_t)M * s->moe_sizes.saved_bytes, unsigned char);
+    FM__TAKE(s->token_combination, R, int32_t);
+    FM__TAKE(s->token_group, R, int32_t);
+    FM__TAKE(s->moe_saved, s->moe_sizes.saved_bytes, unsigned char);
     FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
     FM__TAKE(s->d_x, R * d, float);
     FM__TAKE(s->d_tmp, R * d, float);
@@ -4045,11 +4082,9 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->d_kv, R * 2 * d, float);
     FM__TAKE(s->d_probs, (size_t)N * N, float);
     FM__TAKE(s->d_context, R * d, float);
-    FM__TAKE(s->d_chunk, chunk_rows * d, float);
+    FM__TAKE(s->d_chunk, R * d, float);
     FM__TAKE(s->d_pooled, (size_t)S * M * d, float);
     FM__TAKE(s->d_logits, (size_t)S * c->classes, float);
-    FM__TAKE(s->d_norm, 2 * (size_t)d, float);
-    FM__TAKE(s->d_moe, model->param_floats - fm_model_tensor(model, "moe.gate.weight")->offset, float);
 #undef FM__TAKE
     return used;
 }
@@ -4096,7 +4131,9 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
     memset(&probe.moe, 0, sizeof probe.moe);
     probe.moe.dim = model->config.dim, probe.moe.hidden = model->config.hidden;
     probe.moe.experts = model->config.experts, probe.moe.top_k = model->config.top_k;
-    if ((status = fm_moe_buffer_sizes(&probe.moe, max_samples * model->config.patches, &probe.moe_sizes)) != FM_OK)
+    probe.moe.groups = 2 * model->config.modalities; /* per chunk: full-modality tokens, the others */
+    if ((status = fm_moe_buffer_sizes(&probe.moe, max_samples * model->config.modalities * model->config.patches,
+                                      &probe.moe_sizes)) != FM_OK)
         return status;
     state_bytes = sizeof(fm__model_state) + fm__model_state_layout(model, max_samples, &probe, NULL) + 64;
     arena_bytes = model->param_floats * sizeof(float);
@@ -4265,15 +4302,17 @@ static fm_moe_params fm__model_moe_params(const fm_model *model, float *arena) {
     return p;
 }
 
-static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_batch *b, int chunk) {
+/* Every chunk's tokens, chunk-major, as one batch of the SMoE layer. */
+static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_batch *b) {
     const fm__model_state *s = model->state;
     fm_moe_batch mb;
     memset(&mb, 0, sizeof mb);
-    mb.tokens = b->samples * model->config.patches;
-    mb.x = s->chunk_ln + (size_t)chunk * mb.tokens * model->config.dim;
+    mb.tokens = b->samples * model->config.modalities * model->config.patches;
+    mb.x = s->chunk_ln;
     mb.combination = s->token_combination;
+    mb.token_group = s->token_group;
     mb.training = b->training;
-    mb.seed = fm_model_noise_seed(b, chunk);
+    mb.seed = fm_model_noise_seed(b);
     return mb;
 }
 
@@ -4299,8 +4338,14 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         for (m = 0; m < M; m++)
             if (b->observed[(size_t)i * M + m]) mask |= 1u << m;
         s->combination[i] = fm_combination_index(M, mask);
-        for (j = 0; j < P; j++) s->token_combination[(size_t)i * P + j] = s->combination[i];
     }
+    for (m = 0; m < M; m++)
+        for (i = 0; i < S; i++)
+            for (j = 0; j < P; j++) {
+                const size_t t = ((size_t)m * S + i) * P + j;
+                s->token_combination[t] = s->combination[i];
+                s->token_group[t] = 2 * m + (s->combination[i] > 0);
+            }
     /* tokens: encoders for the observed modalities, the bank for the missing ones; + position */
     {
         const float *bank = fm__model_param(model, model->params, "bank");
@@ -4350,32 +4395,31 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     memcpy(s->x1, s->attention, R * d * sizeof(float));
     if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), 0, (int)(R * d), s->x1);
     if (!c->no_attention_residual) kernels->axpy((int)(R * d), 1.0f, s->x0, s->x1);
-    /* the SMoE per modality chunk, on the chunk's rows gathered (sample-major) */
+    /* the SMoE over every chunk's rows, gathered chunk-major */
     {
         const fm_moe_params mp = fm__model_moe_params(model, model->params);
+        const fm_moe_batch mb = fm__model_moe_batch(model, b);
         const size_t chunk_rows = (size_t)S * P;
+        fm_moe_stats stats;
+        memset(&stats, 0, sizeof stats);
+        for (m = 0; m < M; m++)
+            for (i = 0; i < S; i++)
+                memcpy(s->chunk_in + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d,
+                       (size_t)P * d * sizeof(float));
+        if ((status = fm_layernorm_forward((int)R, d, s->chunk_in, d, fm__model_param(model, model->params, "moe.norm.weight"),
+                                           fm__model_param(model, model->params, "moe.norm.bias"), c->layernorm_eps,
+                                           s->chunk_ln, d, s->mean2, s->rstd2)) != FM_OK)
+            return status;
+        if ((status = fm_moe_forward(&s->moe, &mp, &mb, s->chunk_out, d, s->moe_saved, s->moe_workspace, &stats)) != FM_OK)
+            return status;
+        gate = stats.gate_loss;
+        if (b->training && fm__model_dropout(c) > 0.0f)
+            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), 0, (int)(R * d), s->chunk_out);
         memcpy(s->x2, s->x1, R * d * sizeof(float));
-        for (m = 0; m < M; m++) {
-            float *in = s->chunk_in + m * chunk_rows * d, *ln = s->chunk_ln + m * chunk_rows * d;
-            float *out = s->chunk_out + m * chunk_rows * d;
-            const fm_moe_batch mb = fm__model_moe_batch(model, b, m);
-            fm_moe_stats stats;
-            memset(&stats, 0, sizeof stats);
+        for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
-                memcpy(in + (size_t)i * P * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d, (size_t)P * d * sizeof(float));
-            if ((status = fm_layernorm_forward((int)chunk_rows, d, in, d, fm__model_param(model, model->params, "moe.norm.weight"),
-                                               fm__model_param(model, model->params, "moe.norm.bias"), c->layernorm_eps, ln, d,
-                                               s->mean2 + m * chunk_rows, s->rstd2 + m * chunk_rows)) != FM_OK)
-                return status;
-            if ((status = fm_moe_forward(&s->moe, &mp, &mb, out, d, s->moe_saved + (size_t)m * s->moe_sizes.saved_bytes,
-                                         s->moe_workspace, &stats)) != FM_OK)
-                return status;
-            gate += stats.gate_loss;
-            if (b->training && fm__model_dropout(c) > 0.0f)
-                fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (uint64_t)m * chunk_rows * d, (int)(chunk_rows * d), out);
-            for (i = 0; i < S; i++)
-                kernels->axpy(P * d, 1.0f, out + (size_t)i * P * d, s->x2 + ((size_t)i * N + (size_t)m * P) * d);
-        }
+                kernels->axpy(P * d, 1.0f, s->chunk_out + ((size_t)m * chunk_rows + (size_t)i * P) * d,
+                              s->x2 + ((size_t)i * N + (size_t)m * P) * d);
     }
     /* head and loss */
     for (i = 0; i < S; i++)
@@ -4444,41 +4488,35 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                 int k;
                 for (k = 0; k < d; k++) dx[k] = dp[k] / (float)P;
             }
-    /* the SMoE chunks: d_x stays the residual's gradient; each chunk adds its branch's */
+    /* the SMoE: d_x stays the residual's gradient, the branch's is added */
     {
         const fm_moe_params mp = fm__model_moe_params(model, model->params);
+        const fm_moe_params gp = fm__model_moe_params(model, g);
+        const fm_moe_batch mb = fm__model_moe_batch(model, b);
         fm_moe_grads mg;
         fm_moe_loss_weights weights;
-        const size_t moe_offset = fm_model_tensor(model, "moe.gate.weight")->offset, moe_floats = model->param_floats - moe_offset;
-        float *norm_w = fm__model_param(model, g, "moe.norm.weight"), *norm_b = fm__model_param(model, g, "moe.norm.bias");
         memset(&weights, 0, sizeof weights);
         weights.gate = fm__model_gate_weight(c);
-        memset(norm_w, 0, (size_t)d * sizeof(float));
-        memset(norm_b, 0, (size_t)d * sizeof(float));
-        for (m = 0; m < M; m++) {
-            const fm_moe_batch mb = fm__model_moe_batch(model, b, m);
-            float *target = m == 0 ? g + moe_offset : s->d_moe;
-            const fm_moe_params tp = fm__model_moe_params(model, target - moe_offset);
-            memset(&mg, 0, sizeof mg);
-            mg.w_gate = (float *)tp.w_gate, mg.w_noise = (float *)tp.w_noise, mg.w1 = (float *)tp.w1;
-            mg.b1 = (float *)tp.b1, mg.w2 = (float *)tp.w2, mg.b2 = (float *)tp.b2;
+        memset(&mg, 0, sizeof mg);
+        mg.w_gate = (float *)gp.w_gate, mg.w_noise = (float *)gp.w_noise, mg.w1 = (float *)gp.w1;
+        mg.b1 = (float *)gp.b1, mg.w2 = (float *)gp.w2, mg.b2 = (float *)gp.b2;
+        for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
-                memcpy(s->d_chunk + (size_t)i * P * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d, (size_t)P * d * sizeof(float));
-            if (b->training && fm__model_dropout(c) > 0.0f)
-                fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (uint64_t)m * chunk_rows * d, (int)(chunk_rows * d), s->d_chunk);
-            if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved + (size_t)m * s->moe_sizes.saved_bytes, s->d_chunk, d,
-                                          &weights, s->d_tmp, d, &mg, s->moe_workspace)) != FM_OK)
-                return status;
-            if (m > 0) kernels->axpy((int)moe_floats, 1.0f, s->d_moe, g + moe_offset);
-            if ((status = fm_layernorm_backward((int)chunk_rows, d, s->chunk_in + m * chunk_rows * d, d,
-                                                fm__model_param(model, model->params, "moe.norm.weight"), s->mean2 + m * chunk_rows,
-                                                s->rstd2 + m * chunk_rows, s->d_tmp, d, s->d_tmp, d, s->d_norm, s->d_norm + d)) != FM_OK)
-                return status;
-            kernels->axpy(d, 1.0f, s->d_norm, norm_w);
-            kernels->axpy(d, 1.0f, s->d_norm + d, norm_b);
+                memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
+                       (size_t)P * d * sizeof(float));
+        if (b->training && fm__model_dropout(c) > 0.0f)
+            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), 0, (int)(R * d), s->d_chunk);
+        if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved, s->d_chunk, d, &weights, s->d_tmp, d, &mg,
+                                      s->moe_workspace)) != FM_OK)
+            return status;
+        if ((status = fm_layernorm_backward((int)R, d, s->chunk_in, d, fm__model_param(model, model->params, "moe.norm.weight"),
+                                            s->mean2, s->rstd2, s->d_tmp, d, s->d_tmp, d, fm__model_param(model, g, "moe.norm.weight"),
+                                            fm__model_param(model, g, "moe.norm.bias"))) != FM_OK)
+            return status;
+        for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
-                kernels->axpy(P * d, 1.0f, s->d_tmp + (size_t)i * P * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d);
-        }
+                kernels->axpy(P * d, 1.0f, s->d_tmp + ((size_t)m * chunk_rows + (size_t)i * P) * d,
+                              s->d_x + ((size_t)i * N + (size_t)m * P) * d);
     }
     /* attention: d_x is now d x1; the branch's gradient goes to d_tmp */
     memcpy(s->d_tmp, s->d_x, R * d * sizeof(float));

@@ -151,7 +151,7 @@ void torch_step(benchmark::State &state, int M, int samples) {
     for (int m = 0; m < M; m++)
         for (int t = 0; t < T; t++)
             for (int e = 0; e < c.experts; e++)
-                noise[(size_t(m) * T + t) * c.experts + e] = fm_gate_noise(fm_model_noise_seed(&p.batch, m), uint64_t(t), e);
+                noise[(size_t(m) * T + t) * c.experts + e] = fm_gate_noise(fm_model_noise_seed(&p.batch), uint64_t(m) * T + uint64_t(t), e);
     fmbench::TorchModelBatch tb;
     tb.samples = samples, tb.observed = p.observed.data(), tb.combination = p.combination.data();
     tb.labels = p.labels.data(), tb.noise = noise.data();

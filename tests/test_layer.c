@@ -73,7 +73,8 @@ static void new_problem(problem *p, const config *cfg) {
     p->labels = (int32_t *)malloc((size_t)p->T * sizeof(int32_t));
     for (t = 0; t < p->T; t++) {
         p->combination[t] = fm_test_int(0, cfg->max_combination);
-        p->group[t] = p->combination[t] > 0 && p->G > 1;
+        /* Flex-MoE's two groups, or (more groups) any: the S-Router term is a mean per group */
+        p->group[t] = p->G > 2 ? fm_test_int(0, p->G - 1) : p->combination[t] > 0 && p->G > 1;
         p->labels[t] = p->C ? fm_test_int(0, p->C - 1) : 0;
     }
     p->seed = fm_test_next(), p->offset = fm_test_next() >> 16;
@@ -153,7 +154,9 @@ static double reference(const problem *p, const frozen *fz, outputs *out) {
     double *y = hid + H, *z = y + (size_t)T * D, *n = z + D, *logits = n + D;
     int *top = iblock, *idx = top + K + 1, *kept = idx + TK, *count = kept + TK;
     double objective = 0.0, ce = 0.0, conf_loss = 0.0, probe_loss = 0.0, margin = INFINITY;
-    int t, e, i, j, d, counted = 0, rows = 0;
+    double group_ce[FLEXMOE_GATE_MAX_GROUPS] = {0.0};
+    int counted[FLEXMOE_GATE_MAX_GROUPS] = {0};
+    int t, e, i, j, d, rows = 0;
     for (t = 0; t < T; t++)
         for (e = 0; e < E; e++) {
             double c = 0.0, r = 0.0;
@@ -190,15 +193,15 @@ static double reference(const problem *p, const frozen *fz, outputs *out) {
         } else {
             for (i = 0; i < K; i++) load[(size_t)p->group[t] * E + top[i]] += 1.0;
         }
-        if (p->combination[t] > 0) { /* the S-Router term */
+        if (p->combination[t] > 0) { /* the S-Router term, a mean per group */
             double lmax = l[0], lsum = 0.0;
             for (e = 1; e < E; e++) lmax = fmax(lmax, l[e]);
             for (e = 0; e < E; e++) lsum += exp(l[e] - lmax);
-            ce += lmax + log(lsum) - l[p->combination[t] % E];
-            counted++;
+            group_ce[p->group[t]] += lmax + log(lsum) - l[p->combination[t] % E];
+            counted[p->group[t]]++;
         }
     }
-    ce = counted ? ce / counted : 0.0;
+    for (i = 0; i < G; i++) ce += counted[i] ? group_ce[i] / counted[i] : 0.0;
     /* capacity, by position */
     {
         const double f = cfg->desc.capacity_factor;
@@ -504,6 +507,10 @@ static config small_config(fm_gate_kind kind, int training) {
     c.desc.top_k = fm_test_int(1, c.desc.experts < 4 ? c.desc.experts : 4), c.desc.gate = kind;
     c.desc.gelu = (fm_gelu)fm_test_int(0, 1);
     c.tokens = fm_test_int(1, 24), c.training = training, c.max_combination = 2 * c.desc.experts;
+    {
+        static const int group_counts[4] = {0, 1, 4, FLEXMOE_GATE_MAX_GROUPS}; /* 0: Flex-MoE's two */
+        c.desc.groups = group_counts[fm_test_int(0, 3)];
+    }
     c.weights.gate = 0.5f;
     if (kind == FM_GATE_CONFIDENCE) {
         c.desc.classes = 3, c.labels = 1;
@@ -597,7 +604,7 @@ static void check_errors(void) {
     FM_CHECK(fm_moe_forward(&cfg.desc, &r.params, &r.batch, r.y, 0, r.saved, r.workspace, NULL) == FM_ERR_INVALID_ARGUMENT,
              "a negative combination");
     p.combination[p.T - 1] = keep;
-    keep = p.group[0], p.group[0] = 2;
+    keep = p.group[0], p.group[0] = p.G;
     FM_CHECK(fm_moe_forward(&cfg.desc, &r.params, &r.batch, r.y, 0, r.saved, r.workspace, NULL) == FM_ERR_INVALID_ARGUMENT,
              "a token group >= groups");
     p.group[0] = keep;

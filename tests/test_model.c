@@ -182,7 +182,7 @@ static void new_batch(const fm_model *model, const model_case *mc, batch_data *b
     for (m = 0; m < M; m++)
         for (t = 0; t < T; t++)
             for (e = 0; e < c->experts; e++)
-                bd->noise[((size_t)m * T + t) * c->experts + e] = fm_gate_noise(fm_model_noise_seed(&bd->batch, m), (uint64_t)t, e);
+                bd->noise[((size_t)m * T + t) * c->experts + e] = fm_gate_noise(fm_model_noise_seed(&bd->batch), (uint64_t)m * T + (uint64_t)t, e);
 }
 
 static void free_batch(batch_data *bd) {
