@@ -3259,10 +3259,27 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
     return FM_OK;
 }
 
-fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
-                                 const fm_expert_ffn_params *params, const float *x, int ldx, const float *pre,
-                                 int ldp, const float *hidden, int ldh, const float *dy, int lddy, float *dx,
-                                 int lddx, const fm_expert_ffn_grads *grads, float *d_hidden, int lddh) {
+/* Every expert's W^T (out_features x in_features), packed, from its packed W: dx = dy . W^T then
+ * runs on the forward's loops, for a caller that has the room (fm_packed_weight_floats(out, in)
+ * floats per expert). */
+static void fm__transpose_packed(const fm__kernel_table *kernels, int experts, int in_features, int out_features,
+                                 const float *packed, float *transposed) {
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features),
+                 per_transposed = fm_packed_weight_floats(out_features, in_features);
+    int e, q;
+    for (e = 0; e < experts; e++)
+        for (q = 0; q < fm__gemm_panels(in_features); q++)
+            kernels->gemm_transpose_block(packed + e * per_expert, in_features, q * FM_GEMM_PANEL, 0, out_features,
+                                          transposed + e * per_transposed + (size_t)q * out_features * FM_GEMM_PANEL);
+}
+
+/* fm_expert_ffn_backward, with the experts' W1^T and W2^T (fm__transpose_packed) when the caller
+ * has them (NULL: dx and dH from transposed blocks of W, made as they are needed). */
+static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                         const fm_expert_ffn_params *params, const float *w1_t, const float *w2_t,
+                                         const float *x, int ldx, const float *pre, int ldp, const float *hidden, int ldh,
+                                         const float *dy, int lddy, float *dx, int lddx, const fm_expert_ffn_grads *grads,
+                                         float *d_hidden, int lddh) {
     static const fm_expert_ffn_grads none = {NULL, NULL, NULL, NULL};
     const fm__kernel_table *kernels;
     int rows, e;
@@ -3308,17 +3325,32 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
             for (p = 0; gw2 && p < fm__gemm_panels(D); p++)
                 fm__gemm_dw_panel(kernels, m, H, D, p, h_r, ld_h, dy_r, lddy, gw2 + (size_t)p * H * FM_GEMM_PANEL, more);
             if (gb2) fm__gemm_db_rows(kernels, m, D, dy_r, lddy, gb2, more);
-            fm__gemm_dx_rows(kernels, m, H, D, dy_r, lddy, w2, dh_r, lddh);
+            if (w2_t)
+                fm__gemm_rows(kernels, m, D, H, dy_r, lddy, w2_t + e * fm_packed_weight_floats(D, H), NULL, dh_r, lddh,
+                              desc->gelu, NULL, 0);
+            else fm__gemm_dx_rows(kernels, m, H, D, dy_r, lddy, w2, dh_r, lddh);
             for (i = 0; i < m; i++)
                 kernels->gelu_row(H, desc->gelu, pre_r + (size_t)i * ldp, dh_r + (size_t)i * lddh, dh_r + (size_t)i * lddh);
             for (p = 0; gw1 && p < fm__gemm_panels(H); p++)
                 fm__gemm_dw_panel(kernels, m, D, H, p, x + (size_t)r * ldx, ldx, dh_r, lddh,
                                   gw1 + (size_t)p * D * FM_GEMM_PANEL, more);
             if (gb1) fm__gemm_db_rows(kernels, m, H, dh_r, lddh, gb1, more);
-            if (dx) fm__gemm_dx_rows(kernels, m, D, H, dh_r, lddh, w1, dx + (size_t)r * lddx, lddx);
+            if (dx && w1_t)
+                fm__gemm_rows(kernels, m, H, D, dh_r, lddh, w1_t + e * fm_packed_weight_floats(H, D), NULL,
+                              dx + (size_t)r * lddx, lddx, desc->gelu, NULL, 0);
+            else if (dx)
+                fm__gemm_dx_rows(kernels, m, D, H, dh_r, lddh, w1, dx + (size_t)r * lddx, lddx);
         }
     }
     return FM_OK;
+}
+
+fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *offsets,
+                                 const fm_expert_ffn_params *params, const float *x, int ldx, const float *pre,
+                                 int ldp, const float *hidden, int ldh, const float *dy, int lddy, float *dx,
+                                 int lddx, const fm_expert_ffn_grads *grads, float *d_hidden, int lddh) {
+    return fm__expert_ffn_backward(desc, offsets, params, NULL, NULL, x, ldx, pre, ldp, hidden, ldh, dy, lddy, dx, lddx,
+                                   grads, d_hidden, lddh);
 }
 
 /* ==== 14. The SMoE layer =================================================================== */
@@ -3402,7 +3434,7 @@ typedef struct fm__moe_views {
     int32_t *indices, *targets, *group, *counts, *offsets, *order, *position, *dropped;
     /* workspace */
     float *gate_workspace, *dye, *d_gates, *d_hidden, *dxe, *d_clean, *d_noise, *d_routing, *d_importance, *d_load,
-        *dx_residual, *dh;
+        *dx_residual, *dh, *w1_t, *w2_t;
 } fm__moe_views;
 
 /* Regions of a buffer, each 64-byte aligned; with base NULL it only measures. */
@@ -3473,6 +3505,8 @@ static size_t fm__moe_workspace_layout(const fm__moe_config *c, int tokens, unsi
     v->d_load = (float *)fm__moe_take(base, &w, G * E, 4);
     v->dx_residual = confident ? (float *)fm__moe_take(base, &w, T * D, 4) : NULL;
     v->dh = confident ? (float *)fm__moe_take(base, &w, slots * D, 4) : NULL;
+    v->w1_t = (float *)fm__moe_take(base, &w, E * fm_packed_weight_floats((int)H, (int)D), 4);
+    v->w2_t = (float *)fm__moe_take(base, &w, E * fm_packed_weight_floats((int)D, (int)H), 4);
     return w;
 }
 
@@ -3806,8 +3840,11 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
         fm_expert_ffn_grads fg;
         fp.w1 = params->w1, fp.b1 = params->b1, fp.w2 = params->w2, fp.b2 = params->b2;
         fg.w1 = grads->w1, fg.b1 = grads->b1, fg.w2 = grads->w2, fg.b2 = grads->b2;
-        if ((status = fm_expert_ffn_backward(&fd, v.offsets, &fp, v.xe, D, v.pre, H, v.hidden, H, v.dye, D, v.dxe, D, &fg,
-                                             v.d_hidden, H)) != FM_OK)
+        /* W1^T and W2^T once per call: dH and dx then run on the forward's loops */
+        fm__transpose_packed(kernels, E, D, H, params->w1, v.w1_t);
+        fm__transpose_packed(kernels, E, H, D, params->w2, v.w2_t);
+        if ((status = fm__expert_ffn_backward(&fd, v.offsets, &fp, v.w1_t, v.w2_t, v.xe, D, v.pre, H, v.hidden, H, v.dye, D,
+                                              v.dxe, D, &fg, v.d_hidden, H)) != FM_OK)
             return status;
     }
     if (plan.rows > 0) {
