@@ -676,7 +676,7 @@ typedef struct fm_moe_desc {
     int hidden;                 /* each expert's hidden width; 0: 2 * dim */
     int experts;                /* 0: 16; <= FLEXMOE_GATE_MAX_EXPERTS */
     int top_k;                  /* 0: 4; <= min(experts, FLEXMOE_GATE_MAX_TOP_K) */
-    int groups;                 /* token groups of the balance term; 0: 2; <= FLEXMOE_GATE_MAX_GROUPS */
+    int groups;                 /* token groups of the gate loss's terms; 0: 2; <= FLEXMOE_GATE_MAX_GROUPS */
     fm_gate_kind gate;          /* 0: FM_GATE_NOISY_TOPK */
     fm_gelu gelu;               /* 0: FM_GELU_ERF */
     float noise_epsilon;        /* noisy gate: std = softplus(x W_noise) + this; 0: 0.01 */
@@ -898,6 +898,18 @@ const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name);
  * t = (m * samples + s) * patches + p, and its noise for expert e is
  * fm_gate_noise(fm_model_noise_seed(batch), t, e). */
 uint64_t fm_model_noise_seed(const fm_model_batch *batch);
+
+/* Where a training forward applies dropout. */
+typedef enum fm_model_dropout_site {
+    FM_DROPOUT_ATTENTION = 0, /* the attention block's output: samples x M * patches x dim, token order */
+    FM_DROPOUT_MOE            /* the SMoE's output: M x samples * patches x dim, chunk-major */
+} fm_model_dropout_site;
+
+/* The dropout a training forward of this batch applies at a site (to inspect it, or to check a
+ * reference against): mask (samples * M * patches * dim floats) receives each element's factor,
+ * 0 or 1 / (1 - dropout); all 1 when the model has no dropout. */
+fm_status fm_model_dropout_mask(const fm_model *model, const fm_model_batch *batch, fm_model_dropout_site site,
+                                float *mask);
 
 /* Forward: logits (samples x classes, optional) and, with labels, the losses (optional). The
  * activations stay in the model for fm_model_backward of the same batch. */
@@ -4267,13 +4279,15 @@ static void fm__linear_backward(const fm__kernel_table *kernels, int rows, int i
     }
 }
 
-/* Inverted dropout of n floats in place (the same mask for the values and their gradients):
- * keep with probability 1 - p, scaled by 1 / (1 - p); index0 numbers the floats in the stream. */
-static void fm__dropout(const fm_model_batch *b, int purpose, float p, uint64_t index0, int n, float *v) {
-    const float scale = 1.0f / (1.0f - p);
+/* Inverted dropout's factor for element i of a site: 0 with probability p, else 1 / (1 - p). */
+static float fm__dropout_factor(const fm_model_batch *b, int purpose, float p, uint64_t i) {
+    return fm__stream_uniform(b->seed, b->step, purpose, i) < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
+/* Dropout of a site's n floats in place (the same mask for the values and their gradients). */
+static void fm__dropout(const fm_model_batch *b, int purpose, float p, int n, float *v) {
     int i;
-    for (i = 0; i < n; i++)
-        v[i] = fm__stream_uniform(b->seed, b->step, purpose, index0 + (uint64_t)i) < p ? 0.0f : v[i] * scale;
+    for (i = 0; i < n; i++) v[i] *= fm__dropout_factor(b, purpose, p, (uint64_t)i);
 }
 
 static fm_status fm__model_check_batch(const char *caller, const fm_model *model, const fm_model_batch *b) {
@@ -4353,6 +4367,21 @@ static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_ba
     return mb;
 }
 
+fm_status fm_model_dropout_mask(const fm_model *model, const fm_model_batch *b, fm_model_dropout_site site, float *mask) {
+    fm_status status;
+    size_t i, n;
+    float p;
+    if ((status = fm__model_check_batch("fm_model_dropout_mask", model, b)) != FM_OK) return status;
+    if (!mask) return FM_ERR_NULL_POINTER;
+    if (site != FM_DROPOUT_ATTENTION && site != FM_DROPOUT_MOE) return FM_ERR_INVALID_ARGUMENT;
+    n = (size_t)b->samples * model->config.modalities * model->config.patches * model->config.dim;
+    p = fm__model_dropout(&model->config);
+    for (i = 0; i < n; i++)
+        mask[i] = p > 0.0f ? fm__dropout_factor(b, site == FM_DROPOUT_ATTENTION ? FM__STREAM_DROPOUT_ATTENTION : FM__STREAM_DROPOUT_MOE, p, i)
+                           : 1.0f;
+    return FM_OK;
+}
+
 fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logits, fm_model_losses *losses) {
     static const char caller[] = "fm_model_forward";
     const fm__kernel_table *kernels;
@@ -4430,7 +4459,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                        fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
     memcpy(s->x1, s->attention, R * d * sizeof(float));
-    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), 0, (int)(R * d), s->x1);
+    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), (int)(R * d), s->x1);
     if (!c->no_attention_residual) kernels->axpy((int)(R * d), 1.0f, s->x0, s->x1);
     /* the SMoE over every chunk's rows, gathered chunk-major */
     {
@@ -4451,7 +4480,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
             return status;
         gate = stats.gate_loss;
         if (b->training && fm__model_dropout(c) > 0.0f)
-            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), 0, (int)(R * d), s->chunk_out);
+            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (int)(R * d), s->chunk_out);
         memcpy(s->x2, s->x1, R * d * sizeof(float));
         for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
@@ -4542,7 +4571,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                 memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
                        (size_t)P * d * sizeof(float));
         if (b->training && fm__model_dropout(c) > 0.0f)
-            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), 0, (int)(R * d), s->d_chunk);
+            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (int)(R * d), s->d_chunk);
         if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved, s->d_chunk, d, &weights, s->d_tmp, d, &mg,
                                       s->moe_workspace)) != FM_OK)
             return status;
@@ -4557,7 +4586,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     }
     /* attention: d_x is now d x1; the branch's gradient goes to d_tmp */
     memcpy(s->d_tmp, s->d_x, R * d * sizeof(float));
-    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), 0, (int)(R * d), s->d_tmp);
+    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), (int)(R * d), s->d_tmp);
     if (c->no_attention_residual) memset(s->d_x, 0, R * d * sizeof(float));
     fm__linear_backward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                         s->d_tmp, d, s->d_context, d, 0, fm__model_param(model, g, "attention.out.weight"),

@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """PyTorch reference of the Flex-MoE model (one transformer layer with a sparse MoE), llm.c style:
 a C test writes the parameters and a batch into a safetensors file, this script runs the forward
-and the backward in float64 (float32 with --float32), dropout off, and writes the logits, the
-losses, a few activations and every parameter's gradient into another file to compare against.
+and the backward in float64 (float32 with --float32), dropout off unless the batch gives its masks,
+and writes the logits, the losses, a few activations and every parameter's gradient into another
+file to compare against.
 
     tests/model_reference.py IN.safetensors OUT.safetensors [--float32]
     tests/model_reference.py --selftest [--seed N]
@@ -25,21 +26,29 @@ stored [in, out]: y = x @ W + b):
     head.weight [M * d, C], head.bias [C]
 and the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored),
 input.observed I32 [B, M] (0/1), input.labels I32 [B], and optionally input.class_weights F32 [C],
-input.gate_noise F32 [M, B * patches, E] (the gate's N(0, 1) draws; present = training gate) and
-input.combination I32 [B] (checked against the index computed from input.observed).
+input.gate_noise F32 [M, B * patches, E] (the gate's N(0, 1) draws; present = training gate),
+input.combination I32 [B] (checked against the index computed from input.observed) and the dropout
+masks, each optional on its own (absent = no dropout there): finite factors (0 or 1/(1-p) for rate
+p, any finite value accepted) multiplying a residual branch's output elementwise before the residual:
+    input.dropout.attention F32 [B, M * patches, d]   the attention's output a (after the output
+                                                      projection and its bias): x + mask * a, or
+                                                      mask * a without attention_residual
+    input.dropout.moe F32 [M, B * patches, d]         chunk m's SMoE output y (rows b * patches + p,
+                                                      as input.gate_noise): x + mask[m] * y
 
 Model. A sample's combination index c numbers its set of observed modalities in Flex-MoE's order:
 by size M, M-1, ..., 1, each size in lexicographic order (0 = all modalities). Each observed
 modality's features, zero-padded to patches * P_m, become patches rows of P_m values, encoded by
 its linear encoder into patches tokens; a missing modality takes bank[c, m]. The M * patches tokens
 plus the position embedding go through pre-LN multi-head attention (with the residual when
-attention_residual), then each modality's chunk of tokens through x + SMoE(LayerNorm(x)): FastMoE's
-noisy top-k gate (noisy = clean + noise * (softplus(x W_noise) + noise_epsilon) in training), the
-top k experts GELU(x W1 + b1) W2 + b2 weighted by the softmax of their noisy logits, and Flex-MoE's
-gate loss: the cross-entropy of the noisy logits toward c mod E over the tokens of samples missing
-a modality, plus cv^2 of the experts' importance and load per token group (full-modality samples,
-the others). Mean-pooling each chunk and a linear head give the logits; loss = cross-entropy
-(class-weighted when given) + gate_loss_weight * the sum of the chunks' gate losses.
+attention_residual), then each modality's chunk of tokens through x + SMoE(LayerNorm(x)) (each
+branch times its dropout mask when given): FastMoE's noisy top-k gate (noisy = clean + noise *
+(softplus(x W_noise) + noise_epsilon) in training), the top k experts GELU(x W1 + b1) W2 + b2
+weighted by the softmax of their noisy logits, and Flex-MoE's gate loss: the cross-entropy of the
+noisy logits toward c mod E over the tokens of samples missing a modality, plus cv^2 of the
+experts' importance and load per token group (full-modality samples, the others). Mean-pooling each
+chunk and a linear head give the logits; loss = cross-entropy (class-weighted when given) +
+gate_loss_weight * the sum of the chunks' gate losses.
 
 Output (F64, or F32 with --float32): out.logits [B, C], out.loss, out.task_loss, out.gate_loss [],
 act.tokens, act.attention, act.moe [B, M * patches, d] (the tokens after the embedding, the
@@ -246,8 +255,13 @@ def input_specs(cfg, batch_size):
         "input.class_weights": (torch.float32, (cfg.classes,), False),
         "input.gate_noise": (torch.float32, (M, B * cfg.patches, cfg.experts), False),
         "input.combination": (torch.int32, (B,), False),
+        "input.dropout.attention": (torch.float32, (B, M * cfg.patches, cfg.dim), False),
+        "input.dropout.moe": (torch.float32, (M, B * cfg.patches, cfg.dim), False),
     })
     return specs
+
+
+DROPOUT_MASKS = ("input.dropout.attention", "input.dropout.moe")
 
 
 def check_tensors(tensors, specs):
@@ -282,12 +296,14 @@ def combination_indices(observed):
 @dataclasses.dataclass
 class Batch:
     """A checked batch, floating-point tensors in the compute dtype."""
-    features: list                         # [B, F_m] per modality
-    observed: torch.Tensor                 # [B, M] bool
-    combination: torch.Tensor              # [B] long
-    labels: torch.Tensor                   # [B] long
-    class_weights: Optional[torch.Tensor]  # [C]; None: unweighted
-    gate_noise: Optional[torch.Tensor]     # [M, B * patches, E]; None: the inference gate
+    features: list                             # [B, F_m] per modality
+    observed: torch.Tensor                     # [B, M] bool
+    combination: torch.Tensor                  # [B] long
+    labels: torch.Tensor                       # [B] long
+    class_weights: Optional[torch.Tensor]      # [C]; None: unweighted
+    gate_noise: Optional[torch.Tensor]         # [M, B * patches, E]; None: the inference gate
+    dropout_attention: Optional[torch.Tensor]  # [B, M * patches, d]; None: no attention dropout
+    dropout_moe: Optional[torch.Tensor]        # [M, B * patches, d]; None: no SMoE dropout
 
 
 def check_batch_values(cfg, tensors):
@@ -311,6 +327,17 @@ def check_batch_values(cfg, tensors):
     return computed
 
 
+def check_finite(tensors, names):
+    """Every value of the named tensors that are present finite."""
+    for name in names:
+        if name in tensors:
+            bad = (~torch.isfinite(tensors[name])).nonzero()
+            if len(bad):
+                entry = bad[0].tolist()
+                raise InputError(f"tensor '{name}': entry {entry} is {tensors[name][tuple(entry)].item()}, "
+                                 "expected a finite value")
+
+
 def load_problem(path, dtype):
     """The Config, the config's JSON text, the parameters (name -> tensor in dtype) and the Batch of
     an input file, every tensor and value checked."""
@@ -323,6 +350,7 @@ def load_problem(path, dtype):
         raise InputError(f"tensor 'input.observed' has shape {list(observed.shape)}, expected [B, {cfg.modalities}]")
     check_tensors(tensors, input_specs(cfg, observed.shape[0]))
     combination = check_batch_values(cfg, tensors)
+    check_finite(tensors, DROPOUT_MASKS)
 
     def optional(name):
         return tensors[name].to(dtype) if name in tensors else None
@@ -331,7 +359,8 @@ def load_problem(path, dtype):
     batch = Batch(features=[tensors[f"input.features.{m}"].to(dtype) for m in range(cfg.modalities)],
                   observed=observed.bool(), combination=combination,
                   labels=tensors["input.labels"].long(), class_weights=optional("input.class_weights"),
-                  gate_noise=optional("input.gate_noise"))
+                  gate_noise=optional("input.gate_noise"),
+                  dropout_attention=optional("input.dropout.attention"), dropout_moe=optional("input.dropout.moe"))
     return cfg, metadata["config"], params, batch
 
 
@@ -352,9 +381,14 @@ def embed(cfg, p, batch):
     return torch.cat(blocks, dim=1) + p["position"]
 
 
-def attention(cfg, p, x):
-    """Pre-LN multi-head self-attention over every token of a sample, with the residual when
-    cfg.attention_residual."""
+def apply_dropout(x, mask):
+    """x times the dropout mask's factors; x itself when there is no mask."""
+    return x if mask is None else mask * x
+
+
+def attention(cfg, p, x, mask):
+    """Pre-LN multi-head self-attention over every token of a sample, its output times the dropout
+    mask (None: none), with the residual when cfg.attention_residual."""
     B, T, d = x.shape
     width = d // cfg.heads
     h = F.layer_norm(x, (d,), p["attention.norm.weight"], p["attention.norm.bias"], cfg.layernorm_eps)
@@ -365,7 +399,7 @@ def attention(cfg, p, x):
 
     scores = split_heads(h @ p["attention.q.weight"]) @ split_heads(k).transpose(-1, -2) / math.sqrt(width)
     out = (scores.softmax(dim=-1) @ split_heads(v)).transpose(1, 2).reshape(B, T, d)
-    a = out @ p["attention.out.weight"] + p["attention.out.bias"]
+    a = apply_dropout(out @ p["attention.out.weight"] + p["attention.out.bias"], mask)
     return x + a if cfg.attention_residual else a
 
 
@@ -445,7 +479,7 @@ def forward(cfg, p, batch):
     except the gradients, ranking [M, B * patches, min(k + 1, E)] each chunk's experts, best first."""
     B, P, d = batch.observed.shape[0], cfg.patches, cfg.dim
     tokens = embed(cfg, p, batch)
-    x = attention(cfg, p, tokens)
+    x = attention(cfg, p, tokens, batch.dropout_attention)
     row_combination = batch.combination.repeat_interleave(P)
     chunks, gate_losses, rankings = [], [], []
     for m in range(cfg.modalities):
@@ -453,7 +487,8 @@ def forward(cfg, p, batch):
         u = F.layer_norm(t, (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
         noise = None if batch.gate_noise is None else batch.gate_noise[m]
         y, gate_loss, ranking = smoe(cfg, p, u, row_combination, noise)
-        chunks.append((t + y).view(B, P, d))
+        mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
+        chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
         gate_losses.append(gate_loss)
         rankings.append(ranking)
     moe = torch.cat(chunks, dim=1)
@@ -494,14 +529,16 @@ SELFTEST_OBSERVED = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]]
 FD_STEP = 1e-6
 FD_TOLERANCE = 1e-6      # of each tensor's largest gradient
 FD_ENTRIES = 6           # perturbed entries per parameter
+SELFTEST_DROPOUT = 0.5   # the rate p of the selftest's dropout masks
 # Scaled by 1/sqrt(fan-in) in the selftest's problem (the others are N(0, 0.25)).
 DENSE_WEIGHTS = ("attention.q.weight", "attention.kv.weight", "attention.out.weight", "moe.gate.weight",
                  "moe.noise.weight", "moe.w1", "moe.w2", "head.weight")
 
 
-def selftest_problem(generator, training):
+def selftest_problem(generator, training, dropout=False):
     """Random F32 parameters and a batch of SELFTEST_CONFIG as name -> tensor: NaN features where a
-    modality is missing, class weights, the combination indices and, when training, gate noise."""
+    modality is missing, class weights, the combination indices, when training gate noise and, with
+    dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
     cfg = parse_config({"config": json.dumps(SELFTEST_CONFIG)})
 
     def normal(*shape, scale=1.0):
@@ -524,6 +561,11 @@ def selftest_problem(generator, training):
     tensors["input.combination"] = combination_indices(observed.bool()).int()
     if training:
         tensors["input.gate_noise"] = normal(cfg.modalities, B * cfg.patches, cfg.experts)
+    if dropout:
+        specs = input_specs(cfg, B)
+        for name in DROPOUT_MASKS:
+            keep = torch.rand(specs[name][1], generator=generator) >= SELFTEST_DROPOUT
+            tensors[name] = keep / (1 - SELFTEST_DROPOUT)
     return tensors
 
 
@@ -652,12 +694,14 @@ def finite_difference_check(in_path, outputs, generator):
     return failures, checked, skipped, worst
 
 
-def check_model(tmp, generator, training):
-    """The CLI on a random problem in float64 (output names, shapes, finiteness, finite differences
-    of every parameter) and in float32 (close to float64, same routing)."""
-    mode = "training" if training else "inference"
+def check_model(tmp, generator, training, dropout=False):
+    """The CLI on a random problem (with dropout masks when dropout) in float64 (output names,
+    shapes, finiteness, finite differences of every parameter) and in float32 (close to float64,
+    same routing)."""
+    mode = ("training" if training else "inference") + ".dropout" * dropout
     in_path, out64, out32 = (os.path.join(tmp, f"{mode}.{n}.safetensors") for n in ("in", "f64", "f32"))
-    write_safetensors(in_path, selftest_problem(generator, training), {"config": json.dumps(SELFTEST_CONFIG)})
+    write_safetensors(in_path, selftest_problem(generator, training, dropout),
+                      {"config": json.dumps(SELFTEST_CONFIG)})
     cfg = parse_config({"config": json.dumps(SELFTEST_CONFIG)})
     start = time.perf_counter()
     status, stderr = call_main([in_path, out64])
@@ -694,6 +738,67 @@ def check_model(tmp, generator, training):
     return failures, detail
 
 
+def cli_outputs(tmp, tensors, config):
+    """The CLI's float64 output tensors on an input of tensors and config (a dict); None and the
+    failure when it does not exit with status 0."""
+    in_path, out_path = (os.path.join(tmp, f"cli.{n}.safetensors") for n in ("in", "out"))
+    write_safetensors(in_path, tensors, {"config": json.dumps(config)})
+    status, stderr = call_main([in_path, out_path])
+    if status != 0:
+        return None, f"exit status {status}: {stderr.strip()}"
+    return read_safetensors(out_path)[0], None
+
+
+def chunk_major(mask, batch_size):
+    """The SMoE's dropout mask [M, B * patches, d] in the token layout [B, M * patches, d]."""
+    M, rows, d = mask.shape
+    return mask.view(M, batch_size, rows // batch_size, d).transpose(0, 1).reshape(batch_size, -1, d)
+
+
+def dropout_failures(tmp, tensors, config, generator):
+    """check_dropout for one config: the CLI without masks, with masks of ones, and with each mask
+    alone holding zeros at 10% of its entries (ones elsewhere)."""
+    cfg = parse_config({"config": json.dumps(config)})
+    B = len(SELFTEST_OBSERVED)
+    specs = input_specs(cfg, B)
+    sparse = {name: (torch.rand(specs[name][1], generator=generator) >= 0.1).float() for name in DROPOUT_MASKS}
+    inputs = {"no masks": {}, "masks of ones": {name: torch.ones(specs[name][1]) for name in DROPOUT_MASKS}}
+    inputs.update({name: {name: mask} for name, mask in sparse.items()})
+    runs, failures = {}, []
+    for label, masks in inputs.items():
+        runs[label], failure = cli_outputs(tmp, dict(tensors, **masks), config)
+        if failure:
+            failures.append(f"{label}: {failure}")
+    if failures:
+        return failures
+    plain = runs["no masks"]
+    failures += [f"masks of ones change '{name}'"
+                 for name, tensor in runs["masks of ones"].items() if not torch.equal(tensor, plain[name])]
+    residual = plain["act.tokens"] if cfg.attention_residual else torch.zeros_like(plain["act.tokens"])
+    expected = {"input.dropout.attention": ("act.attention", residual, plain["act.attention"]),
+                "input.dropout.moe": ("act.moe", plain["act.attention"], plain["act.moe"])}
+    dropped = {"input.dropout.attention": sparse["input.dropout.attention"] == 0,
+               "input.dropout.moe": chunk_major(sparse["input.dropout.moe"], B) == 0}
+    for name, (activation, if_dropped, if_kept) in expected.items():
+        if not torch.equal(runs[name][activation], torch.where(dropped[name], if_dropped, if_kept)):
+            failures.append(f"'{name}' with zeros: {activation} is not the residual where it is 0 and "
+                            "the output without masks where it is 1")
+    return failures
+
+
+def check_dropout(tmp, generator):
+    """With and without attention_residual: masks of ones give exactly the outputs and gradients of
+    no masks, and a mask's zeros leave exactly the residual (x, or 0 without attention_residual, in
+    act.attention; act.attention in act.moe), its ones the output without masks."""
+    tensors = selftest_problem(generator, training=True)
+    failures = []
+    for residual in (True, False):
+        config = dict(SELFTEST_CONFIG, attention_residual=residual)
+        failures += [f"attention_residual {residual}: {f}" for f in dropout_failures(tmp, tensors, config, generator)]
+    return failures, ("masks of ones change no output or gradient, zeros leave exactly the residual in "
+                      "act.attention and act.moe, with and without attention_residual")
+
+
 def check_errors(tmp, generator):
     """Malformed inputs: exit status 1 and a message naming the tensor."""
     cases = {
@@ -701,17 +806,20 @@ def check_errors(tmp, generator):
         "position": lambda t: t.update(position=torch.zeros(t["position"].shape[0], t["position"].shape[1] + 1)),
         "input.observed": lambda t: t["input.observed"][2].zero_(),
         "input.combination": lambda t: t["input.combination"][1:2].add_(1),
+        "input.dropout.moe": lambda t: t.update({"input.dropout.moe": t["input.dropout.moe"][..., 1:]}),
+        "input.dropout.attention": lambda t: t["input.dropout.attention"][1, 2, 3].fill_(math.inf),
     }
     failures = []
     for name, corrupt in cases.items():
-        tensors = selftest_problem(generator, training=True)
+        tensors = selftest_problem(generator, training=True, dropout=True)
         corrupt(tensors)
         path = os.path.join(tmp, "bad.safetensors")
         write_safetensors(path, tensors, {"config": json.dumps(SELFTEST_CONFIG)})
         status, stderr = call_main([path, os.path.join(tmp, "bad.out.safetensors")])
         if status != 1 or f"'{name}'" not in stderr:
             failures.append(f"bad '{name}': exit status {status}, message {stderr.strip()!r}")
-    return failures, "missing tensor, wrong shape, no observed modality, wrong combination: status 1, tensor named"
+    return failures, ("missing tensor, wrong shape (a parameter, a dropout mask), no observed modality, wrong "
+                      "combination, infinite dropout factor: status 1, tensor named")
 
 
 def selftest(seed):
@@ -724,6 +832,8 @@ def selftest(seed):
         results.append(("safetensors",) + check_safetensors(tmp))
         results.append(("training gate",) + check_model(tmp, generator, training=True))
         results.append(("inference gate",) + check_model(tmp, generator, training=False))
+        results.append(("training gate, dropout",) + check_model(tmp, generator, training=True, dropout=True))
+        results.append(("dropout masks",) + check_dropout(tmp, generator))
         results.append(("errors",) + check_errors(tmp, generator))
     failed = [name for name, failures, _ in results if failures]
     for name, failures, detail in results:

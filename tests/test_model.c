@@ -1,8 +1,8 @@
 /* The Flex-MoE model (fm_model_*) against its PyTorch reference, llm.c's check against a
  * PyTorch debug state: this program writes a model's parameters and a batch into a safetensors
  * file, tests/model_reference.py (Debian's python3-torch) runs the same model in float64 with
- * dropout off and the same gate noise, and every path's logits, losses and every parameter
- * gradient must agree within 1e-4 of each tensor's largest value. The reference checks its own
+ * the same gate noise and dropout masks (or none), and every path's logits, losses and every
+ * parameter gradient must agree within 1e-4 of each tensor's largest value. The reference checks its own
  * gradients against central differences in double (its --selftest, also run here), so the
  * model's backward is checked against finite differences of the double-precision model too.
  * Also: the combination order, the tensor table, the arenas, initialisation and the errors.
@@ -135,7 +135,7 @@ typedef struct model_case {
 } model_case;
 
 typedef struct batch_data {
-    float *features[FLEXMOE_MODEL_MAX_MODALITIES], *class_weights, *noise;
+    float *features[FLEXMOE_MODEL_MAX_MODALITIES], *class_weights, *noise, *dropout[2];
     uint8_t *observed;
     int32_t *observed32, *labels, *combination;
     fm_model_batch batch;
@@ -183,12 +183,33 @@ static void new_batch(const fm_model *model, const model_case *mc, batch_data *b
         for (t = 0; t < T; t++)
             for (e = 0; e < c->experts; e++)
                 bd->noise[((size_t)m * T + t) * c->experts + e] = fm_gate_noise(fm_model_noise_seed(&bd->batch), (uint64_t)m * T + (uint64_t)t, e);
+    if (mc->training && c->dropout > 0.0f) { /* the masks the model applies, for the reference */
+        const size_t n = (size_t)T * M * c->dim;
+        for (m = 0; m < 2; m++) {
+            bd->dropout[m] = (float *)malloc(n * sizeof(float));
+            FM_CHECK(fm_model_dropout_mask(model, &bd->batch, (fm_model_dropout_site)m, bd->dropout[m]) == FM_OK,
+                     "%s: fm_model_dropout_mask", mc->name);
+        }
+        {
+            const float keep = 1.0f / (1.0f - c->dropout);
+            size_t i, dropped = 0, other = 0, same = 0;
+            for (i = 0; i < n; i++) {
+                dropped += bd->dropout[0][i] == 0.0f;
+                other += bd->dropout[0][i] != 0.0f && bd->dropout[0][i] != keep;
+                same += bd->dropout[0][i] == bd->dropout[1][i];
+            }
+            FM_CHECK(other == 0 && fabs((double)dropped / n - c->dropout) < 0.05 && same < n * 3 / 4,
+                     "%s: the masks are not inverted dropout at %g, independent per site (%zu of %zu dropped)", mc->name,
+                     (double)c->dropout, dropped, n);
+        }
+    }
 }
 
 static void free_batch(batch_data *bd) {
     int m;
     for (m = 0; m < FLEXMOE_MODEL_MAX_MODALITIES; m++) free(bd->features[m]);
     free(bd->class_weights), free(bd->noise), free(bd->observed), free(bd->observed32), free(bd->labels), free(bd->combination);
+    free(bd->dropout[0]), free(bd->dropout[1]);
 }
 
 /* Runs the reference on the model's parameters and the batch; the output file's contents. */
@@ -232,6 +253,12 @@ static int run_reference(const fm_model *model, const model_case *mc, const batc
     if (bd->class_weights) tensors[count++] = (st_tensor){"input.class_weights", "F32", 1, {c->classes, 0, 0, 0}, bd->class_weights};
     if (mc->training)
         tensors[count++] = (st_tensor){"input.gate_noise", "F32", 3, {c->modalities, mc->samples * c->patches, c->experts, 0}, bd->noise};
+    if (bd->dropout[0]) {
+        tensors[count++] = (st_tensor){"input.dropout.attention", "F32", 3, {mc->samples, c->modalities * c->patches, c->dim, 0},
+                                       bd->dropout[0]};
+        tensors[count++] = (st_tensor){"input.dropout.moe", "F32", 3, {c->modalities, mc->samples * c->patches, c->dim, 0},
+                                       bd->dropout[1]};
+    }
     snprintf(in_path, sizeof in_path, "/tmp/flexmoe_test_model_%d_in.safetensors", (int)getpid());
     snprintf(out_path, sizeof out_path, "/tmp/flexmoe_test_model_%d_out.safetensors", (int)getpid());
     ok = st_write(in_path, tensors, count, config);
@@ -456,7 +483,7 @@ static void check_model_api(void) {
 int main(void) {
     fm_isa isas[FM_ISA_COUNT];
     int n, i, c;
-    model_case cases[3];
+    model_case cases[4];
     const char *given = getenv("FLEXMOE_TEST_SEED");
     fm_test_rng_state = given ? strtoull(given, NULL, 0) : 20261201u;
     printf("test_model: seed %llu (FLEXMOE_TEST_SEED changes it)\n", (unsigned long long)fm_test_rng_state);
@@ -476,10 +503,13 @@ int main(void) {
         static const int views[6] = {76, 216, 64, 240, 47, 6};
         for (i = 0; i < 6; i++) cases[2].desc.features[i] = views[i];
     }
+    /* the first with dropout 0.5 on: its masks (fm_model_dropout_mask) go to the reference */
+    cases[3] = cases[0];
+    cases[3].name = "M3-d16-E4-dropout", cases[3].desc.dropout = 0.0f;
     check_combinations();
     check_model_api();
     n = fm_test_isas(isas);
-    for (c = 0; c < 3; c++)
+    for (c = 0; c < 4; c++)
         for (i = 0; i < n; i++) {
             const uint64_t state = fm_test_rng_state;
             compare_case(&cases[c], isas[i]);
