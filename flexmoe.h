@@ -899,6 +899,23 @@ const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name);
  * fm_gate_noise(fm_model_noise_seed(batch), t, e). */
 uint64_t fm_model_noise_seed(const fm_model_batch *batch);
 
+/* Adam over the whole parameter arena, as PyTorch's torch.optim.Adam computes it (weight decay
+ * added to the gradient, L2 style):
+ *   g = grad + weight_decay * param,  m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2,
+ *   param -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+ * with m and v in model->adam_m and model->adam_v. One loop over the arenas: the packed experts'
+ * padding and the gaps between tensors stay zero. */
+typedef struct fm_adam_desc {
+    float lr;           /* 0: 1e-3 */
+    float beta1, beta2; /* 0: 0.9 and 0.999; in [0, 1) */
+    float eps;          /* 0: 1e-8 */
+    float weight_decay; /* 0: none */
+} fm_adam_desc;
+
+/* One step (step = 1 for the first, counting up) from model->grads. A NaN or infinite gradient
+ * changes nothing: FM_ERR_INVALID_ARGUMENT, and the logger names the tensor and the step. */
+fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t step);
+
 /* Where a training forward applies dropout. */
 typedef enum fm_model_dropout_site {
     FM_DROPOUT_ATTENTION = 0, /* the attention block's output: samples x M * patches x dim, token order */
@@ -4365,6 +4382,54 @@ static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_ba
     mb.training = b->training;
     mb.seed = fm_model_noise_seed(b);
     return mb;
+}
+
+fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t step) {
+    fm_adam_desc d;
+    double correction1, correction2;
+    size_t i;
+    int t;
+    if (!model || !desc) return FM_ERR_NULL_POINTER;
+    if (!model->params) {
+        fm__log(FM_LOG_ERROR, "fm_model_adam_step: the model was not created (fm_model_create)");
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    d = *desc;
+    if (d.lr == 0.0f) d.lr = 1e-3f;
+    if (d.beta1 == 0.0f) d.beta1 = 0.9f;
+    if (d.beta2 == 0.0f) d.beta2 = 0.999f;
+    if (d.eps == 0.0f) d.eps = 1e-8f;
+    if (!(d.lr > 0.0f && d.lr < 1e30f) || !(d.beta1 >= 0.0f && d.beta1 < 1.0f) || !(d.beta2 >= 0.0f && d.beta2 < 1.0f) ||
+        !(d.eps > 0.0f && d.eps < 1e30f) || !(d.weight_decay >= 0.0f && d.weight_decay < 1e30f) || step < 1) {
+        fm__log(FM_LOG_ERROR, "fm_model_adam_step: lr %g and eps %g must be positive, betas %g and %g in [0, 1), "
+                "weight_decay %g >= 0 (all finite), step %lld >= 1", (double)d.lr, (double)d.eps, (double)d.beta1,
+                (double)d.beta2, (double)d.weight_decay, (long long)step);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    for (t = 0; t < model->tensor_count; t++) {
+        const fm_tensor_info *info = &model->tensors[t];
+        for (i = 0; i < info->floats; i++) {
+            const float g = model->grads[info->offset + i];
+            if (!(g - g == 0.0f)) {
+                fm__log(FM_LOG_ERROR, "fm_model_adam_step: step %lld: the gradient of %s is %s at element %zu; nothing updated",
+                        (long long)step, info->name, g != g ? "NaN" : "infinite", i);
+                return FM_ERR_INVALID_ARGUMENT;
+            }
+        }
+    }
+    correction1 = 1.0 - pow((double)d.beta1, (double)step);
+    correction2 = 1.0 - pow((double)d.beta2, (double)step);
+    {
+        const float step_size = (float)(d.lr / correction1), root2 = (float)sqrt(correction2);
+        for (i = 0; i < model->param_floats; i++) {
+            const float g = model->grads[i] + d.weight_decay * model->params[i];
+            const float m = d.beta1 * model->adam_m[i] + (1.0f - d.beta1) * g;
+            const float v = d.beta2 * model->adam_v[i] + (1.0f - d.beta2) * g * g;
+            model->adam_m[i] = m, model->adam_v[i] = v;
+            model->params[i] -= step_size * m / (sqrtf(v) / root2 + d.eps);
+        }
+    }
+    return FM_OK;
 }
 
 fm_status fm_model_dropout_mask(const fm_model *model, const fm_model_batch *b, fm_model_dropout_site site, float *mask) {

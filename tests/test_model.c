@@ -480,6 +480,87 @@ static void check_model_api(void) {
     }
 }
 
+/* Adam against the formula in double over three steps, its argument checks, a refused
+ * non-finite gradient, and a model that learns a fixed batch. */
+static void check_adam(void) {
+    fm_model_desc desc;
+    fm_model model;
+    fm_adam_desc adam;
+    double *p, *m, *v;
+    size_t i, n;
+    int step, ok = 1;
+    fm_test_context = "adam";
+    memset(&desc, 0, sizeof desc);
+    desc.modalities = 2, desc.features[0] = 9, desc.features[1] = 30, desc.classes = 3, desc.dim = 16, desc.experts = 4;
+    desc.top_k = 2, desc.dropout = -1;
+    FM_CHECK(fm_model_create(&desc, 8, &model) == FM_OK && fm_model_init(&model, 5) == FM_OK, "create");
+    n = model.param_floats;
+    p = (double *)malloc(n * sizeof(double)), m = (double *)calloc(n, sizeof(double)), v = (double *)calloc(n, sizeof(double));
+    for (i = 0; i < n; i++) p[i] = model.params[i];
+    memset(&adam, 0, sizeof adam);
+    adam.lr = 0.01f, adam.weight_decay = 0.1f;
+    for (step = 1; step <= 3; step++) {
+        const double c1 = 1.0 - pow(0.9, step), c2 = 1.0 - pow(0.999, step);
+        for (i = 0; i < n; i++) { /* a gradient on every tensor element, none on the padding */
+            model.grads[i] = 0.0f;
+        }
+        for (i = 0; i < (size_t)model.tensor_count; i++) {
+            const fm_tensor_info *t = &model.tensors[i];
+            size_t j;
+            for (j = 0; j < t->floats; j++) model.grads[t->offset + j] = t->packed ? 0.0f : (float)fm_test_normal();
+        }
+        FM_CHECK(fm_model_adam_step(&model, &adam, step) == FM_OK, "step %d", step);
+        for (i = 0; i < n; i++) {
+            const double g = model.grads[i] + 0.1 * p[i];
+            m[i] = 0.9 * m[i] + 0.1 * g, v[i] = 0.999 * v[i] + 0.001 * g * g;
+            p[i] -= 0.01 * (m[i] / c1) / (sqrt(v[i] / c2) + 1e-8);
+            if (!(fabs(p[i] - model.params[i]) <= 1e-5 * (1.0 + fabs(p[i])))) ok = 0;
+        }
+    }
+    FM_CHECK(ok, "three steps of Adam differ from the formula in double");
+    {
+        float *before = (float *)malloc(n * sizeof(float));
+        memcpy(before, model.params, n * sizeof(float));
+        model.grads[model.tensors[3].offset + 1] = NAN;
+        FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "a NaN gradient is refused");
+        model.grads[model.tensors[3].offset + 1] = INFINITY;
+        FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "an infinite gradient is refused");
+        FM_CHECK(memcmp(before, model.params, n * sizeof(float)) == 0, "a refused step changed the parameters");
+        free(before);
+        adam.beta1 = 1.0f;
+        FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "beta1 = 1");
+        adam.beta1 = 0.0f;
+        FM_CHECK(fm_model_adam_step(&model, &adam, 0) == FM_ERR_INVALID_ARGUMENT, "step 0");
+    }
+    { /* thirty steps on one batch at lr 3e-3: the model fits it */
+        float f0[8 * 9], f1[8 * 30];
+        uint8_t observed[16];
+        int32_t labels[8];
+        fm_model_batch b;
+        fm_model_losses first, last;
+        memset(&adam, 0, sizeof adam);
+        adam.lr = 3e-3f;
+        FM_CHECK(fm_model_init(&model, 6) == FM_OK, "init again");
+        for (i = 0; i < 8 * 9; i++) f0[i] = (float)fm_test_normal();
+        for (i = 0; i < 8 * 30; i++) f1[i] = (float)fm_test_normal();
+        for (i = 0; i < 8; i++) {
+            observed[2 * i] = i % 3 != 1, observed[2 * i + 1] = i % 3 != 2;
+            labels[i] = (int32_t)(i % 3);
+        }
+        memset(&b, 0, sizeof b);
+        b.samples = 8, b.features[0] = f0, b.features[1] = f1, b.observed = observed, b.labels = labels, b.training = 1;
+        for (step = 1; step <= 30; step++) {
+            b.step = (uint64_t)step;
+            FM_CHECK(fm_model_forward(&model, &b, NULL, step == 1 ? &first : &last) == FM_OK &&
+                         fm_model_backward(&model, &b) == FM_OK && fm_model_adam_step(&model, &adam, step) == FM_OK,
+                     "training step %d", step);
+        }
+        FM_CHECK(last.task < 0.5 * first.task, "thirty Adam steps on one batch: task loss %.4f -> %.4f", first.task, last.task);
+    }
+    free(p), free(m), free(v);
+    fm_model_destroy(&model);
+}
+
 int main(void) {
     fm_isa isas[FM_ISA_COUNT];
     int n, i, c;
@@ -508,6 +589,7 @@ int main(void) {
     cases[3].name = "M3-d16-E4-dropout", cases[3].desc.dropout = 0.0f;
     check_combinations();
     check_model_api();
+    check_adam();
     n = fm_test_isas(isas);
     for (c = 0; c < 4; c++)
         for (i = 0; i < n; i++) {
