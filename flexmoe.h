@@ -936,6 +936,53 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *batch, float *
  * model->grads (overwritten). */
 fm_status fm_model_backward(fm_model *model, const fm_model_batch *batch);
 
+/* ==== 10. Multi-view data ================================================================== */
+
+/* A multi-view dataset in memory: for each view (modality) a samples x features matrix, which
+ * samples observe it, and a label per sample. FLEXMOE_NO_STDIO leaves out fm_dataset_load (the
+ * only part that touches files), as stb does.
+ *
+ * The directory format (../shared/data/handwritten/README.md): views.txt lists the views in
+ * modality order, one "name features" per line; <name>.csv holds one sample per line, features
+ * comma-separated, no header, an empty line where that sample misses the view; labels.csv holds
+ * one integer label per line, 0 .. classes - 1. Every file has one line per sample. */
+typedef struct fm_dataset {
+    int samples, views, classes;
+    char names[FLEXMOE_MODEL_MAX_MODALITIES][32];
+    int features[FLEXMOE_MODEL_MAX_MODALITIES];
+    float *values[FLEXMOE_MODEL_MAX_MODALITIES]; /* samples x features[v]; zero where missing */
+    uint8_t *observed;                           /* samples x views */
+    int32_t *labels;                             /* samples */
+} fm_dataset;
+
+#ifndef FLEXMOE_NO_STDIO
+/* Loads a directory. Anything malformed (a missing or empty file, a ragged row, a field that is
+ * not a finite number, files of different line counts, a label that is not an integer in
+ * 0 .. 2^20, fewer than two classes, a sample that observes no view, more views than
+ * FLEXMOE_MODEL_MAX_MODALITIES) is FM_ERR_INVALID_ARGUMENT, with a message through the logger
+ * that names the file and the line; FM_ERR_OUT_OF_MEMORY when an allocation fails. dataset is
+ * zeroed first, and left zeroed on failure. */
+fm_status fm_dataset_load(const char *directory, fm_dataset *dataset);
+#endif
+
+void fm_dataset_free(fm_dataset *dataset);
+
+/* Standardises each view with the mean and standard deviation of its observed rows among
+ * `rows` (count indices, e.g. the training split), applied to every observed row; a feature
+ * constant over those rows is only centred. A view with no observed row in `rows`, or whose
+ * every feature is constant there, is FM_ERR_INVALID_ARGUMENT (its name in the message). */
+fm_status fm_dataset_standardize(fm_dataset *dataset, const int32_t *rows, int count);
+
+/* Simulated missingness: each observed view of each sample is dropped with probability rate
+ * (a seeded stream of (seed, sample, view)), keeping at least one view per sample (the one the
+ * stream ranks first among its observed views, when every one was drawn). */
+fm_status fm_dataset_drop_views(fm_dataset *dataset, float rate, uint64_t seed);
+
+/* A seeded shuffle split into train, validation and test: the first 70 %, the next 15 %, the
+ * rest. order (samples indices) receives the shuffled samples; *train and *validation the sizes
+ * of the first two parts. */
+fm_status fm_dataset_split(const fm_dataset *dataset, uint64_t seed, int32_t *order, int *train, int *validation);
+
 #ifdef __cplusplus
 }
 #endif
@@ -966,7 +1013,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *batch);
 #define FM__OMP_PARALLEL_FOR
 #endif
 
-/* ==== 10. Status strings, allocator, logger ================================================*/
+/* ==== 11. Status strings, allocator, logger ================================================*/
 
 const char *fm_status_str(fm_status status) {
     switch (status) {
@@ -1080,7 +1127,7 @@ void fm_free(void *ptr) {
     block.allocator.free(block.raw, block.allocator.user_data);
 }
 
-/* ==== 11. Kernel table and scalar reference kernels ========================================= */
+/* ==== 12. Kernel table and scalar reference kernels ========================================= */
 
 /* One table per ISA path. Entries receive arguments the public entry points already checked. */
 struct fm__kernel_table {
@@ -1599,7 +1646,7 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gather_scale_dot,
 };
 
-/* ==== 12. ISA kernels and run-time selection ============================================= */
+/* ==== 13. ISA kernels and run-time selection ============================================= */
 
 #include "flexmoe_simd.h"
 
@@ -1746,7 +1793,7 @@ fm_isa fm_active_isa(void) {
     return table ? table->isa : FM_ISA_AUTO;
 }
 
-/* ==== 13. Argument checking and public entry points ======================================= */
+/* ==== 14. Argument checking and public entry points ======================================= */
 
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, each dimension
  * within FLEXMOE_MAX_DIM, extent addressable. */
@@ -3382,7 +3429,7 @@ fm_status fm_expert_ffn_backward(const fm_expert_ffn_desc *desc, const int32_t *
                                    grads, d_hidden, lddh);
 }
 
-/* ==== 14. The SMoE layer =================================================================== */
+/* ==== 15. The SMoE layer =================================================================== */
 
 /* The desc with its defaults filled in and checked. */
 typedef struct fm__moe_config {
@@ -3927,7 +3974,7 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
     return FM_OK;
 }
 
-/* ==== 15. The Flex-MoE model =============================================================== */
+/* ==== 16. The Flex-MoE model =============================================================== */
 
 int fm_combination_count(int modalities) {
     return modalities >= 1 && modalities <= 30 ? (int)((1u << modalities) - 1u) : 0;
@@ -4708,6 +4755,330 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
             }
         }
     }
+    return FM_OK;
+}
+
+/* ==== 17. Multi-view data ================================================================== */
+
+enum { FM__STREAM_MISSING = 16, FM__STREAM_SPLIT };
+
+void fm_dataset_free(fm_dataset *dataset) {
+    int v;
+    if (!dataset) return;
+    for (v = 0; v < FLEXMOE_MODEL_MAX_MODALITIES; v++) fm_free(dataset->values[v]);
+    fm_free(dataset->observed);
+    fm_free(dataset->labels);
+    memset(dataset, 0, sizeof *dataset);
+}
+
+#ifndef FLEXMOE_NO_STDIO
+/* A whole file, NUL-terminated (fm_free it); NULL with a message when it cannot be read or is
+ * empty. */
+static char *fm__read_file(const char *path, size_t *length, fm_status *status) {
+    FILE *f = fopen(path, "rb");
+    char *text = NULL;
+    long size;
+    *status = FM_ERR_INVALID_ARGUMENT;
+    if (!f) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: cannot open %s", path);
+        return NULL;
+    }
+    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: cannot read %s", path);
+    } else if (size == 0) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: %s is empty", path);
+    } else if (!(text = (char *)fm_alloc((size_t)size + 1))) {
+        *status = FM_ERR_OUT_OF_MEMORY;
+    } else if (fread(text, 1, (size_t)size, f) != (size_t)size) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: cannot read %s", path);
+        fm_free(text);
+        text = NULL;
+    } else {
+        text[size] = '\0';
+        *length = (size_t)size;
+        *status = FM_OK;
+    }
+    fclose(f);
+    return text;
+}
+
+/* The next line of text at *at (without its '\n' or "\r\n"), NUL-terminated in place; NULL at
+ * the end (a final newline ends the last line, it does not start an empty one). */
+static char *fm__next_line(char **at, char *end) {
+    char *line = *at, *newline;
+    if (line >= end) return NULL;
+    newline = (char *)memchr(line, '\n', (size_t)(end - line));
+    if (!newline) newline = end;
+    *newline = '\0';
+    if (newline > line && newline[-1] == '\r') newline[-1] = '\0';
+    *at = newline + 1;
+    return line;
+}
+
+static int fm__count_lines(const char *text, size_t length) {
+    size_t i;
+    int lines = 0;
+    for (i = 0; i < length; i++) lines += text[i] == '\n';
+    return lines + (length > 0 && text[length - 1] != '\n');
+}
+
+/* One row of comma-separated finite numbers into row[0 .. count); the number of fields read, or
+ * -1 (and *bad = the offending field) for one that is not a finite number. */
+static int fm__parse_row(char *line, float *row, int count, char **bad) {
+    int n = 0;
+    char *p = line;
+    *bad = line;
+    for (;;) {
+        char *stop;
+        float value;
+        while (*p == ' ' || *p == '\t') p++;
+        value = strtof(p, &stop);
+        if (stop == p || !(value - value == 0.0f)) {
+            *bad = p;
+            return -1;
+        }
+        while (*stop == ' ' || *stop == '\t') stop++;
+        if (n < count) row[n] = value;
+        n++;
+        if (*stop == '\0') return n;
+        if (*stop != ',') {
+            *bad = p;
+            return -1;
+        }
+        p = stop + 1;
+    }
+}
+
+static fm_status fm__load_views(const char *directory, fm_dataset *ds) {
+    char path[4096], *text, *at, *line;
+    size_t length;
+    fm_status status;
+    int number = 0;
+    snprintf(path, sizeof path, "%s/views.txt", directory);
+    if (!(text = fm__read_file(path, &length, &status))) return status;
+    at = text;
+    while ((line = fm__next_line(&at, text + length))) {
+        char name[64];
+        int features, used = 0;
+        number++;
+        if (line[0] == '\0') continue;
+        if (sscanf(line, "%63s %d %n", name, &features, &used) != 2 || line[used] != '\0' || features < 1 ||
+            features > (1 << 24) || strlen(name) >= sizeof ds->names[0] || strchr(name, '/')) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_load: %s line %d: want \"name features\" (a name of up to 31 characters "
+                    "without '/', 1 .. 2^24 features), got \"%s\"", path, number, line);
+            fm_free(text);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        if (ds->views == FLEXMOE_MODEL_MAX_MODALITIES) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_load: %s line %d: more than %d views", path, number, FLEXMOE_MODEL_MAX_MODALITIES);
+            fm_free(text);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        snprintf(ds->names[ds->views], sizeof ds->names[0], "%s", name);
+        ds->features[ds->views++] = features;
+    }
+    fm_free(text);
+    if (ds->views == 0) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: %s lists no view", path);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    return FM_OK;
+}
+
+static fm_status fm__load_labels(const char *directory, fm_dataset *ds) {
+    char path[4096], *text, *at, *line;
+    size_t length;
+    fm_status status;
+    int number = 0, highest = -1;
+    snprintf(path, sizeof path, "%s/labels.csv", directory);
+    if (!(text = fm__read_file(path, &length, &status))) return status;
+    ds->samples = fm__count_lines(text, length);
+    if (!(ds->labels = (int32_t *)fm_alloc((size_t)ds->samples * sizeof(int32_t)))) {
+        fm_free(text);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    at = text;
+    while ((line = fm__next_line(&at, text + length))) {
+        char *stop;
+        const long label = strtol(line, &stop, 10);
+        if (stop == line || *stop != '\0' || label < 0 || label >= (1 << 20)) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_load: %s line %d: \"%s\" is not a label (an integer 0 .. 2^20 - 1)", path,
+                    number + 1, line);
+            fm_free(text);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        ds->labels[number++] = (int32_t)label;
+        if (label > highest) highest = (int)label;
+    }
+    fm_free(text);
+    ds->classes = highest + 1;
+    if (ds->classes < 2) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: %s has one class only (%d samples)", path, ds->samples);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    return FM_OK;
+}
+
+static fm_status fm__load_view(const char *directory, fm_dataset *ds, int v) {
+    char path[4096], *text, *at, *line, *bad;
+    const int F = ds->features[v];
+    size_t length;
+    fm_status status;
+    int number = 0, lines;
+    snprintf(path, sizeof path, "%s/%s.csv", directory, ds->names[v]);
+    if (!(text = fm__read_file(path, &length, &status))) return status;
+    if ((lines = fm__count_lines(text, length)) != ds->samples) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_load: %s has %d lines, labels.csv %d", path, lines, ds->samples);
+        fm_free(text);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    if (!(ds->values[v] = (float *)fm_alloc((size_t)ds->samples * F * sizeof(float)))) {
+        fm_free(text);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    memset(ds->values[v], 0, (size_t)ds->samples * F * sizeof(float));
+    at = text;
+    while ((line = fm__next_line(&at, text + length))) {
+        const size_t s = (size_t)number++;
+        int fields;
+        if (line[0] == '\0') continue; /* this sample misses the view */
+        ds->observed[s * ds->views + v] = 1;
+        if ((fields = fm__parse_row(line, ds->values[v] + s * F, F, &bad)) != F) {
+            if (fields < 0)
+                fm__log(FM_LOG_ERROR, "fm_dataset_load: %s line %d: \"%.24s\" is not a finite number", path, number, bad);
+            else
+                fm__log(FM_LOG_ERROR, "fm_dataset_load: %s line %d: %d fields, views.txt gives %s %d", path, number, fields,
+                        ds->names[v], F);
+            fm_free(text);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    fm_free(text);
+    return FM_OK;
+}
+
+fm_status fm_dataset_load(const char *directory, fm_dataset *ds) {
+    fm_status status;
+    int v, s;
+    if (!ds) return FM_ERR_NULL_POINTER;
+    memset(ds, 0, sizeof *ds);
+    if (!directory) return FM_ERR_NULL_POINTER;
+    if ((status = fm__load_views(directory, ds)) != FM_OK || (status = fm__load_labels(directory, ds)) != FM_OK) {
+        fm_dataset_free(ds);
+        return status;
+    }
+    if (!(ds->observed = (uint8_t *)fm_alloc((size_t)ds->samples * ds->views))) {
+        fm_dataset_free(ds);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    memset(ds->observed, 0, (size_t)ds->samples * ds->views);
+    for (v = 0; v < ds->views; v++)
+        if ((status = fm__load_view(directory, ds, v)) != FM_OK) {
+            fm_dataset_free(ds);
+            return status;
+        }
+    for (s = 0; s < ds->samples; s++) {
+        int any = 0;
+        for (v = 0; v < ds->views; v++) any |= ds->observed[(size_t)s * ds->views + v];
+        if (!any) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_load: %s: sample %d (line %d of every view file) observes no view", directory, s,
+                    s + 1);
+            fm_dataset_free(ds);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    return FM_OK;
+}
+#endif /* FLEXMOE_NO_STDIO */
+
+static fm_status fm__check_dataset(const char *caller, const fm_dataset *ds) {
+    if (!ds) return FM_ERR_NULL_POINTER;
+    if (ds->samples < 1 || ds->views < 1 || ds->views > FLEXMOE_MODEL_MAX_MODALITIES || !ds->observed) {
+        fm__log(FM_LOG_ERROR, "%s: not a loaded dataset", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    return FM_OK;
+}
+
+fm_status fm_dataset_standardize(fm_dataset *ds, const int32_t *rows, int count) {
+    fm_status status;
+    int v, i, j;
+    if ((status = fm__check_dataset("fm_dataset_standardize", ds)) != FM_OK) return status;
+    if (!rows || count < 1) return FM_ERR_INVALID_SHAPE;
+    for (i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= ds->samples) return FM_ERR_INVALID_ARGUMENT;
+    for (v = 0; v < ds->views; v++) {
+        const int F = ds->features[v];
+        float *x = ds->values[v];
+        int seen = 0, varying = 0;
+        for (i = 0; i < count; i++) seen += ds->observed[(size_t)rows[i] * ds->views + v];
+        if (seen == 0) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_standardize: view %s is observed by none of the %d rows", ds->names[v], count);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        for (j = 0; j < F; j++) {
+            double sum = 0.0, squares = 0.0, mean, spread;
+            size_t s;
+            for (i = 0; i < count; i++)
+                if (ds->observed[(size_t)rows[i] * ds->views + v]) sum += x[(size_t)rows[i] * F + j];
+            mean = sum / seen;
+            for (i = 0; i < count; i++)
+                if (ds->observed[(size_t)rows[i] * ds->views + v]) squares += pow(x[(size_t)rows[i] * F + j] - mean, 2);
+            spread = sqrt(squares / seen);
+            varying |= spread > 0.0;
+            for (s = 0; s < (size_t)ds->samples; s++)
+                if (ds->observed[s * ds->views + v])
+                    x[s * F + j] = (float)((x[s * F + j] - mean) / (spread > 0.0 ? spread : 1.0));
+        }
+        if (!varying) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_standardize: view %s has zero variance over the %d rows", ds->names[v], count);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    return FM_OK;
+}
+
+fm_status fm_dataset_drop_views(fm_dataset *ds, float rate, uint64_t seed) {
+    fm_status status;
+    int s, v;
+    if ((status = fm__check_dataset("fm_dataset_drop_views", ds)) != FM_OK) return status;
+    if (!(rate >= 0.0f && rate <= 1.0f)) return FM_ERR_INVALID_ARGUMENT;
+    for (s = 0; s < ds->samples; s++) {
+        uint8_t *observed = ds->observed + (size_t)s * ds->views;
+        int kept = 0, first = -1;
+        float first_draw = 2.0f;
+        for (v = 0; v < ds->views; v++) {
+            const float draw = fm__stream_uniform(seed, (uint64_t)s, FM__STREAM_MISSING, (uint64_t)v);
+            if (!observed[v]) continue;
+            if (draw < first_draw) first_draw = draw, first = v;
+            if (draw < rate) {
+                observed[v] = 2; /* dropped, unless it is the last one */
+            } else {
+                kept++;
+            }
+        }
+        for (v = 0; v < ds->views; v++)
+            if (observed[v] == 2) {
+                observed[v] = (uint8_t)(kept == 0 && v == first);
+                if (!observed[v]) memset(ds->values[v] + (size_t)s * ds->features[v], 0, (size_t)ds->features[v] * sizeof(float));
+            }
+    }
+    return FM_OK;
+}
+
+fm_status fm_dataset_split(const fm_dataset *ds, uint64_t seed, int32_t *order, int *train, int *validation) {
+    fm_status status;
+    int i;
+    if ((status = fm__check_dataset("fm_dataset_split", ds)) != FM_OK) return status;
+    if (!order || !train || !validation) return FM_ERR_NULL_POINTER;
+    for (i = 0; i < ds->samples; i++) order[i] = i;
+    for (i = ds->samples - 1; i > 0; i--) { /* Fisher-Yates */
+        const int j = (int)(fm__stream(seed, 0, FM__STREAM_SPLIT, (uint64_t)i) % (uint64_t)(i + 1));
+        const int32_t keep = order[i];
+        order[i] = order[j], order[j] = keep;
+    }
+    *train = (int)((int64_t)ds->samples * 70 / 100);
+    *validation = (int)((int64_t)ds->samples * 15 / 100);
     return FM_OK;
 }
 
