@@ -983,6 +983,62 @@ fm_status fm_dataset_drop_views(fm_dataset *dataset, float rate, uint64_t seed);
  * of the first two parts. */
 fm_status fm_dataset_split(const fm_dataset *dataset, uint64_t seed, int32_t *order, int *train, int *validation);
 
+/* ==== 11. Training and evaluation ========================================================== */
+
+/* What a model scores on some samples of a dataset: accuracy, macro-F1 (over the classes that
+ * occur among the labels or the predictions), one-vs-rest macro AUC (over the classes that have
+ * both positives and negatives there; ties share their rank) and the mean cross-entropy. */
+typedef struct fm_metrics {
+    int samples;
+    float accuracy, macro_f1, macro_auc, loss;
+} fm_metrics;
+
+/* The model in inference (no dropout, no noise) on count rows of the dataset (its views are the
+ * model's modalities, in order), max_samples at a time. */
+fm_status fm_model_evaluate(fm_model *model, const fm_dataset *dataset, const int32_t *rows, int count, fm_metrics *metrics);
+
+/* Where a training run stands, for the callbacks. */
+typedef struct fm_train_progress {
+    int epoch, epochs;            /* 1-based */
+    int step, steps_per_epoch;    /* step within the epoch, 1-based */
+    int64_t total_step;           /* over the run, 1-based: Adam's step and the streams' */
+    float loss;                   /* this step's (on_step) or the epoch's mean (on_epoch) */
+    fm_metrics validation;        /* on_epoch */
+    int best_epoch;               /* the epoch whose weights the run keeps so far */
+} fm_train_progress;
+
+/* Zero is Flex-MoE's reference recipe: 20 epochs, batches of 16 (at most the model's
+ * max_samples), 5 warm-up epochs of the curriculum, Adam's defaults. */
+typedef struct fm_train_desc {
+    int epochs;                   /* 0: 20 */
+    int batch_size;               /* 0: min(16, max_samples) */
+    int warmup_epochs;            /* 0: 5; negative: none */
+    fm_adam_desc adam;
+    const float *class_weights;   /* classes, or NULL */
+    uint64_t seed;                /* shuffles, dropout and noise */
+    /* Optional; a nonzero return stops the run after that step or epoch. */
+    int (*on_step)(const fm_train_progress *progress, void *user_data);
+    int (*on_epoch)(const fm_train_progress *progress, void *user_data);
+    void *user_data;
+} fm_train_desc;
+
+typedef struct fm_train_result {
+    int epochs_run, best_epoch, stopped; /* stopped: a callback asked */
+    int64_t steps;
+    fm_metrics best_validation;
+} fm_train_result;
+
+/* Trains from the model's current parameters: each epoch goes through the training rows in
+ * batches (forward, backward, Adam), in the curriculum's order for the warm-up epochs (most
+ * observed views first, ties in row order) and shuffled after, then evaluates the validation
+ * rows; the model ends with the weights of the epoch of best validation accuracy (the first of
+ * equals). The same seed, data and thread count give the same weights, bit for bit. A NaN or
+ * infinite loss or gradient stops the run with FM_ERR_INVALID_ARGUMENT, a message naming the
+ * step (and the tensor), and the weights from before that step. */
+fm_status fm_model_train(fm_model *model, const fm_dataset *dataset, const int32_t *train_rows, int train_count,
+                         const int32_t *validation_rows, int validation_count, const fm_train_desc *desc,
+                         fm_train_result *result);
+
 #ifdef __cplusplus
 }
 #endif
@@ -5080,6 +5136,258 @@ fm_status fm_dataset_split(const fm_dataset *ds, uint64_t seed, int32_t *order, 
     *train = (int)((int64_t)ds->samples * 70 / 100);
     *validation = (int)((int64_t)ds->samples * 15 / 100);
     return FM_OK;
+}
+
+/* ==== 18. Training and evaluation ========================================================== */
+
+enum { FM__STREAM_SHUFFLE = 18 };
+
+/* Batch buffers: rows of a dataset gathered into a model batch. */
+typedef struct fm__batch_buffers {
+    float *features[FLEXMOE_MODEL_MAX_MODALITIES];
+    uint8_t *observed;
+    int32_t *labels;
+} fm__batch_buffers;
+
+static void fm__free_batch_buffers(fm__batch_buffers *b) {
+    int v;
+    for (v = 0; v < FLEXMOE_MODEL_MAX_MODALITIES; v++) fm_free(b->features[v]);
+    fm_free(b->observed);
+    fm_free(b->labels);
+    memset(b, 0, sizeof *b);
+}
+
+static fm_status fm__alloc_batch_buffers(const fm_dataset *ds, int samples, fm__batch_buffers *b) {
+    int v, ok;
+    memset(b, 0, sizeof *b);
+    ok = (b->observed = (uint8_t *)fm_alloc((size_t)samples * ds->views)) != NULL;
+    ok = ok && (b->labels = (int32_t *)fm_alloc((size_t)samples * sizeof(int32_t))) != NULL;
+    for (v = 0; ok && v < ds->views; v++)
+        ok = (b->features[v] = (float *)fm_alloc((size_t)samples * ds->features[v] * sizeof(float))) != NULL;
+    if (!ok) fm__free_batch_buffers(b);
+    return ok ? FM_OK : FM_ERR_OUT_OF_MEMORY;
+}
+
+static void fm__gather_batch(const fm_dataset *ds, const int32_t *rows, int n, fm__batch_buffers *buffers, fm_model_batch *b) {
+    int i, v;
+    memset(b, 0, sizeof *b);
+    for (i = 0; i < n; i++) {
+        const size_t r = (size_t)rows[i];
+        memcpy(buffers->observed + (size_t)i * ds->views, ds->observed + r * ds->views, (size_t)ds->views);
+        buffers->labels[i] = ds->labels[r];
+        for (v = 0; v < ds->views; v++)
+            memcpy(buffers->features[v] + (size_t)i * ds->features[v], ds->values[v] + r * ds->features[v],
+                   (size_t)ds->features[v] * sizeof(float));
+    }
+    b->samples = n;
+    for (v = 0; v < ds->views; v++) b->features[v] = buffers->features[v];
+    b->observed = buffers->observed;
+    b->labels = buffers->labels;
+}
+
+static fm_status fm__check_model_data(const char *caller, const fm_model *model, const fm_dataset *ds, const int32_t *rows,
+                                      int count) {
+    int v, i;
+    if (!model || !ds || !rows) return FM_ERR_NULL_POINTER;
+    if (!model->state || ds->views != model->config.modalities || ds->classes > model->config.classes) {
+        fm__log(FM_LOG_ERROR, "%s: the dataset (%d views, %d classes) does not fit the model (%d modalities, %d classes)",
+                caller, ds->views, ds->classes, model ? model->config.modalities : 0, model ? model->config.classes : 0);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    for (v = 0; v < ds->views; v++)
+        if (ds->features[v] != model->config.features[v]) {
+            fm__log(FM_LOG_ERROR, "%s: view %s has %d features, the model's modality %d %d", caller, ds->names[v],
+                    ds->features[v], v, model->config.features[v]);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    if (count < 1) return FM_ERR_INVALID_SHAPE;
+    for (i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= ds->samples) return FM_ERR_INVALID_ARGUMENT;
+    return FM_OK;
+}
+
+typedef struct fm__scored {
+    float score;
+    int positive;
+} fm__scored;
+
+static int fm__by_score(const void *a, const void *b) {
+    const float x = ((const fm__scored *)a)->score, y = ((const fm__scored *)b)->score;
+    return x < y ? -1 : x > y;
+}
+
+/* Accuracy, macro-F1 and one-vs-rest macro AUC from n rows of class probabilities. */
+static void fm__score(const float *probs, const int32_t *labels, int n, int classes, fm__scored *scratch, fm_metrics *m) {
+    int c, i, correct = 0, f1_classes = 0, auc_classes = 0;
+    double f1 = 0.0, auc = 0.0;
+    for (i = 0; i < n; i++) {
+        int best = 0;
+        for (c = 1; c < classes; c++)
+            if (probs[(size_t)i * classes + c] > probs[(size_t)i * classes + best]) best = c;
+        correct += best == labels[i];
+    }
+    for (c = 0; c < classes; c++) {
+        int tp = 0, fp = 0, fn = 0, positives = 0, j;
+        for (i = 0; i < n; i++) {
+            int best = 0, k;
+            for (k = 1; k < classes; k++)
+                if (probs[(size_t)i * classes + k] > probs[(size_t)i * classes + best]) best = k;
+            tp += best == c && labels[i] == c, fp += best == c && labels[i] != c, fn += best != c && labels[i] == c;
+            scratch[i].score = probs[(size_t)i * classes + c], scratch[i].positive = labels[i] == c;
+            positives += labels[i] == c;
+        }
+        if (tp + fp + fn > 0) f1 += 2.0 * tp / (2.0 * tp + fp + fn), f1_classes++;
+        if (positives > 0 && positives < n) { /* Mann-Whitney: the positives' mean rank, ties averaged */
+            double rank_sum = 0.0;
+            qsort(scratch, (size_t)n, sizeof *scratch, fm__by_score);
+            for (i = 0; i < n; i = j) {
+                int in_tie = 0;
+                for (j = i; j < n && scratch[j].score == scratch[i].score; j++) in_tie += scratch[j].positive;
+                rank_sum += in_tie * (i + j + 1) / 2.0;
+            }
+            auc += (rank_sum - positives * (positives + 1) / 2.0) / ((double)positives * (n - positives)), auc_classes++;
+        }
+    }
+    m->samples = n;
+    m->accuracy = n ? (float)correct / (float)n : 0.0f;
+    m->macro_f1 = f1_classes ? (float)(f1 / f1_classes) : 0.0f;
+    m->macro_auc = auc_classes ? (float)(auc / auc_classes) : 0.0f;
+}
+
+fm_status fm_model_evaluate(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, fm_metrics *metrics) {
+    fm__batch_buffers buffers;
+    fm__scored *scratch;
+    float *probs;
+    int32_t *labels;
+    fm_status status;
+    double loss = 0.0;
+    int C, i, k;
+    if ((status = fm__check_model_data("fm_model_evaluate", model, ds, rows, count)) != FM_OK) return status;
+    if (!metrics) return FM_ERR_NULL_POINTER;
+    C = model->config.classes;
+    if ((status = fm__alloc_batch_buffers(ds, model->max_samples, &buffers)) != FM_OK) return status;
+    probs = (float *)fm_alloc((size_t)count * C * sizeof(float));
+    labels = (int32_t *)fm_alloc((size_t)count * sizeof(int32_t));
+    scratch = (fm__scored *)fm_alloc((size_t)count * sizeof(fm__scored));
+    if (!probs || !labels || !scratch) status = FM_ERR_OUT_OF_MEMORY;
+    for (i = 0; status == FM_OK && i < count; i += model->max_samples) {
+        const int n = count - i < model->max_samples ? count - i : model->max_samples;
+        fm_model_batch b;
+        fm_model_losses losses;
+        fm__gather_batch(ds, rows + i, n, &buffers, &b);
+        if ((status = fm_model_forward(model, &b, probs + (size_t)i * C, &losses)) != FM_OK) break;
+        loss += (double)losses.task * n;
+        for (k = 0; k < n; k++) labels[i + k] = b.labels[k];
+    }
+    if (status == FM_OK) {
+        if ((status = fm_softmax_forward(count, C, probs, C, probs, C)) == FM_OK) {
+            fm__score(probs, labels, count, C, scratch, metrics);
+            metrics->loss = (float)(loss / count);
+        }
+    }
+    fm_free(probs), fm_free(labels), fm_free(scratch);
+    fm__free_batch_buffers(&buffers);
+    return status;
+}
+
+/* The training rows in the curriculum's order: most observed views first, ties in row order. */
+static void fm__curriculum(const fm_dataset *ds, const int32_t *rows, int count, int32_t *order) {
+    int filled = 0, observed, i, v;
+    for (observed = ds->views; observed >= 1; observed--)
+        for (i = 0; i < count; i++) {
+            int n = 0;
+            for (v = 0; v < ds->views; v++) n += ds->observed[(size_t)rows[i] * ds->views + v] != 0;
+            if (n == observed) order[filled++] = rows[i];
+        }
+}
+
+static int fm__loss_is_finite(const fm_model_losses *l) { return l->loss - l->loss == 0.0f; }
+
+fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *train_rows, int train_count,
+                         const int32_t *validation_rows, int validation_count, const fm_train_desc *desc,
+                         fm_train_result *result) {
+    static const char caller[] = "fm_model_train";
+    fm__batch_buffers buffers;
+    fm_train_desc d;
+    fm_train_progress progress;
+    fm_train_result r;
+    int32_t *order;
+    float *best;
+    fm_status status;
+    int epoch, i;
+    if (!desc) return FM_ERR_NULL_POINTER;
+    if ((status = fm__check_model_data(caller, model, ds, train_rows, train_count)) != FM_OK ||
+        (status = fm__check_model_data(caller, model, ds, validation_rows, validation_count)) != FM_OK)
+        return status;
+    d = *desc;
+    if (d.epochs == 0) d.epochs = 20;
+    if (d.batch_size == 0) d.batch_size = model->max_samples < 16 ? model->max_samples : 16;
+    if (d.warmup_epochs == 0) d.warmup_epochs = 5;
+    if (d.epochs < 1 || d.batch_size < 1 || d.batch_size > model->max_samples) {
+        fm__log(FM_LOG_ERROR, "%s: epochs %d must be >= 1 and batch_size %d in 1 .. %d (the model's max_samples)", caller,
+                d.epochs, d.batch_size, model->max_samples);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    memset(&r, 0, sizeof r);
+    memset(&progress, 0, sizeof progress);
+    r.best_validation.accuracy = -1.0f;
+    order = (int32_t *)fm_alloc((size_t)train_count * sizeof(int32_t));
+    best = (float *)fm_alloc(model->param_floats * sizeof(float));
+    if (!order || !best || fm__alloc_batch_buffers(ds, d.batch_size, &buffers) != FM_OK) {
+        fm_free(order), fm_free(best);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    memcpy(best, model->params, model->param_floats * sizeof(float));
+    progress.epochs = d.epochs;
+    progress.steps_per_epoch = (train_count + d.batch_size - 1) / d.batch_size;
+    for (epoch = 1; status == FM_OK && epoch <= d.epochs && !r.stopped; epoch++) {
+        double epoch_loss = 0.0;
+        fm__curriculum(ds, train_rows, train_count, order);
+        if (epoch > d.warmup_epochs) /* shuffled (Fisher-Yates) after the warm-up */
+            for (i = train_count - 1; i > 0; i--) {
+                const int j = (int)(fm__stream(d.seed, (uint64_t)epoch, FM__STREAM_SHUFFLE, (uint64_t)i) % (uint64_t)(i + 1));
+                const int32_t keep = order[i];
+                order[i] = order[j], order[j] = keep;
+            }
+        progress.epoch = epoch;
+        for (i = 0; status == FM_OK && i < train_count && !r.stopped; i += d.batch_size) {
+            const int n = train_count - i < d.batch_size ? train_count - i : d.batch_size;
+            fm_model_batch b;
+            fm_model_losses losses;
+            fm__gather_batch(ds, order + i, n, &buffers, &b);
+            b.class_weights = d.class_weights, b.training = 1, b.seed = d.seed, b.step = (uint64_t)(r.steps + 1);
+            if ((status = fm_model_forward(model, &b, NULL, &losses)) != FM_OK) break;
+            if (!fm__loss_is_finite(&losses)) {
+                fm__log(FM_LOG_ERROR, "%s: the loss is %s at step %lld (epoch %d); the weights from before it are kept",
+                        caller, losses.loss != losses.loss ? "NaN" : "infinite", (long long)(r.steps + 1), epoch);
+                status = FM_ERR_INVALID_ARGUMENT;
+                break;
+            }
+            if ((status = fm_model_backward(model, &b)) != FM_OK ||
+                (status = fm_model_adam_step(model, &d.adam, r.steps + 1)) != FM_OK)
+                break;
+            r.steps++;
+            epoch_loss += (double)losses.loss * n;
+            progress.step = i / d.batch_size + 1, progress.total_step = r.steps, progress.loss = losses.loss;
+            if (d.on_step && d.on_step(&progress, d.user_data)) r.stopped = 1;
+        }
+        if (status != FM_OK || r.stopped) break;
+        if ((status = fm_model_evaluate(model, ds, validation_rows, validation_count, &progress.validation)) != FM_OK) break;
+        r.epochs_run = epoch;
+        if (progress.validation.accuracy > r.best_validation.accuracy) {
+            r.best_validation = progress.validation, r.best_epoch = epoch;
+            memcpy(best, model->params, model->param_floats * sizeof(float));
+        }
+        progress.loss = (float)(epoch_loss / train_count), progress.best_epoch = r.best_epoch;
+        if (d.on_epoch && d.on_epoch(&progress, d.user_data)) r.stopped = 1;
+    }
+    /* the best epoch's weights (or, after a failed step, those before it: Adam changes nothing
+     * on a refused gradient, and a non-finite loss stops before the update) */
+    if (status == FM_OK && r.best_epoch > 0) memcpy(model->params, best, model->param_floats * sizeof(float));
+    if (result) *result = r;
+    fm_free(order), fm_free(best);
+    fm__free_batch_buffers(&buffers);
+    return status;
 }
 
 #endif /* FLEXMOE_IMPLEMENTATION */

@@ -1,0 +1,179 @@
+/* Training and evaluation (fm_model_train, fm_model_evaluate) on a synthetic three-view dataset
+ * whose classes need the views together: the model learns it; two runs of the same seed end
+ * with the same weights, bit for bit; a callback stops a run; a diverging run stops at the first
+ * non-finite loss or gradient with finite weights; the metrics equal an independent O(n^2)
+ * computation (pairwise AUC, confusion-matrix F1) from the model's own logits. */
+#include "fm_test.h"
+
+enum { SAMPLES = 600, CLASSES = 3, VIEWS = 3 };
+static const int view_features[VIEWS] = {4, 6, 5};
+
+/* Each class's mean in each view is a random direction; samples add noise of the same size, and
+ * each view is missing with probability 0.3 (one kept); noise 0.6 of the means' scale. */
+static void synthetic(fm_dataset *ds) {
+    double means[CLASSES][VIEWS][6];
+    int c, v, j, s;
+    memset(ds, 0, sizeof *ds);
+    ds->samples = SAMPLES, ds->views = VIEWS, ds->classes = CLASSES;
+    for (c = 0; c < CLASSES; c++)
+        for (v = 0; v < VIEWS; v++)
+            for (j = 0; j < 6; j++) means[c][v][j] = fm_test_normal();
+    ds->observed = (uint8_t *)fm_alloc(SAMPLES * VIEWS);
+    ds->labels = (int32_t *)fm_alloc(SAMPLES * sizeof(int32_t));
+    for (v = 0; v < VIEWS; v++) {
+        snprintf(ds->names[v], sizeof ds->names[v], "view%d", v);
+        ds->features[v] = view_features[v];
+        ds->values[v] = (float *)fm_alloc((size_t)SAMPLES * view_features[v] * sizeof(float));
+    }
+    for (s = 0; s < SAMPLES; s++) {
+        int kept = 0;
+        ds->labels[s] = s % CLASSES;
+        for (v = 0; v < VIEWS; v++) {
+            ds->observed[s * VIEWS + v] = fm_test_uniform() >= 0.3;
+            kept += ds->observed[s * VIEWS + v];
+        }
+        if (!kept) ds->observed[s * VIEWS + fm_test_int(0, VIEWS - 1)] = 1;
+        for (v = 0; v < VIEWS; v++)
+            for (j = 0; j < view_features[v]; j++)
+                ds->values[v][(size_t)s * view_features[v] + j] =
+                    ds->observed[s * VIEWS + v] ? (float)(means[ds->labels[s]][v][j] + 0.6 * fm_test_normal()) : 0.0f;
+    }
+}
+
+static fm_model_desc small_desc(void) {
+    fm_model_desc d;
+    int v;
+    memset(&d, 0, sizeof d);
+    d.modalities = VIEWS, d.classes = CLASSES, d.dim = 16, d.patches = 4, d.heads = 2, d.experts = 4, d.top_k = 2;
+    d.dropout = 0.1f;
+    for (v = 0; v < VIEWS; v++) d.features[v] = view_features[v];
+    return d;
+}
+
+typedef struct counter {
+    int steps, epochs, stop_after;
+} counter;
+
+static int count_step(const fm_train_progress *p, void *user) {
+    counter *c = (counter *)user;
+    (void)p;
+    return ++c->steps == c->stop_after;
+}
+
+static int count_epoch(const fm_train_progress *p, void *user) {
+    counter *c = (counter *)user;
+    FM_CHECK(p->validation.samples > 0 && p->best_epoch >= 1 && p->best_epoch <= p->epoch, "epoch %d's progress", p->epoch);
+    c->epochs++;
+    return 0;
+}
+
+/* The metrics from scratch: pairwise AUC (a tie counts a half), F1 from the confusion matrix. */
+static void check_metrics(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count) {
+    fm_metrics got;
+    float *logits = (float *)malloc((size_t)count * CLASSES * sizeof(float));
+    int i, c, correct = 0, f1_classes = 0, auc_classes = 0;
+    double f1 = 0.0, auc = 0.0;
+    FM_CHECK(fm_model_evaluate(model, ds, rows, count, &got) == FM_OK, "evaluate");
+    for (i = 0; i < count; i += model->max_samples) {
+        const int n = count - i < model->max_samples ? count - i : model->max_samples;
+        float features[VIEWS][64 * 6];
+        uint8_t observed[64 * VIEWS];
+        fm_model_batch b;
+        int k, v;
+        memset(&b, 0, sizeof b);
+        for (k = 0; k < n; k++) {
+            memcpy(observed + k * VIEWS, ds->observed + rows[i + k] * VIEWS, VIEWS);
+            for (v = 0; v < VIEWS; v++)
+                memcpy(features[v] + k * view_features[v], ds->values[v] + (size_t)rows[i + k] * view_features[v],
+                       (size_t)view_features[v] * sizeof(float));
+        }
+        b.samples = n, b.observed = observed;
+        for (v = 0; v < VIEWS; v++) b.features[v] = features[v];
+        FM_CHECK(fm_model_forward(model, &b, logits + (size_t)i * CLASSES, NULL) == FM_OK, "forward");
+    }
+    for (c = 0; c < CLASSES; c++) {
+        int tp = 0, fp = 0, fn = 0, j;
+        double pairs = 0.0, wins = 0.0;
+        for (i = 0; i < count; i++) {
+            int best = 0, k;
+            const int label = ds->labels[rows[i]];
+            for (k = 1; k < CLASSES; k++)
+                if (logits[i * CLASSES + k] > logits[i * CLASSES + best]) best = k;
+            if (c == 0) correct += best == label;
+            tp += best == c && label == c, fp += best == c && label != c, fn += best != c && label == c;
+        }
+        if (tp + fp + fn) f1 += 2.0 * tp / (2.0 * tp + fp + fn), f1_classes++;
+        for (i = 0; i < count; i++) /* the class's softmax probability ranks as its logit minus the log-sum */
+            for (j = 0; j < count; j++) {
+                double si = 0.0, sj = 0.0;
+                int k;
+                if (ds->labels[rows[i]] != c || ds->labels[rows[j]] == c) continue;
+                for (k = 0; k < CLASSES; k++) si += exp(logits[i * CLASSES + k] - logits[i * CLASSES + c]);
+                for (k = 0; k < CLASSES; k++) sj += exp(logits[j * CLASSES + k] - logits[j * CLASSES + c]);
+                pairs += 1.0;
+                wins += (float)(1.0 / si) > (float)(1.0 / sj) ? 1.0 : (float)(1.0 / si) == (float)(1.0 / sj) ? 0.5 : 0.0;
+            }
+        if (pairs > 0) auc += wins / pairs, auc_classes++;
+    }
+    FM_CHECK(fabs(got.accuracy - (double)correct / count) < 1e-6, "accuracy %g, want %g", got.accuracy, (double)correct / count);
+    FM_CHECK(fabs(got.macro_f1 - f1 / f1_classes) < 1e-5, "macro-F1 %g, want %g", got.macro_f1, f1 / f1_classes);
+    FM_CHECK(fabs(got.macro_auc - auc / auc_classes) < 2e-3, "macro AUC %g, want %g", got.macro_auc, auc / auc_classes);
+    FM_CHECK(got.samples == count && got.loss > 0.0f, "samples and loss");
+    free(logits);
+}
+
+int main(void) {
+    fm_dataset ds;
+    fm_model a, b;
+    fm_model_desc desc = small_desc();
+    fm_train_desc td;
+    fm_train_result result;
+    fm_metrics before, after;
+    int32_t order[SAMPLES];
+    int train = 0, validation = 0;
+    counter count = {0, 0, 0};
+    fm_test_seed("test_train");
+    synthetic(&ds);
+    FM_CHECK(fm_dataset_split(&ds, 4, order, &train, &validation) == FM_OK, "split");
+    FM_CHECK(fm_dataset_standardize(&ds, order, train) == FM_OK, "standardize");
+    FM_CHECK(fm_model_create(&desc, 16, &a) == FM_OK && fm_model_init(&a, 9) == FM_OK, "model a");
+    FM_CHECK(fm_model_create(&desc, 16, &b) == FM_OK && fm_model_init(&b, 9) == FM_OK, "model b");
+    FM_CHECK(fm_model_evaluate(&a, &ds, order + train, validation, &before) == FM_OK, "evaluate before");
+    memset(&td, 0, sizeof td);
+    td.epochs = 10, td.warmup_epochs = 2, td.adam.lr = 3e-3f, td.seed = 77;
+    td.on_step = count_step, td.on_epoch = count_epoch, td.user_data = &count;
+    fm_test_context = "train";
+    FM_CHECK(fm_model_train(&a, &ds, order, train, order + train, validation, &td, &result) == FM_OK, "train");
+    FM_CHECK(result.epochs_run == 10 && count.epochs == 10 && result.steps == 10 * ((train + 15) / 16) && count.steps == result.steps,
+             "%d epochs, %lld steps, %d callbacks", result.epochs_run, (long long)result.steps, count.steps);
+    FM_CHECK(fm_model_evaluate(&a, &ds, order + train, validation, &after) == FM_OK, "evaluate after");
+    FM_CHECK(after.accuracy == result.best_validation.accuracy, "the model keeps the best epoch's weights (%g, %g)",
+             after.accuracy, result.best_validation.accuracy);
+    FM_CHECK(after.accuracy >= 0.8f && after.accuracy > before.accuracy + 0.2f,
+             "validation accuracy %.3f -> %.3f after 10 epochs", before.accuracy, after.accuracy);
+    check_metrics(&a, &ds, order + train + validation, SAMPLES - train - validation);
+    /* the same seed, the same weights */
+    td.on_step = NULL, td.on_epoch = NULL;
+    FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_OK, "train again");
+    FM_CHECK(memcmp(a.params, b.params, a.param_floats * sizeof(float)) == 0, "two runs of one seed differ");
+    /* a callback stops the run */
+    count.steps = 0, count.stop_after = 3;
+    td.on_step = count_step, td.user_data = &count;
+    FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_OK && result.stopped &&
+                 result.steps == 3,
+             "stopped after %lld steps", (long long)result.steps);
+    /* divergence stops at the first non-finite loss or gradient, the weights finite */
+    {
+        size_t i;
+        int finite = 1;
+        td.on_step = NULL, td.adam.lr = 1e25f, td.epochs = 3;
+        FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_ERR_INVALID_ARGUMENT,
+                 "a diverging run is stopped");
+        for (i = 0; i < b.param_floats; i++) finite &= b.params[i] - b.params[i] == 0.0f;
+        FM_CHECK(finite, "the weights before the non-finite step are kept");
+    }
+    fm_model_destroy(&a);
+    fm_model_destroy(&b);
+    fm_dataset_free(&ds);
+    return fm_test_finish("test_train");
+}
