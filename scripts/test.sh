@@ -7,6 +7,7 @@
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
 #   - the demo's every out-of-memory path, under AddressSanitizer's leak check;
+#   - the train command for an epoch or two on the synthetic task and on ../shared/data/handwritten;
 #   - a short run of the benchmark program (its result checks, not its timings);
 #   - scripts/bench.sh --quick: the headline benchmarks (SMoE layer, its training step, routing) at
 #     one small size, through to their JSON, charts and summary (in build/bench-quick/).
@@ -77,6 +78,9 @@ for isa in $isas; do
   done
 done
 run demo build/release/examples/flexmoe_demo --tokens 1000
+# the train command end to end: the synthetic task, and the handwritten digits at 30 % missing
+run train-synthetic build/release/examples/flexmoe_train --epochs 2 --json
+run train-handwritten build/release/examples/flexmoe_train --data ../shared/data/handwritten --epochs 1 --json
 run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='^(softmax|topk|gate|dispatch|combine)[a-z_]*/.*/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
 run bench-quick scripts/bench.sh --quick --out build/bench-quick
 
