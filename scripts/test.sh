@@ -81,6 +81,7 @@ run demo build/release/examples/flexmoe_demo --tokens 1000
 # the train command end to end: the synthetic task, and the handwritten digits at 30 % missing
 run train-synthetic build/release/examples/flexmoe_train --epochs 2 --json
 run train-handwritten build/release/examples/flexmoe_train --data ../shared/data/handwritten --epochs 1 --json
+run smoe-classifier build/release/examples/smoe_classifier
 run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='^(softmax|topk|gate|dispatch|combine)[a-z_]*/.*/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
 run bench-quick scripts/bench.sh --quick --out build/bench-quick
 
