@@ -4930,7 +4930,7 @@ static fm_status fm__load_views(const char *directory, fm_dataset *ds) {
             fm_free(text);
             return FM_ERR_INVALID_ARGUMENT;
         }
-        snprintf(ds->names[ds->views], sizeof ds->names[0], "%s", name);
+        memcpy(ds->names[ds->views], name, strlen(name) + 1); /* shorter than names[0]: checked above */
         ds->features[ds->views++] = features;
     }
     fm_free(text);
