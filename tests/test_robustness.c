@@ -855,6 +855,37 @@ static fm_status call_layer_backward(void) { return layer_call(FM_GATE_NOISY_TOP
 static fm_status call_layer_softmax(void) { return layer_call(FM_GATE_SOFTMAX_TOPK, 0, 1); }
 static fm_status call_layer_confidence(void) { return layer_call(FM_GATE_CONFIDENCE, 0, 1); }
 
+/* A small Flex-MoE model and a batch, made on first use (kept for the process: reachable). */
+static fm_model robust_model;
+static fm_model_batch robust_batch;
+static fm_status model_ready(void) {
+    static float features[2][6 * 21];
+    static uint8_t observed[6 * 2] = {1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0};
+    static int32_t labels[6] = {0, 1, 2, 0, 1, 2};
+    fm_model_desc d;
+    fm_status s;
+    int i;
+    if (robust_model.params) return FM_OK;
+    memset(&d, 0, sizeof d);
+    d.modalities = 2, d.features[0] = 7, d.features[1] = 21, d.classes = 3, d.dim = 32, d.experts = 40, d.top_k = 4;
+    if ((s = fm_model_create(&d, 6, &robust_model)) != FM_OK || (s = fm_model_init(&robust_model, 3)) != FM_OK) return s;
+    for (i = 0; i < 6 * 21; i++) features[0][i % (6 * 7)] = features[1][i] = (float)((i * 37) % 11) / 5.0f - 1.0f;
+    robust_batch.samples = 6, robust_batch.features[0] = features[0], robust_batch.features[1] = features[1];
+    robust_batch.observed = observed, robust_batch.labels = labels, robust_batch.training = 1, robust_batch.seed = 9;
+    return FM_OK;
+}
+static fm_status call_model_step(void) {
+    fm_status s = model_ready();
+    fm_model_losses losses;
+    if (!s) s = fm_model_forward(&robust_model, &robust_batch, NULL, &losses);
+    return s ? s : fm_model_backward(&robust_model, &robust_batch);
+}
+static fm_status call_model_adam(void) {
+    const fm_adam_desc adam = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f};
+    fm_status s = call_model_step();
+    return s ? s : fm_model_adam_step(&robust_model, &adam, 1);
+}
+
 typedef struct public_call {
     const char *name;
     fm_status (*run)(void);
@@ -900,6 +931,8 @@ static const public_call calls[] = {
     {"fm_moe_forward / fm_moe_backward (noisy gate)", call_layer_backward},
     {"fm_moe_forward / fm_moe_backward (softmax gate)", call_layer_softmax},
     {"fm_moe_forward / fm_moe_backward (confidence gate)", call_layer_confidence},
+    {"fm_model_forward / fm_model_backward (40 experts, dropout)", call_model_step},
+    {"fm_model_adam_step", call_model_adam},
     {"fm_isa_* / fm_alloc / fm_status_str", call_names},
 };
 
