@@ -813,7 +813,7 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  * whose fan-in PyTorch takes as experts: U(+-1/sqrt(experts))) and experts (kaiming_uniform on
  * the experts x out x in tensor: U(+-1/sqrt(out * in)), biases zero). */
 #define FLEXMOE_MODEL_MAX_MODALITIES 8
-#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 16)
+#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 18) /* two per encoder, 18 more */
 
 /* Zero is the reference's configuration, except the modalities, their features and the classes,
  * which have no default. */

@@ -564,7 +564,7 @@ static void check_adam(void) {
 int main(void) {
     fm_isa isas[FM_ISA_COUNT];
     int n, i, c;
-    model_case cases[4];
+    model_case cases[5];
     const char *given = getenv("FLEXMOE_TEST_SEED");
     fm_test_rng_state = given ? strtoull(given, NULL, 0) : 20261201u;
     printf("test_model: seed %llu (FLEXMOE_TEST_SEED changes it)\n", (unsigned long long)fm_test_rng_state);
@@ -587,11 +587,16 @@ int main(void) {
     /* the first with dropout 0.5 on: its masks (fm_model_dropout_mask) go to the reference */
     cases[3] = cases[0];
     cases[3].name = "M3-d16-E4-dropout", cases[3].desc.dropout = 0.0f;
+    /* eight modalities, the most a model takes (255 combinations, 34 tensors) */
+    cases[4].name = "M8-d16-E4", cases[4].samples = 5, cases[4].training = 1;
+    cases[4].desc.modalities = 8, cases[4].desc.classes = 4, cases[4].desc.dim = 16, cases[4].desc.experts = 4;
+    cases[4].desc.top_k = 2, cases[4].desc.dropout = -1;
+    for (i = 0; i < 8; i++) cases[4].desc.features[i] = 3 + 5 * i;
     check_combinations();
     check_model_api();
     check_adam();
     n = fm_test_isas(isas);
-    for (c = 0; c < 4; c++)
+    for (c = 0; c < 5; c++)
         for (i = 0; i < n; i++) {
             const uint64_t state = fm_test_rng_state;
             compare_case(&cases[c], isas[i]);
