@@ -4095,7 +4095,7 @@ uint64_t fm_model_noise_seed(const fm_model_batch *batch) {
 
 /* The activations of one batch and the scratch of the backward, views into one block. */
 struct fm__model_state {
-    int samples, forward_done, tokens; /* tokens = M * patches per sample */
+    int samples, forward_done;
     fm_moe_desc moe;
     fm_moe_sizes moe_sizes;
     float *x0, *ln1, *mean1, *rstd1, *q, *kv, *probs, *context, *attention, *x1;
@@ -4566,7 +4566,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     S = b->samples, M = c->modalities, P = c->patches, N = M * P, d = c->dim, heads = c->heads, dh = d / heads;
     C = c->classes, R = (size_t)S * N, scale = 1.0f / sqrtf((float)dh);
     s->forward_done = 0;
-    s->samples = S, s->tokens = N;
+    s->samples = S;
     for (i = 0; i < S; i++) {
         uint32_t mask = 0;
         for (m = 0; m < M; m++)
