@@ -75,6 +75,8 @@ typedef enum fm_status {
     FM_ERR_UNKNOWN_ISA,     /* a name (FLEXMOE_ISA, fm_isa_from_name) that names no ISA path */
     FM_ERR_UNSUPPORTED_ISA, /* that ISA path is not compiled in or this CPU/OS cannot run it */
     FM_ERR_INVALID_ARGUMENT, /* a value outside its documented range (k > experts, a label >= classes, ...) */
+    FM_ERR_IO,              /* the system refused to open, read, write, flush or rename a file */
+    FM_ERR_BAD_FILE,        /* a file is truncated, damaged, foreign or does not match what it claims */
     FM_STATUS_COUNT
 } fm_status;
 
@@ -841,6 +843,24 @@ typedef struct fm_tensor_info {
     int packed;
 } fm_tensor_info;
 
+/* What a model scores on some samples of a dataset: accuracy, macro-F1 (over the classes that
+ * occur among the labels or the predictions), one-vs-rest macro AUC (over the classes that have
+ * both positives and negatives there; ties share their rank) and the mean cross-entropy. */
+typedef struct fm_metrics {
+    int samples;
+    float accuracy, macro_f1, macro_auc, loss;
+} fm_metrics;
+
+/* Where a model's training stands: fm_model_train advances it, a checkpoint keeps it. With the
+ * counter-based streams, the seed, the step and the epoch are the whole random state. */
+typedef struct fm_train_state {
+    int epoch;                  /* epochs completed */
+    int64_t step;               /* Adam steps taken */
+    uint64_t seed;              /* the run's (fm_train_desc.seed) */
+    int best_epoch;             /* the epoch whose weights model->best holds; 0: none yet */
+    fm_metrics best_validation; /* its validation scores */
+} fm_train_state;
+
 typedef struct fm__model_state fm__model_state;
 
 typedef struct fm_model {
@@ -848,6 +868,8 @@ typedef struct fm_model {
     int max_samples;
     size_t param_floats;   /* of each arena */
     float *params, *grads, *adam_m, *adam_v;
+    float *best;           /* the weights of the best validation epoch (fm_model_train) */
+    fm_train_state trained;
     int tensor_count;
     fm_tensor_info tensors[FLEXMOE_MODEL_MAX_TENSORS];
     fm__model_state *state; /* the activations and scratch; internal */
@@ -888,7 +910,8 @@ uint32_t fm_combination_mask(int modalities, int index);
 fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *model);
 void fm_model_destroy(fm_model *model);
 
-/* The parameters' initial values from a seed (above); Adam's moments zero. */
+/* The parameters' initial values from a seed (above); Adam's moments, the best weights and the
+ * training state zero. */
 fm_status fm_model_init(fm_model *model, uint64_t seed);
 
 /* The tensor of that name, or NULL. */
@@ -985,20 +1008,13 @@ fm_status fm_dataset_split(const fm_dataset *dataset, uint64_t seed, int32_t *or
 
 /* ==== 11. Training and evaluation ========================================================== */
 
-/* What a model scores on some samples of a dataset: accuracy, macro-F1 (over the classes that
- * occur among the labels or the predictions), one-vs-rest macro AUC (over the classes that have
- * both positives and negatives there; ties share their rank) and the mean cross-entropy. */
-typedef struct fm_metrics {
-    int samples;
-    float accuracy, macro_f1, macro_auc, loss;
-} fm_metrics;
-
 /* The model in inference (no dropout, no noise) on count rows of the dataset (its views are the
  * model's modalities, in order), max_samples at a time. */
 fm_status fm_model_evaluate(fm_model *model, const fm_dataset *dataset, const int32_t *rows, int count, fm_metrics *metrics);
 
 /* Where a training run stands, for the callbacks. */
 typedef struct fm_train_progress {
+    const fm_model *model;        /* the model being trained: on_epoch may save a checkpoint of it */
     int epoch, epochs;            /* 1-based */
     int step, steps_per_epoch;    /* step within the epoch, 1-based */
     int64_t total_step;           /* over the run, 1-based: Adam's step and the streams' */
@@ -1010,7 +1026,7 @@ typedef struct fm_train_progress {
 /* Zero is Flex-MoE's reference recipe: 20 epochs, batches of 16 (at most the model's
  * max_samples), 5 warm-up epochs of the curriculum, Adam's defaults. */
 typedef struct fm_train_desc {
-    int epochs;                   /* 0: 20 */
+    int epochs;                   /* the run's total, counting those the model has trained; 0: 20 */
     int batch_size;               /* 0: min(16, max_samples) */
     int warmup_epochs;            /* 0: 5; negative: none */
     fm_adam_desc adam;
@@ -1023,21 +1039,83 @@ typedef struct fm_train_desc {
 } fm_train_desc;
 
 typedef struct fm_train_result {
-    int epochs_run, best_epoch, stopped; /* stopped: a callback asked */
-    int64_t steps;
+    int epochs_run, best_epoch, stopped; /* epochs completed (in all); stopped: a callback asked */
+    int64_t steps;                       /* Adam steps taken (in all) */
     fm_metrics best_validation;
 } fm_train_result;
 
-/* Trains from the model's current parameters: each epoch goes through the training rows in
- * batches (forward, backward, Adam), in the curriculum's order for the warm-up epochs (most
- * observed views first, ties in row order) and shuffled after, then evaluates the validation
- * rows; the model ends with the weights of the epoch of best validation accuracy (the first of
- * equals). The same seed, data and thread count give the same weights, bit for bit. A NaN or
+/* Trains from the model's current parameters and training state (model->trained): each epoch
+ * after the last it completed goes through the training rows in batches (forward, backward,
+ * Adam), in the curriculum's order for the warm-up epochs (most observed views first, ties in row
+ * order) and shuffled after, then evaluates the validation rows, keeping the weights of the best
+ * validation accuracy (the first of equals) in model->best; the model ends with those weights.
+ * The same seed, data and thread count give the same weights, bit for bit, and so does a run
+ * resumed from a checkpoint saved by on_epoch (fm_model_save, fm_model_load) with the same
+ * arguments. A run stopped by on_step within an epoch cannot be resumed bit for bit. A NaN or
  * infinite loss or gradient stops the run with FM_ERR_INVALID_ARGUMENT, a message naming the
  * step (and the tensor), and the weights from before that step. */
 fm_status fm_model_train(fm_model *model, const fm_dataset *dataset, const int32_t *train_rows, int train_count,
                          const int32_t *validation_rows, int validation_count, const fm_train_desc *desc,
                          fm_train_result *result);
+
+/* Copies model->best into the parameters (nothing when no epoch has been evaluated yet). */
+fm_status fm_model_restore_best(fm_model *model);
+
+/* ==== 12. Checkpoints ====================================================================== */
+
+/* A checkpoint is a safetensors file, the format PyTorch and numpy users open directly
+ * (safetensors.torch.load_file, safetensors.numpy.load_file):
+ *   8 bytes   N, the header's length, little-endian
+ *   N bytes   JSON: per tensor {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]} and
+ *             "__metadata__" (strings), padded with spaces so the data starts 8-byte aligned
+ *   the data  each tensor's values, little-endian, row-major, in the header's order, no gaps
+ * Its tensors, all F32:
+ *   <name>                         the parameters under the names and shapes of the model's
+ *                                  tensor table (section 9); moe.w1 and moe.w2 unpacked, experts x
+ *                                  in x out (PyTorch's FastMoE keeps experts x out x in: transpose
+ *                                  the last two)
+ *   adam.m.<name>, adam.v.<name>   Adam's moments, the same shapes
+ *   best.<name>                    model->best, when trained.best_epoch > 0
+ * and its __metadata__:
+ *   "format": "flexmoe.checkpoint", "version": "1"
+ *   "config"    the model's fm_model_desc as JSON, defaults filled in: {"modalities": 6,
+ *               "features": [240, 76, ...], "classes": 10, "patches": 16, "dim": 128, "heads": 4,
+ *               "experts": 16, "top_k": 4, "hidden": 256, "dropout": 0.5, "gate_loss_weight":
+ *               0.01, "no_attention_residual": 0, "layernorm_eps": 1e-05}
+ *   "training"  model->trained as JSON: {"epoch", "step", "seed", "best_epoch", "best_samples",
+ *               "best_accuracy", "best_macro_f1", "best_macro_auc", "best_loss"}
+ *   "crc32"     the CRC-32 of the data (zlib's: Python's zlib.crc32 agrees), 8 hex digits
+ * FLEXMOE_NO_STDIO leaves this section out. */
+#ifndef FLEXMOE_NO_STDIO
+/* Saves the model atomically: written to path + ".tmp" in the same directory, flushed to the disk
+ * (fsync, POSIX), renamed over path and the directory flushed, so a crash or a kill at any moment
+ * leaves the old file or the new one in place, never a damaged one. FM_ERR_IO when the system
+ * refuses a step (the logger says which and why; the old file stays). */
+fm_status fm_model_save(const fm_model *model, const char *path);
+
+/* Creates a model for batches of up to max_samples from a checkpoint: its configuration,
+ * parameters, Adam's moments, training state and best weights, ready for fm_model_train to
+ * continue or for inference. The file is trusted in nothing: its length, header, tensor dtypes,
+ * shapes and offsets, the checksum and every value are checked before the model is used. A
+ * file that is truncated, damaged, not safetensors, safetensors but not a flexmoe checkpoint, of
+ * another format version, or whose tensors do not match its configuration is FM_ERR_BAD_FILE,
+ * with a message through the logger that says what is wrong; FM_ERR_IO when it cannot be read.
+ * model is zeroed on failure (fm_model_destroy accepts it). */
+fm_status fm_model_load(const char *path, int max_samples, fm_model *model);
+
+/* One tensor of a safetensors file of the caller's own (data for PyTorch, say). */
+typedef struct fm_safetensor {
+    const char *name;  /* unique, not "__metadata__" */
+    const char *dtype; /* a safetensors dtype: "F32", "I32", "U8", "F64", "I64", ... */
+    int rank;          /* 0 .. 4 */
+    int shape[4];
+    const void *data;  /* the values, little-endian, row-major */
+} fm_safetensor;
+
+/* Writes count tensors and metadata (key, value, key, value, ..., NULL; or NULL) to a
+ * safetensors file, atomically as fm_model_save does; a "crc32" entry is added. */
+fm_status fm_safetensors_write(const char *path, const fm_safetensor *tensors, int count, const char *const *metadata);
+#endif
 
 #ifdef __cplusplus
 }
@@ -1081,6 +1159,8 @@ const char *fm_status_str(fm_status status) {
     case FM_ERR_UNKNOWN_ISA: return "unknown ISA name (expected scalar, avx2, avx512 or neon)";
     case FM_ERR_UNSUPPORTED_ISA: return "the requested ISA path is not supported on this machine";
     case FM_ERR_INVALID_ARGUMENT: return "an argument is outside its documented range";
+    case FM_ERR_IO: return "a file could not be opened, read, written or renamed";
+    case FM_ERR_BAD_FILE: return "a file is truncated, damaged, foreign or mismatched";
     case FM_STATUS_COUNT: break;
     }
     return "unknown status code";
@@ -4264,6 +4344,7 @@ void fm_model_destroy(fm_model *model) {
     fm_free(model->grads);
     fm_free(model->adam_m);
     fm_free(model->adam_v);
+    fm_free(model->best);
     if (model->state) fm_free(model->state);
     memset(model, 0, sizeof *model);
 }
@@ -4310,9 +4391,10 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
     model->grads = (float *)fm_alloc(arena_bytes);
     model->adam_m = (float *)fm_alloc(arena_bytes);
     model->adam_v = (float *)fm_alloc(arena_bytes);
+    model->best = (float *)fm_alloc(arena_bytes);
     model->state = (fm__model_state *)fm_alloc(state_bytes);
-    if (!model->params || !model->grads || !model->adam_m || !model->adam_v || !model->state) {
-        fm__log(FM_LOG_ERROR, "fm_model_create: out of memory (%zu bytes of arenas, %zu of activations)", 4 * arena_bytes,
+    if (!model->params || !model->grads || !model->adam_m || !model->adam_v || !model->best || !model->state) {
+        fm__log(FM_LOG_ERROR, "fm_model_create: out of memory (%zu bytes of arenas, %zu of activations)", 5 * arena_bytes,
                 state_bytes);
         fm_model_destroy(model);
         return FM_ERR_OUT_OF_MEMORY;
@@ -4321,6 +4403,7 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
     memset(model->grads, 0, arena_bytes);
     memset(model->adam_m, 0, arena_bytes);
     memset(model->adam_v, 0, arena_bytes);
+    memset(model->best, 0, arena_bytes);
     *model->state = probe;
     fm__model_state_layout(model, max_samples, model->state,
                            (unsigned char *)model->state + (sizeof(fm__model_state) + 63) / 64 * 64);
@@ -4342,6 +4425,8 @@ fm_status fm_model_init(fm_model *model, uint64_t seed) {
     memset(model->params, 0, model->param_floats * sizeof(float));
     memset(model->adam_m, 0, model->param_floats * sizeof(float));
     memset(model->adam_v, 0, model->param_floats * sizeof(float));
+    memset(model->best, 0, model->param_floats * sizeof(float));
+    memset(&model->trained, 0, sizeof model->trained);
     for (i = 0; i < model->tensor_count; i++) {
         const fm_tensor_info *t = &model->tensors[i];
         float *p = model->params + t->offset;
@@ -5303,6 +5388,13 @@ static void fm__curriculum(const fm_dataset *ds, const int32_t *rows, int count,
 
 static int fm__loss_is_finite(const fm_model_losses *l) { return l->loss - l->loss == 0.0f; }
 
+fm_status fm_model_restore_best(fm_model *model) {
+    if (!model) return FM_ERR_NULL_POINTER;
+    if (!model->params) return FM_ERR_INVALID_ARGUMENT;
+    if (model->trained.best_epoch > 0) memcpy(model->params, model->best, model->param_floats * sizeof(float));
+    return FM_OK;
+}
+
 fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *train_rows, int train_count,
                          const int32_t *validation_rows, int validation_count, const fm_train_desc *desc,
                          fm_train_result *result) {
@@ -5310,11 +5402,10 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
     fm__batch_buffers buffers;
     fm_train_desc d;
     fm_train_progress progress;
-    fm_train_result r;
+    fm_train_state *state;
     int32_t *order;
-    float *best;
     fm_status status;
-    int epoch, i;
+    int epoch, i, stopped = 0;
     if (!desc) return FM_ERR_NULL_POINTER;
     if ((status = fm__check_model_data(caller, model, ds, train_rows, train_count)) != FM_OK ||
         (status = fm__check_model_data(caller, model, ds, validation_rows, validation_count)) != FM_OK)
@@ -5328,19 +5419,21 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
                 d.epochs, d.batch_size, model->max_samples);
         return FM_ERR_INVALID_ARGUMENT;
     }
-    memset(&r, 0, sizeof r);
+    state = &model->trained;
+    if (state->epoch == 0 && state->step == 0) state->seed = d.seed;
+    else if (state->seed != d.seed)
+        fm__log(FM_LOG_WARNING, "%s: the model trained with seed %llu so far and continues with %llu: not the run it began",
+                caller, (unsigned long long)state->seed, (unsigned long long)d.seed);
     memset(&progress, 0, sizeof progress);
-    r.best_validation.accuracy = -1.0f;
     order = (int32_t *)fm_alloc((size_t)train_count * sizeof(int32_t));
-    best = (float *)fm_alloc(model->param_floats * sizeof(float));
-    if (!order || !best || fm__alloc_batch_buffers(ds, d.batch_size, &buffers) != FM_OK) {
-        fm_free(order), fm_free(best);
+    if (!order || fm__alloc_batch_buffers(ds, d.batch_size, &buffers) != FM_OK) {
+        fm_free(order);
         return FM_ERR_OUT_OF_MEMORY;
     }
-    memcpy(best, model->params, model->param_floats * sizeof(float));
+    progress.model = model;
     progress.epochs = d.epochs;
     progress.steps_per_epoch = (train_count + d.batch_size - 1) / d.batch_size;
-    for (epoch = 1; status == FM_OK && epoch <= d.epochs && !r.stopped; epoch++) {
+    for (epoch = state->epoch + 1; status == FM_OK && epoch <= d.epochs && !stopped; epoch++) {
         double epoch_loss = 0.0;
         fm__curriculum(ds, train_rows, train_count, order);
         if (epoch > d.warmup_epochs) /* shuffled (Fisher-Yates) after the warm-up */
@@ -5350,45 +5443,972 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
                 order[i] = order[j], order[j] = keep;
             }
         progress.epoch = epoch;
-        for (i = 0; status == FM_OK && i < train_count && !r.stopped; i += d.batch_size) {
+        for (i = 0; status == FM_OK && i < train_count && !stopped; i += d.batch_size) {
             const int n = train_count - i < d.batch_size ? train_count - i : d.batch_size;
             fm_model_batch b;
             fm_model_losses losses;
             fm__gather_batch(ds, order + i, n, &buffers, &b);
-            b.class_weights = d.class_weights, b.training = 1, b.seed = d.seed, b.step = (uint64_t)(r.steps + 1);
+            b.class_weights = d.class_weights, b.training = 1, b.seed = d.seed, b.step = (uint64_t)(state->step + 1);
             if ((status = fm_model_forward(model, &b, NULL, &losses)) != FM_OK) break;
             if (!fm__loss_is_finite(&losses)) {
                 fm__log(FM_LOG_ERROR, "%s: the loss is %s at step %lld (epoch %d); the weights from before it are kept",
-                        caller, losses.loss != losses.loss ? "NaN" : "infinite", (long long)(r.steps + 1), epoch);
+                        caller, losses.loss != losses.loss ? "NaN" : "infinite", (long long)(state->step + 1), epoch);
                 status = FM_ERR_INVALID_ARGUMENT;
                 break;
             }
             if ((status = fm_model_backward(model, &b)) != FM_OK ||
-                (status = fm_model_adam_step(model, &d.adam, r.steps + 1)) != FM_OK)
+                (status = fm_model_adam_step(model, &d.adam, state->step + 1)) != FM_OK)
                 break;
-            r.steps++;
+            state->step++;
             epoch_loss += (double)losses.loss * n;
-            progress.step = i / d.batch_size + 1, progress.total_step = r.steps, progress.loss = losses.loss;
-            if (d.on_step && d.on_step(&progress, d.user_data)) r.stopped = 1;
+            progress.step = i / d.batch_size + 1, progress.total_step = state->step, progress.loss = losses.loss;
+            if (d.on_step && d.on_step(&progress, d.user_data)) stopped = 1;
         }
-        if (status != FM_OK || r.stopped) break;
+        if (status != FM_OK || stopped) break;
         if ((status = fm_model_evaluate(model, ds, validation_rows, validation_count, &progress.validation)) != FM_OK) break;
-        r.epochs_run = epoch;
-        if (progress.validation.accuracy > r.best_validation.accuracy) {
-            r.best_validation = progress.validation, r.best_epoch = epoch;
-            memcpy(best, model->params, model->param_floats * sizeof(float));
+        state->epoch = epoch;
+        if (state->best_epoch == 0 || progress.validation.accuracy > state->best_validation.accuracy) {
+            state->best_validation = progress.validation, state->best_epoch = epoch;
+            memcpy(model->best, model->params, model->param_floats * sizeof(float));
         }
-        progress.loss = (float)(epoch_loss / train_count), progress.best_epoch = r.best_epoch;
-        if (d.on_epoch && d.on_epoch(&progress, d.user_data)) r.stopped = 1;
+        progress.loss = (float)(epoch_loss / train_count), progress.best_epoch = state->best_epoch;
+        if (d.on_epoch && d.on_epoch(&progress, d.user_data)) stopped = 1;
     }
     /* the best epoch's weights (or, after a failed step, those before it: Adam changes nothing
      * on a refused gradient, and a non-finite loss stops before the update) */
-    if (status == FM_OK && r.best_epoch > 0) memcpy(model->params, best, model->param_floats * sizeof(float));
-    if (result) *result = r;
-    fm_free(order), fm_free(best);
+    if (status == FM_OK) fm_model_restore_best(model);
+    if (result) {
+        memset(result, 0, sizeof *result);
+        result->epochs_run = state->epoch, result->best_epoch = state->best_epoch, result->stopped = stopped;
+        result->steps = state->step, result->best_validation = state->best_validation;
+    }
+    fm_free(order);
     fm__free_batch_buffers(&buffers);
     return status;
 }
+
+/* ==== 19. Checkpoints ====================================================================== */
+
+#ifndef FLEXMOE_NO_STDIO
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <unistd.h>
+#define FM__POSIX_FILES 1
+#endif
+#include <errno.h>
+
+#define FM__CHECKPOINT_FORMAT "flexmoe.checkpoint"
+#define FM__CHECKPOINT_VERSION "1"
+#define FM__SAFETENSORS_MAX_HEADER (100u << 20) /* as the safetensors library: 100 MB */
+
+static int fm__little_endian(void) {
+    const uint32_t one = 1;
+    unsigned char first;
+    memcpy(&first, &one, 1);
+    return first == 1;
+}
+
+/* CRC-32 as zlib computes it (reflected 0xEDB88320), so Python's zlib.crc32 checks a file. */
+typedef struct fm__crc32 {
+    uint32_t table[256], value;
+} fm__crc32;
+
+static void fm__crc32_init(fm__crc32 *c) {
+    uint32_t i, k, r;
+    for (i = 0; i < 256; i++) {
+        for (r = i, k = 0; k < 8; k++) r = r & 1u ? (r >> 1) ^ 0xEDB88320u : r >> 1;
+        c->table[i] = r;
+    }
+    c->value = 0xFFFFFFFFu;
+}
+
+static void fm__crc32_update(fm__crc32 *c, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t v = c->value;
+    while (n--) v = c->table[(v ^ *p++) & 0xFFu] ^ (v >> 8);
+    c->value = v;
+}
+
+/* A growing NUL-terminated string; `failed` after an allocation failed (the text is then
+ * incomplete and must not be used). */
+typedef struct fm__text {
+    char *data;
+    size_t length, capacity;
+    int failed;
+} fm__text;
+
+static int fm__text_reserve(fm__text *t, size_t more) {
+    char *grown;
+    size_t capacity;
+    if (t->failed) return 0;
+    if (t->length + more + 1 <= t->capacity) return 1;
+    capacity = (t->length + more + 1) * 2 + 256;
+    if (!(grown = (char *)fm_alloc(capacity))) return t->failed = 1, 0;
+    if (t->data) memcpy(grown, t->data, t->length + 1);
+    else grown[0] = '\0';
+    fm_free(t->data);
+    t->data = grown, t->capacity = capacity;
+    return 1;
+}
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static void fm__text_add(fm__text *t, const char *format, ...) {
+    va_list args;
+    int n;
+    va_start(args, format);
+    n = vsnprintf(NULL, 0, format, args);
+    va_end(args);
+    if (n < 0 || !fm__text_reserve(t, (size_t)n)) return;
+    va_start(args, format);
+    vsnprintf(t->data + t->length, (size_t)n + 1, format, args);
+    va_end(args);
+    t->length += (size_t)n;
+}
+
+/* s as a JSON string, quotes and escapes added. */
+static void fm__text_add_json_string(fm__text *t, const char *s) {
+    fm__text_add(t, "\"");
+    for (; *s; s++) {
+        const unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fm__text_add(t, "\\%c", c);
+        else if (c < 0x20) fm__text_add(t, "\\u%04x", c);
+        else fm__text_add(t, "%c", c);
+    }
+    fm__text_add(t, "\"");
+}
+
+static size_t fm__safetensors_dtype_size(const char *dtype) {
+    static const char *const names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"};
+    static const unsigned char sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 8, 4, 2, 1, 1};
+    size_t i;
+    for (i = 0; i < sizeof sizes; i++)
+        if (strcmp(dtype, names[i]) == 0) return sizes[i];
+    return 0;
+}
+
+/* One tensor to write: named prefix + name; `packed` data is fm_pack_weights' layout of the
+ * shape[0] x shape[1] x shape[2] experts, written unpacked. */
+typedef struct fm__tensor_out {
+    const char *prefix, *name, *dtype;
+    int rank, shape[4], packed;
+    const void *data;
+} fm__tensor_out;
+
+static size_t fm__tensor_out_bytes(const fm__tensor_out *t) {
+    size_t bytes = fm__safetensors_dtype_size(t->dtype);
+    int i;
+    for (i = 0; i < t->rank; i++) bytes *= (size_t)t->shape[i];
+    return bytes;
+}
+
+/* Where the data goes: into the CRC, or into a file. */
+typedef struct fm__sink {
+    fm__crc32 *crc;
+#ifdef FM__POSIX_FILES
+    int fd;
+#else
+    FILE *file;
+#endif
+    int failed;
+} fm__sink;
+
+static void fm__sink_put(fm__sink *s, const void *data, size_t n) {
+    const char *p = (const char *)data;
+    if (s->failed) return;
+    if (s->crc) {
+        fm__crc32_update(s->crc, data, n);
+        return;
+    }
+#ifdef FM__POSIX_FILES
+    while (n > 0) {
+        const ssize_t wrote = write(s->fd, p, n > (1u << 30) ? (1u << 30) : n);
+        if (wrote < 0 && errno == EINTR) continue;
+        if (wrote <= 0) {
+            s->failed = 1;
+            return;
+        }
+        p += wrote, n -= (size_t)wrote;
+    }
+#else
+    if (fwrite(p, 1, n, s->file) != n) s->failed = 1;
+#endif
+}
+
+static int fm__sink_open(fm__sink *s, const char *path) {
+#ifdef FM__POSIX_FILES
+    return (s->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644)) >= 0;
+#else
+    return (s->file = fopen(path, "wb")) != NULL;
+#endif
+}
+
+/* Flushed to the disk (POSIX) and closed: 0 when anything failed, the write before it included. */
+static int fm__sink_close(fm__sink *s) {
+#ifdef FM__POSIX_FILES
+    const int synced = !s->failed && fsync(s->fd) == 0;
+    return close(s->fd) == 0 && synced;
+#else
+    return fclose(s->file) == 0 && !s->failed;
+#endif
+}
+
+static void fm__sink_tensors(fm__sink *s, const fm__tensor_out *t, int count, float *scratch) {
+    int i;
+    for (i = 0; i < count; i++) {
+        if (t[i].packed) {
+            fm_unpack_weights(t[i].shape[0], t[i].shape[1], t[i].shape[2], FM_WEIGHTS_IN_BY_OUT, (const float *)t[i].data,
+                              scratch, t[i].shape[2]);
+            fm__sink_put(s, scratch, fm__tensor_out_bytes(&t[i]));
+        } else {
+            fm__sink_put(s, t[i].data, fm__tensor_out_bytes(&t[i]));
+        }
+    }
+}
+
+#ifdef FM__POSIX_FILES
+/* The directory part of path ("." when it has none), into out. */
+static void fm__directory_of(const char *path, char *out, size_t size) {
+    const char *slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) : 0;
+    if (!slash) {
+        snprintf(out, size, ".");
+        return;
+    }
+    if (n == 0) n = 1; /* "/file" */
+    if (n >= size) n = size - 1;
+    memcpy(out, path, n);
+    out[n] = '\0';
+}
+#endif
+
+/* Writes a safetensors file atomically: path.tmp, flushed to the disk, renamed over path, the
+ * directory flushed (POSIX; elsewhere the C library's rename, without the flushes). */
+static fm_status fm__safetensors_write(const char *caller, const char *path, const fm__tensor_out *t, int count,
+                                       const char *const *metadata) {
+    fm__text header, temp;
+    fm__crc32 crc;
+    fm__sink sink;
+    float *scratch = NULL;
+    size_t largest = 0, offset = 0;
+    unsigned char length_bytes[8];
+    fm_status status = FM_OK;
+    int i;
+    if (!fm__little_endian()) {
+        fm__log(FM_LOG_ERROR, "%s: safetensors data is little-endian; this host is not", caller);
+        return FM_ERR_IO;
+    }
+    memset(&header, 0, sizeof header);
+    memset(&temp, 0, sizeof temp);
+    for (i = 0; i < count; i++)
+        if (t[i].packed && fm__tensor_out_bytes(&t[i]) > largest) largest = fm__tensor_out_bytes(&t[i]);
+    if (largest && !(scratch = (float *)fm_alloc(largest))) return FM_ERR_OUT_OF_MEMORY;
+    memset(&sink, 0, sizeof sink);
+    fm__crc32_init(&crc);
+    sink.crc = &crc;
+    fm__sink_tensors(&sink, t, count, scratch);
+    fm__text_add(&header, "{\"__metadata__\":{");
+    for (i = 0; metadata && metadata[i]; i += 2) {
+        fm__text_add_json_string(&header, metadata[i]);
+        fm__text_add(&header, ":");
+        fm__text_add_json_string(&header, metadata[i + 1]);
+        fm__text_add(&header, ",");
+    }
+    fm__text_add(&header, "\"crc32\":\"%08lx\"}", (unsigned long)(crc.value ^ 0xFFFFFFFFu));
+    for (i = 0; i < count; i++) {
+        int j;
+        fm__text_add(&header, ",\"%s%s\":{\"dtype\":\"%s\",\"shape\":[", t[i].prefix, t[i].name, t[i].dtype);
+        for (j = 0; j < t[i].rank; j++) fm__text_add(&header, "%s%d", j ? "," : "", t[i].shape[j]);
+        fm__text_add(&header, "],\"data_offsets\":[%zu,%zu]}", offset, offset + fm__tensor_out_bytes(&t[i]));
+        offset += fm__tensor_out_bytes(&t[i]);
+    }
+    fm__text_add(&header, "}");
+    while (!header.failed && (8 + header.length) % 8 != 0) fm__text_add(&header, " "); /* the data 8-byte aligned */
+    fm__text_add(&temp, "%s.tmp", path);
+    if (header.failed || temp.failed) {
+        fm_free(scratch), fm_free(header.data), fm_free(temp.data);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    for (i = 0; i < 8; i++) length_bytes[i] = (unsigned char)((uint64_t)header.length >> (8 * i));
+    memset(&sink, 0, sizeof sink);
+    if (!fm__sink_open(&sink, temp.data)) {
+        fm__log(FM_LOG_ERROR, "%s: cannot create %s: %s", caller, temp.data, strerror(errno));
+        status = FM_ERR_IO;
+    } else {
+        fm__sink_put(&sink, length_bytes, 8);
+        fm__sink_put(&sink, header.data, header.length);
+        fm__sink_tensors(&sink, t, count, scratch);
+        if (!fm__sink_close(&sink)) {
+            fm__log(FM_LOG_ERROR, "%s: cannot write %s: %s", caller, temp.data, strerror(errno));
+            status = FM_ERR_IO;
+        }
+    }
+#ifndef FM__POSIX_FILES
+    if (status == FM_OK) remove(path); /* rename over an existing file fails outside POSIX */
+#endif
+    if (status == FM_OK && rename(temp.data, path) != 0) {
+        fm__log(FM_LOG_ERROR, "%s: cannot rename %s to %s: %s", caller, temp.data, path, strerror(errno));
+        status = FM_ERR_IO;
+    }
+#ifdef FM__POSIX_FILES
+    if (status == FM_OK) { /* the rename itself durable */
+        char directory[4096];
+        int fd;
+        fm__directory_of(path, directory, sizeof directory);
+        if ((fd = open(directory, O_RDONLY)) >= 0) {
+            fsync(fd);
+            close(fd);
+        }
+    }
+#endif
+    if (status != FM_OK) remove(temp.data);
+    fm_free(scratch), fm_free(header.data), fm_free(temp.data);
+    return status;
+}
+
+fm_status fm_safetensors_write(const char *path, const fm_safetensor *tensors, int count, const char *const *metadata) {
+    static const char caller[] = "fm_safetensors_write";
+    fm__tensor_out *out;
+    fm_status status;
+    int i, j;
+    if (!path || (count > 0 && !tensors)) return FM_ERR_NULL_POINTER;
+    if (count < 0 || count > (1 << 20)) return FM_ERR_INVALID_SHAPE;
+    for (i = 0; metadata && metadata[i]; i += 2)
+        if (!metadata[i + 1] || strcmp(metadata[i], "crc32") == 0) {
+            fm__log(FM_LOG_ERROR, "%s: metadata key %s %s", caller, metadata[i],
+                    metadata[i + 1] ? "is the checksum's own (it is added)" : "has no value (key, value pairs, then NULL)");
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    for (i = 0; i < count; i++) {
+        const fm_safetensor *t = &tensors[i];
+        double elements = 1.0;
+        if (!t->name || !*t->name || !t->dtype || !fm__safetensors_dtype_size(t->dtype) || t->rank < 0 || t->rank > 4 ||
+            strcmp(t->name, "__metadata__") == 0) {
+            fm__log(FM_LOG_ERROR, "%s: tensor %d needs a name (not __metadata__), a dtype of safetensors (F32, I32, U8, ...) "
+                    "and a rank of 0 .. 4", caller, i);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        for (j = 0; j < t->rank; j++) {
+            if (t->shape[j] < 0) return FM_ERR_INVALID_SHAPE;
+            elements *= t->shape[j];
+        }
+        if (elements * fm__safetensors_dtype_size(t->dtype) > (double)(SIZE_MAX / 2)) return FM_ERR_OVERFLOW;
+        if (elements > 0 && !t->data) return FM_ERR_NULL_POINTER;
+        for (j = 0; j < i; j++)
+            if (strcmp(tensors[j].name, t->name) == 0) {
+                fm__log(FM_LOG_ERROR, "%s: two tensors are named %s", caller, t->name);
+                return FM_ERR_INVALID_ARGUMENT;
+            }
+    }
+    if (!(out = (fm__tensor_out *)fm_alloc((size_t)(count ? count : 1) * sizeof *out))) return FM_ERR_OUT_OF_MEMORY;
+    for (i = 0; i < count; i++) {
+        memset(&out[i], 0, sizeof out[i]);
+        out[i].prefix = "", out[i].name = tensors[i].name, out[i].dtype = tensors[i].dtype, out[i].rank = tensors[i].rank;
+        for (j = 0; j < 4; j++) out[i].shape[j] = tensors[i].shape[j];
+        out[i].data = tensors[i].data;
+    }
+    status = fm__safetensors_write(caller, path, out, count, metadata);
+    fm_free(out);
+    return status;
+}
+
+static void fm__config_json(fm__text *t, const fm_model_desc *c) {
+    int m;
+    fm__text_add(t, "{\"modalities\":%d,\"features\":[", c->modalities);
+    for (m = 0; m < c->modalities; m++) fm__text_add(t, "%s%d", m ? "," : "", c->features[m]);
+    fm__text_add(t, "],\"classes\":%d,\"patches\":%d,\"dim\":%d,\"heads\":%d,\"experts\":%d,\"top_k\":%d,\"hidden\":%d,"
+                 "\"dropout\":%.9g,\"gate_loss_weight\":%.9g,\"no_attention_residual\":%d,\"layernorm_eps\":%.9g}",
+                 c->classes, c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, (double)c->dropout,
+                 (double)c->gate_loss_weight, c->no_attention_residual, (double)c->layernorm_eps);
+}
+
+static void fm__train_state_json(fm__text *t, const fm_train_state *s) {
+    fm__text_add(t, "{\"epoch\":%d,\"step\":%lld,\"seed\":%llu,\"best_epoch\":%d,\"best_samples\":%d,\"best_accuracy\":%.9g,"
+                 "\"best_macro_f1\":%.9g,\"best_macro_auc\":%.9g,\"best_loss\":%.9g}",
+                 s->epoch, (long long)s->step, (unsigned long long)s->seed, s->best_epoch, s->best_validation.samples,
+                 (double)s->best_validation.accuracy, (double)s->best_validation.macro_f1,
+                 (double)s->best_validation.macro_auc, (double)s->best_validation.loss);
+}
+
+/* The arenas a checkpoint holds, by the prefix of their tensors' names. */
+static const char *const fm__checkpoint_prefixes[4] = {"", "adam.m.", "adam.v.", "best."};
+
+static float *fm__checkpoint_arena(const fm_model *model, int which) {
+    float *const arenas[4] = {model->params, model->adam_m, model->adam_v, model->best};
+    return arenas[which];
+}
+
+fm_status fm_model_save(const fm_model *model, const char *path) {
+    static const char caller[] = "fm_model_save";
+    fm__tensor_out *out;
+    fm__text config, training;
+    const char *metadata[9];
+    fm_status status;
+    int arenas, a, i, count = 0;
+    if (!model || !path) return FM_ERR_NULL_POINTER;
+    if (!model->params) {
+        fm__log(FM_LOG_ERROR, "%s: the model was not created (fm_model_create)", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    arenas = model->trained.best_epoch > 0 ? 4 : 3;
+    if (!(out = (fm__tensor_out *)fm_alloc((size_t)arenas * model->tensor_count * sizeof *out))) return FM_ERR_OUT_OF_MEMORY;
+    for (a = 0; a < arenas; a++)
+        for (i = 0; i < model->tensor_count; i++) {
+            const fm_tensor_info *info = &model->tensors[i];
+            fm__tensor_out *t = &out[count++];
+            memset(t, 0, sizeof *t);
+            t->prefix = fm__checkpoint_prefixes[a], t->name = info->name, t->dtype = "F32";
+            t->rank = info->rank, t->packed = info->packed;
+            memcpy(t->shape, info->shape, sizeof t->shape);
+            t->data = fm__checkpoint_arena(model, a) + info->offset;
+        }
+    memset(&config, 0, sizeof config);
+    memset(&training, 0, sizeof training);
+    fm__config_json(&config, &model->config);
+    fm__train_state_json(&training, &model->trained);
+    if (config.failed || training.failed) {
+        status = FM_ERR_OUT_OF_MEMORY;
+    } else {
+        metadata[0] = "format", metadata[1] = FM__CHECKPOINT_FORMAT, metadata[2] = "version",
+        metadata[3] = FM__CHECKPOINT_VERSION, metadata[4] = "config", metadata[5] = config.data, metadata[6] = "training",
+        metadata[7] = training.data, metadata[8] = NULL;
+        status = fm__safetensors_write(caller, path, out, count, metadata);
+    }
+    fm_free(config.data), fm_free(training.data), fm_free(out);
+    return status;
+}
+
+/* ---- reading ---------------------------------------------------------------------------- */
+
+/* A tensor of a file's header; name and dtype point into the (decoded) header text. */
+typedef struct fm__tensor_in {
+    const char *name, *dtype;
+    int rank;
+    uint64_t shape[8], begin, end;
+} fm__tensor_in;
+
+typedef struct fm__safetensors_in {
+    FILE *file;
+    uint64_t size, header_length, data_size;
+    char *header;
+    fm__tensor_in *tensors;
+    int count, capacity;
+    const char *keys[32], *values[32];
+    int metadata_count;
+    char why[160]; /* what is wrong with the file */
+} fm__safetensors_in;
+
+static void fm__json_space(char **at) {
+    while (**at == ' ' || **at == '\t' || **at == '\n' || **at == '\r') (*at)++;
+}
+
+static int fm__json_take(char **at, char c) {
+    fm__json_space(at);
+    if (**at != c) return 0;
+    (*at)++;
+    return 1;
+}
+
+static int fm__hex_digit(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* The JSON string at *at, decoded in place (\uXXXX to UTF-8) and NUL-terminated; NULL when it is
+ * not a well-formed string. Decoding never writes past what it has read. */
+static char *fm__json_string(char **at) {
+    char *start, *out;
+    fm__json_space(at);
+    if (**at != '"') return NULL;
+    start = out = ++*at;
+    for (;;) {
+        char c = *(*at)++;
+        if (c == '"') break;
+        if (c == '\0' || (unsigned char)c < 0x20) return NULL;
+        if (c == '\\') {
+            c = *(*at)++;
+            if (c == 'u') {
+                unsigned code = 0;
+                int i, digit;
+                for (i = 0; i < 4; i++) {
+                    if ((digit = fm__hex_digit((*at)[i])) < 0) return NULL;
+                    code = code * 16 + (unsigned)digit;
+                }
+                *at += 4;
+                if (code == 0) return NULL;
+                if (code < 0x80) {
+                    *out++ = (char)code;
+                } else if (code < 0x800) {
+                    *out++ = (char)(0xC0 | code >> 6), *out++ = (char)(0x80 | (code & 0x3F));
+                } else {
+                    *out++ = (char)(0xE0 | code >> 12), *out++ = (char)(0x80 | (code >> 6 & 0x3F)), *out++ = (char)(0x80 | (code & 0x3F));
+                }
+                continue;
+            }
+            switch (c) {
+            case '"': case '\\': case '/': break;
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case 'n': c = '\n'; break;
+            case 'r': c = '\r'; break;
+            case 't': c = '\t'; break;
+            default: return NULL;
+            }
+        }
+        *out++ = c;
+    }
+    *out = '\0';
+    return start;
+}
+
+/* A non-negative integer of at most 19 digits. */
+static int fm__json_count(char **at, uint64_t *value) {
+    int digits = 0;
+    fm__json_space(at);
+    *value = 0;
+    while (**at >= '0' && **at <= '9' && digits < 19) *value = *value * 10 + (uint64_t)(*(*at)++ - '0'), digits++;
+    return digits > 0 && !(**at >= '0' && **at <= '9');
+}
+
+/* [a, b, ...] of at most `most` counts. */
+static int fm__json_counts(char **at, uint64_t *values, int most, int *count) {
+    *count = 0;
+    if (!fm__json_take(at, '[')) return 0;
+    if (fm__json_take(at, ']')) return 1;
+    do {
+        if (*count == most || !fm__json_count(at, &values[(*count)++])) return 0;
+    } while (fm__json_take(at, ','));
+    return fm__json_take(at, ']');
+}
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static int fm__file_wrong(fm__safetensors_in *f, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(f->why, sizeof f->why, format, args);
+    va_end(args);
+    return 0;
+}
+
+static int fm__parse_tensor_entry(fm__safetensors_in *f, char **at, const char *name) {
+    fm__tensor_in *t = &f->tensors[f->count++];
+    int have_dtype = 0, have_shape = 0, have_offsets = 0;
+    memset(t, 0, sizeof *t);
+    t->name = name;
+    if (!fm__json_take(at, '{')) return fm__file_wrong(f, "the header's entry %s is not an object", name);
+    do {
+        const char *key = fm__json_string(at);
+        if (!key || !fm__json_take(at, ':')) return fm__file_wrong(f, "the header's entry %s is not well-formed JSON", name);
+        if (strcmp(key, "dtype") == 0 && !have_dtype) {
+            have_dtype = 1;
+            if (!(t->dtype = fm__json_string(at))) return fm__file_wrong(f, "tensor %s: dtype is not a string", name);
+        } else if (strcmp(key, "shape") == 0 && !have_shape) {
+            have_shape = 1;
+            if (!fm__json_counts(at, t->shape, 8, &t->rank))
+                return fm__file_wrong(f, "tensor %s: shape is not a list of at most 8 sizes", name);
+        } else if (strcmp(key, "data_offsets") == 0 && !have_offsets) {
+            uint64_t offsets[2];
+            int n;
+            have_offsets = 1;
+            if (!fm__json_counts(at, offsets, 2, &n) || n != 2)
+                return fm__file_wrong(f, "tensor %s: data_offsets is not [begin, end]", name);
+            t->begin = offsets[0], t->end = offsets[1];
+        } else {
+            return fm__file_wrong(f, "tensor %s: unknown or repeated field \"%s\"", name, key);
+        }
+    } while (fm__json_take(at, ','));
+    if (!fm__json_take(at, '}')) return fm__file_wrong(f, "the header's entry %s is not well-formed JSON", name);
+    if (!have_dtype || !have_shape || !have_offsets)
+        return fm__file_wrong(f, "tensor %s lacks %s", name, !have_dtype ? "its dtype" : !have_shape ? "its shape" : "its data_offsets");
+    return 1;
+}
+
+/* The header: {"__metadata__": {string: string, ...}, "name": {"dtype", "shape", "data_offsets"}, ...}
+ * then nothing but spaces. */
+static int fm__parse_safetensors_header(fm__safetensors_in *f) {
+    char *at = f->header, *end = f->header + f->header_length;
+    int have_metadata = 0;
+    if (!fm__json_take(&at, '{')) return fm__file_wrong(f, "the header is not a JSON object");
+    if (!fm__json_take(&at, '}')) {
+        do {
+            const char *name = fm__json_string(&at);
+            if (!name || !fm__json_take(&at, ':')) return fm__file_wrong(f, "the header is not well-formed JSON");
+            if (strcmp(name, "__metadata__") == 0) {
+                if (have_metadata++) return fm__file_wrong(f, "the header has two __metadata__");
+                if (!fm__json_take(&at, '{')) return fm__file_wrong(f, "__metadata__ is not an object");
+                if (fm__json_take(&at, '}')) continue;
+                do {
+                    const char *key = fm__json_string(&at), *value;
+                    if (!key || !fm__json_take(&at, ':') || !(value = fm__json_string(&at)))
+                        return fm__file_wrong(f, "__metadata__ is not an object of strings");
+                    if (f->metadata_count == 32) return fm__file_wrong(f, "__metadata__ has more than 32 entries");
+                    f->keys[f->metadata_count] = key, f->values[f->metadata_count++] = value;
+                } while (fm__json_take(&at, ','));
+                if (!fm__json_take(&at, '}')) return fm__file_wrong(f, "__metadata__ is not an object of strings");
+            } else {
+                if (f->count == f->capacity) return fm__file_wrong(f, "the header is not well-formed JSON");
+                if (!fm__parse_tensor_entry(f, &at, name)) return 0;
+            }
+        } while (fm__json_take(&at, ','));
+        if (!fm__json_take(&at, '}')) return fm__file_wrong(f, "the header is not well-formed JSON");
+    }
+    fm__json_space(&at);
+    if (at != end) return fm__file_wrong(f, "the header has something after its JSON object");
+    return 1;
+}
+
+static const char *fm__metadata(const fm__safetensors_in *f, const char *key) {
+    int i;
+    for (i = 0; i < f->metadata_count; i++)
+        if (strcmp(f->keys[i], key) == 0) return f->values[i];
+    return NULL;
+}
+
+/* Every tensor's dtype, shape and extent consistent, and the tensors tiling the data exactly:
+ * in order of their offsets, each begins where the one before ends, the last at the file's end. */
+static int fm__check_safetensors_layout(fm__safetensors_in *f) {
+    uint64_t expected = 0;
+    int i, j;
+    for (i = 0; i < f->count; i++) {
+        const fm__tensor_in *t = &f->tensors[i];
+        uint64_t bytes = fm__safetensors_dtype_size(t->dtype);
+        if (!bytes) return fm__file_wrong(f, "tensor %s has dtype %s, which safetensors does not define", t->name, t->dtype);
+        for (j = 0; j < t->rank; j++) {
+            if (t->shape[j] != 0 && bytes > UINT64_MAX / t->shape[j])
+                return fm__file_wrong(f, "tensor %s: its shape overflows", t->name);
+            bytes *= t->shape[j];
+        }
+        if (t->begin > t->end || t->end - t->begin != bytes)
+            return fm__file_wrong(f, "tensor %s: data_offsets [%llu, %llu] do not hold its %llu bytes", t->name,
+                                  (unsigned long long)t->begin, (unsigned long long)t->end, (unsigned long long)bytes);
+        for (j = 0; j < i; j++)
+            if (strcmp(f->tensors[j].name, t->name) == 0) return fm__file_wrong(f, "two tensors are named %s", t->name);
+    }
+    for (i = 1; i < f->count; i++) { /* by offset (insertion sort: a checkpoint has a few hundred) */
+        const fm__tensor_in keep = f->tensors[i];
+        for (j = i; j > 0 && f->tensors[j - 1].begin > keep.begin; j--) f->tensors[j] = f->tensors[j - 1];
+        f->tensors[j] = keep;
+    }
+    for (i = 0; i < f->count; i++) {
+        if (f->tensors[i].begin != expected)
+            return fm__file_wrong(f, "tensor %s begins at byte %llu of the data, not %llu: the data has %s", f->tensors[i].name,
+                                  (unsigned long long)f->tensors[i].begin, (unsigned long long)expected,
+                                  f->tensors[i].begin > expected ? "a hole" : "overlapping tensors");
+        expected = f->tensors[i].end;
+    }
+    if (expected != f->data_size)
+        return fm__file_wrong(f, "the tensors hold %llu bytes of data but the file has %llu after its header: %s",
+                              (unsigned long long)expected, (unsigned long long)f->data_size,
+                              expected > f->data_size ? "it is truncated" : "it has bytes past its last tensor");
+    return 1;
+}
+
+static int fm__check_safetensors_crc(fm__safetensors_in *f) {
+    const char *stored = fm__metadata(f, "crc32");
+    unsigned char buffer[4096];
+    fm__crc32 crc;
+    uint64_t left = f->data_size;
+    unsigned long expected = 0;
+    int i;
+    if (!stored || strlen(stored) != 8) return fm__file_wrong(f, "__metadata__ has no crc32 of 8 hex digits");
+    for (i = 0; i < 8; i++) {
+        const int digit = fm__hex_digit(stored[i]);
+        if (digit < 0) return fm__file_wrong(f, "__metadata__'s crc32 \"%s\" is not 8 hex digits", stored);
+        expected = expected * 16 + (unsigned long)digit;
+    }
+    fm__crc32_init(&crc);
+    if (fseek(f->file, (long)(8 + f->header_length), SEEK_SET) != 0) return fm__file_wrong(f, "cannot read its data");
+    while (left > 0) {
+        const size_t n = left < sizeof buffer ? (size_t)left : sizeof buffer;
+        if (fread(buffer, 1, n, f->file) != n) return fm__file_wrong(f, "cannot read its data");
+        fm__crc32_update(&crc, buffer, n);
+        left -= n;
+    }
+    if ((crc.value ^ 0xFFFFFFFFu) != expected)
+        return fm__file_wrong(f, "its data's CRC-32 is %08lx, the header says %s: the file is damaged",
+                              (unsigned long)(crc.value ^ 0xFFFFFFFFu), stored);
+    return 1;
+}
+
+/* Opens a safetensors file and checks everything but the tensors' values: the header's length,
+ * its JSON, the layout of the data and the checksum. 0 with f->why (or FM_ERR_* in *status). */
+static int fm__open_safetensors(const char *path, fm__safetensors_in *f, fm_status *status) {
+    unsigned char length_bytes[8];
+    long size;
+    size_t i;
+    memset(f, 0, sizeof *f);
+    *status = FM_ERR_BAD_FILE;
+    if (!fm__little_endian()) return fm__file_wrong(f, "safetensors data is little-endian; this host is not");
+    if (!(f->file = fopen(path, "rb"))) {
+        *status = FM_ERR_IO;
+        return fm__file_wrong(f, "cannot open it: %s", strerror(errno));
+    }
+    if (fseek(f->file, 0, SEEK_END) != 0 || (size = ftell(f->file)) < 0 || fseek(f->file, 0, SEEK_SET) != 0) {
+        *status = FM_ERR_IO;
+        return fm__file_wrong(f, "cannot read it: %s", strerror(errno));
+    }
+    f->size = (uint64_t)size;
+    if (f->size < 8 || fread(length_bytes, 1, 8, f->file) != 8)
+        return fm__file_wrong(f, "it has %llu bytes, not even the 8 of the header's length: truncated or not safetensors",
+                              (unsigned long long)f->size);
+    for (i = 0; i < 8; i++) f->header_length |= (uint64_t)length_bytes[i] << (8 * i);
+    if (f->header_length < 2 || f->header_length > FM__SAFETENSORS_MAX_HEADER || f->header_length > f->size - 8)
+        return fm__file_wrong(f, "its header length %llu does not fit its %llu bytes (or 100 MB): truncated or not safetensors",
+                              (unsigned long long)f->header_length, (unsigned long long)f->size);
+    f->data_size = f->size - 8 - f->header_length;
+    if (!(f->header = (char *)fm_alloc((size_t)f->header_length + 1))) return *status = FM_ERR_OUT_OF_MEMORY, 0;
+    if (fread(f->header, 1, (size_t)f->header_length, f->file) != (size_t)f->header_length)
+        return fm__file_wrong(f, "cannot read its header");
+    f->header[f->header_length] = '\0';
+    if (strlen(f->header) != (size_t)f->header_length) return fm__file_wrong(f, "its header has a NUL byte: not safetensors");
+    if (f->header[0] != '{') return fm__file_wrong(f, "its header does not begin with '{': not safetensors");
+    for (i = 0; i < f->header_length; i++) f->capacity += f->header[i] == '{'; /* at most one tensor per object */
+    if (!(f->tensors = (fm__tensor_in *)fm_alloc((size_t)f->capacity * sizeof *f->tensors))) return *status = FM_ERR_OUT_OF_MEMORY, 0;
+    if (!fm__parse_safetensors_header(f)) return 0;
+    return 1;
+}
+
+static void fm__close_safetensors(fm__safetensors_in *f) {
+    if (f->file) fclose(f->file);
+    fm_free(f->header);
+    fm_free(f->tensors);
+    f->file = NULL, f->header = NULL, f->tensors = NULL;
+}
+
+/* ---- the checkpoint's configuration and training state ------------------------------------ */
+
+/* One field of a flat JSON object of numbers and lists of numbers: where its numbers' texts are. */
+typedef struct fm__json_field {
+    const char *key;
+    const char *number[FLEXMOE_MODEL_MAX_MODALITIES];
+    int count, list;
+} fm__json_field;
+
+static int fm__json_number_span(char **at, const char **start) {
+    fm__json_space(at);
+    *start = *at;
+    while ((**at >= '0' && **at <= '9') || **at == '-' || **at == '+' || **at == '.' || **at == 'e' || **at == 'E') (*at)++;
+    return *at > *start;
+}
+
+/* Parses text (decoded in place) into fields; 0 when it is not such an object. */
+static int fm__json_fields(char *text, fm__json_field *fields, int most, int *count) {
+    char *at = text;
+    *count = 0;
+    if (!fm__json_take(&at, '{')) return 0;
+    if (!fm__json_take(&at, '}')) {
+        do {
+            fm__json_field *field = &fields[*count];
+            if (*count == most || !(field->key = fm__json_string(&at)) || !fm__json_take(&at, ':')) return 0;
+            field->count = 0, field->list = fm__json_take(&at, '[');
+            if (field->list) {
+                if (!fm__json_take(&at, ']')) {
+                    do {
+                        if (field->count == FLEXMOE_MODEL_MAX_MODALITIES || !fm__json_number_span(&at, &field->number[field->count++]))
+                            return 0;
+                    } while (fm__json_take(&at, ','));
+                    if (!fm__json_take(&at, ']')) return 0;
+                }
+            } else if (!fm__json_number_span(&at, &field->number[field->count++])) {
+                return 0;
+            }
+            (*count)++;
+        } while (fm__json_take(&at, ','));
+        if (!fm__json_take(&at, '}')) return 0;
+    }
+    fm__json_space(&at);
+    return *at == '\0';
+}
+
+/* The field's i-th number as a double, checked to be finite, whole where `whole`, in [lo, hi]. */
+static int fm__json_field_number(const fm__json_field *fields, int count, const char *key, int i, int whole, double lo, double hi,
+                                 double *value) {
+    int f;
+    for (f = 0; f < count; f++)
+        if (strcmp(fields[f].key, key) == 0 && i < fields[f].count) {
+            char text[48], *end;
+            const char *start = fields[f].number[i];
+            size_t n = 0;
+            while (n + 1 < sizeof text && ((start[n] >= '0' && start[n] <= '9') || start[n] == '-' || start[n] == '+' ||
+                                           start[n] == '.' || start[n] == 'e' || start[n] == 'E'))
+                text[n] = start[n], n++;
+            text[n] = '\0';
+            *value = strtod(text, &end);
+            return *end == '\0' && *value - *value == 0.0 && (!whole || *value == floor(*value)) && *value >= lo && *value <= hi;
+        }
+    return 0;
+}
+
+static int fm__checkpoint_config(fm__safetensors_in *f, fm_model_desc *d) {
+    static const char *const ints[] = {"modalities", "classes", "patches", "dim", "heads", "experts", "top_k", "hidden",
+                                       "no_attention_residual"};
+    fm__json_field fields[16];
+    char *text;
+    double v;
+    int count, i, *const int_fields[] = {&d->modalities, &d->classes, &d->patches, &d->dim, &d->heads, &d->experts,
+                                         &d->top_k, &d->hidden, &d->no_attention_residual};
+    float *const float_fields[] = {&d->dropout, &d->gate_loss_weight, &d->layernorm_eps};
+    static const char *const floats[] = {"dropout", "gate_loss_weight", "layernorm_eps"};
+    memset(d, 0, sizeof *d);
+    if (!(text = (char *)fm__metadata(f, "config"))) return fm__file_wrong(f, "__metadata__ has no config");
+    if (!fm__json_fields(text, fields, 16, &count)) return fm__file_wrong(f, "__metadata__'s config is not a JSON object of numbers");
+    for (i = 0; i < (int)(sizeof ints / sizeof *ints); i++) {
+        if (!fm__json_field_number(fields, count, ints[i], 0, 1, -1e9, 1e9, &v))
+            return fm__file_wrong(f, "config: %s is missing or not an integer", ints[i]);
+        *int_fields[i] = (int)v;
+    }
+    for (i = 0; i < 3; i++) {
+        if (!fm__json_field_number(fields, count, floats[i], 0, 0, -1e30, 1e30, &v))
+            return fm__file_wrong(f, "config: %s is missing or not a finite number", floats[i]);
+        *float_fields[i] = (float)v;
+    }
+    if (d->modalities < 1 || d->modalities > FLEXMOE_MODEL_MAX_MODALITIES) return fm__file_wrong(f, "config: modalities is %d", d->modalities);
+    for (i = 0; i < d->modalities; i++) {
+        if (!fm__json_field_number(fields, count, "features", i, 1, 1, 1 << 24, &v))
+            return fm__file_wrong(f, "config: features must list %d counts of 1 .. 2^24", d->modalities);
+        d->features[i] = (int)v;
+    }
+    return 1;
+}
+
+static int fm__checkpoint_training(fm__safetensors_in *f, fm_train_state *s) {
+    fm__json_field fields[16];
+    char *text;
+    double v[9];
+    int count, i;
+    static const char *const keys[] = {"epoch", "step", "best_epoch", "best_samples", "best_accuracy", "best_macro_f1",
+                                       "best_macro_auc", "best_loss", "seed"};
+    memset(s, 0, sizeof *s);
+    if (!(text = (char *)fm__metadata(f, "training"))) return fm__file_wrong(f, "__metadata__ has no training");
+    if (!fm__json_fields(text, fields, 16, &count)) return fm__file_wrong(f, "__metadata__'s training is not a JSON object of numbers");
+    for (i = 0; i < 8; i++)
+        if (!fm__json_field_number(fields, count, keys[i], 0, i < 4, i < 4 ? 0.0 : -1e30, i < 4 ? 9e15 : 1e30, &v[i]))
+            return fm__file_wrong(f, "training: %s is missing or not a %s", keys[i], i < 4 ? "count" : "finite number");
+    for (i = 0; i < count; i++) /* the seed: all 64 bits, so not through a double */
+        if (strcmp(fields[i].key, "seed") == 0 && !fields[i].list && fields[i].number[0][0] != '-') {
+            char *end;
+            errno = 0;
+            s->seed = (uint64_t)strtoull(fields[i].number[0], &end, 10);
+            if (errno == 0 && end != fields[i].number[0] && !(*end >= '0' && *end <= '9') && *end != '.' && *end != 'e' &&
+                *end != 'E')
+                break;
+        }
+    if (i == count) return fm__file_wrong(f, "training: seed is missing or not a count");
+    if (v[0] > 1e9 || v[2] > v[0] || v[3] > 1e9)
+        return fm__file_wrong(f, "training: best_epoch %g must be at most epoch %g", v[2], v[0]);
+    s->epoch = (int)v[0], s->step = (int64_t)v[1], s->best_epoch = (int)v[2];
+    s->best_validation.samples = (int)v[3], s->best_validation.accuracy = (float)v[4];
+    s->best_validation.macro_f1 = (float)v[5], s->best_validation.macro_auc = (float)v[6], s->best_validation.loss = (float)v[7];
+    return 1;
+}
+
+/* Each tensor of the file a tensor of the model's arenas, of the same shape, each exactly once. */
+static int fm__match_checkpoint(fm__safetensors_in *f, const fm_model *model, int arenas, int *slot) {
+    unsigned char seen[4][FLEXMOE_MODEL_MAX_TENSORS];
+    int i, a, j;
+    memset(seen, 0, sizeof seen);
+    for (i = 0; i < f->count; i++) {
+        const fm__tensor_in *t = &f->tensors[i];
+        const fm_tensor_info *info = NULL;
+        for (a = arenas - 1; a >= 0 && !info; a--) {
+            const size_t n = strlen(fm__checkpoint_prefixes[a]);
+            if (strncmp(t->name, fm__checkpoint_prefixes[a], n) == 0 && (info = fm_model_tensor(model, t->name + n))) break;
+        }
+        if (!info) return fm__file_wrong(f, "tensor %s is not part of this checkpoint's model", t->name);
+        if (strcmp(t->dtype, "F32") != 0) return fm__file_wrong(f, "tensor %s is %s; checkpoints hold F32", t->name, t->dtype);
+        for (j = 0; j < 4 && (j >= info->rank || t->shape[j] == (uint64_t)info->shape[j]); j++) {}
+        if (t->rank != info->rank || j < 4)
+            return fm__file_wrong(f, "tensor %s's shape does not match the config's (%d dimensions: %d %d %d %d)", t->name,
+                                  info->rank, info->shape[0], info->shape[1], info->shape[2], info->shape[3]);
+        slot[i] = a * FLEXMOE_MODEL_MAX_TENSORS + (int)(info - model->tensors);
+        seen[a][info - model->tensors] = 1;
+    }
+    for (a = 0; a < arenas; a++)
+        for (j = 0; j < model->tensor_count; j++)
+            if (!seen[a][j])
+                return fm__file_wrong(f, "it lacks tensor %s%s", fm__checkpoint_prefixes[a], model->tensors[j].name);
+    return 1;
+}
+
+static int fm__read_checkpoint_tensors(fm__safetensors_in *f, fm_model *model, const int *slot, float *scratch) {
+    int i;
+    for (i = 0; i < f->count; i++) {
+        const fm__tensor_in *t = &f->tensors[i];
+        const fm_tensor_info *info = &model->tensors[slot[i] % FLEXMOE_MODEL_MAX_TENSORS];
+        float *dest = fm__checkpoint_arena(model, slot[i] / FLEXMOE_MODEL_MAX_TENSORS) + info->offset;
+        float *into = info->packed ? scratch : dest;
+        const size_t n = (size_t)(t->end - t->begin) / sizeof(float);
+        size_t j;
+        if (fseek(f->file, (long)(8 + f->header_length + t->begin), SEEK_SET) != 0 || fread(into, sizeof(float), n, f->file) != n)
+            return fm__file_wrong(f, "cannot read tensor %s", t->name);
+        for (j = 0; j < n; j++)
+            if (!(into[j] - into[j] == 0.0f))
+                return fm__file_wrong(f, "tensor %s holds %s at element %zu", t->name, into[j] != into[j] ? "NaN" : "an infinity", j);
+        if (info->packed) fm_pack_weights(info->shape[0], info->shape[1], info->shape[2], FM_WEIGHTS_IN_BY_OUT, into, info->shape[2], dest);
+    }
+    return 1;
+}
+
+fm_status fm_model_load(const char *path, int max_samples, fm_model *model) {
+    static const char caller[] = "fm_model_load";
+    fm__safetensors_in f;
+    fm_model_desc desc;
+    fm_train_state trained;
+    fm_status status = FM_OK;
+    int *slot = NULL, ok;
+    float *scratch = NULL;
+    const char *format, *version;
+    if (!model) return FM_ERR_NULL_POINTER;
+    memset(model, 0, sizeof *model);
+    if (!path) return FM_ERR_NULL_POINTER;
+    if (max_samples < 1 || max_samples > (1 << 20)) {
+        fm__log(FM_LOG_ERROR, "%s: max_samples must be 1 .. 2^20 (got %d)", caller, max_samples);
+        return FM_ERR_INVALID_SHAPE;
+    }
+    ok = fm__open_safetensors(path, &f, &status);
+    if (ok && (!(format = fm__metadata(&f, "format")) || strcmp(format, FM__CHECKPOINT_FORMAT) != 0))
+        ok = fm__file_wrong(&f, "it is safetensors but not a flexmoe checkpoint (its __metadata__ has no format \"%s\")",
+                            FM__CHECKPOINT_FORMAT);
+    if (ok && (!(version = fm__metadata(&f, "version")) || strcmp(version, FM__CHECKPOINT_VERSION) != 0))
+        ok = fm__file_wrong(&f, "it is a checkpoint of format version %s; this library reads version %s",
+                            version ? version : "(none)", FM__CHECKPOINT_VERSION);
+    ok = ok && fm__check_safetensors_layout(&f) && fm__checkpoint_config(&f, &desc) && fm__checkpoint_training(&f, &trained);
+    ok = ok && fm__check_safetensors_crc(&f);
+    if (ok) {
+        status = fm_model_create(&desc, max_samples, model);
+        if (status == FM_ERR_INVALID_ARGUMENT)
+            ok = fm__file_wrong(&f, "its config is not a valid model (the message above says why)"), status = FM_ERR_BAD_FILE;
+        else if (status != FM_OK) ok = 0;
+        else status = FM_ERR_BAD_FILE;
+    }
+    if (ok) {
+        size_t largest = 0;
+        int i;
+        for (i = 0; i < model->tensor_count; i++)
+            if (model->tensors[i].packed && model->tensors[i].floats > largest) largest = model->tensors[i].floats;
+        slot = (int *)fm_alloc((size_t)(f.count ? f.count : 1) * sizeof(int));
+        scratch = (float *)fm_alloc(largest * sizeof(float) + 64);
+        if (!slot || !scratch) ok = 0, status = FM_ERR_OUT_OF_MEMORY;
+    }
+    ok = ok && fm__match_checkpoint(&f, model, trained.best_epoch > 0 ? 4 : 3, slot) &&
+         fm__read_checkpoint_tensors(&f, model, slot, scratch);
+    if (ok) {
+        model->trained = trained;
+        status = FM_OK;
+    } else {
+        if (f.why[0]) fm__log(FM_LOG_ERROR, "%s: %s: %s", caller, path, f.why);
+        if (status == FM_OK) status = FM_ERR_BAD_FILE;
+        fm_model_destroy(model);
+    }
+    fm_free(slot), fm_free(scratch);
+    fm__close_safetensors(&f);
+    return status;
+}
+
+#endif /* FLEXMOE_NO_STDIO */
 
 #endif /* FLEXMOE_IMPLEMENTATION */
 

@@ -65,7 +65,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_layer test_model test_data test_train test_robustness test_cxx)
+tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_layer test_model test_data test_train test_checkpoint test_robustness test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled

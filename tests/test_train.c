@@ -1,8 +1,10 @@
 /* Training and evaluation (fm_model_train, fm_model_evaluate) on a synthetic three-view dataset
  * whose classes need the views together: the model learns it; two runs of the same seed end
  * with the same weights, bit for bit; a callback stops a run; a diverging run stops at the first
- * non-finite loss or gradient with finite weights; the metrics equal an independent O(n^2)
- * computation (pairwise AUC, confusion-matrix F1) from the model's own logits. */
+ * non-finite loss or gradient with finite weights; a run saved by on_epoch, killed and resumed
+ * from its checkpoint ends with the weights of the uninterrupted run, bit for bit; the metrics
+ * equal an independent O(n^2) computation (pairwise AUC, confusion-matrix F1) from the model's
+ * own logits. */
 #include "fm_test.h"
 
 enum { SAMPLES = 600, CLASSES = 3, VIEWS = 3 };
@@ -53,6 +55,54 @@ static fm_model_desc small_desc(void) {
 typedef struct counter {
     int steps, epochs, stop_after;
 } counter;
+
+/* on_epoch of the interrupted run: a checkpoint after every epoch, a stop after stop_epoch. */
+typedef struct saver {
+    const char *path;
+    int stop_epoch, saved;
+} saver;
+
+static int save_epoch(const fm_train_progress *p, void *user) {
+    saver *s = (saver *)user;
+    s->saved += fm_model_save(p->model, s->path) == FM_OK;
+    return p->epoch == s->stop_epoch;
+}
+
+/* Ten epochs straight, against four, a checkpoint, a fresh process's load and the other six:
+ * the same final weights, the same best epoch, the same Adam state. */
+static void check_resume(const fm_dataset *ds, const int32_t *order, int train, int validation, const fm_model *straight,
+                         const fm_train_desc *straight_desc, const fm_train_result *straight_result) {
+    char path[64];
+    fm_model first, resumed;
+    fm_model_desc desc = small_desc();
+    fm_train_desc td = *straight_desc;
+    fm_train_result result;
+    saver s;
+    snprintf(path, sizeof path, "/tmp/flexmoe_test_train_%d.safetensors", (int)getpid());
+    s.path = path, s.stop_epoch = 4, s.saved = 0;
+    FM_CHECK(fm_model_create(&desc, 16, &first) == FM_OK && fm_model_init(&first, 9) == FM_OK, "model");
+    td.on_step = NULL, td.on_epoch = save_epoch, td.user_data = &s;
+    FM_CHECK(fm_model_train(&first, ds, order, train, order + train, validation, &td, &result) == FM_OK && result.stopped &&
+                 result.epochs_run == 4 && s.saved == 4,
+             "the interrupted run stops after epoch %d with %d checkpoints", result.epochs_run, s.saved);
+    fm_model_destroy(&first);
+    FM_CHECK(fm_model_load(path, 16, &resumed) == FM_OK, "load the checkpoint of epoch 4");
+    FM_CHECK(resumed.trained.epoch == 4 && resumed.trained.step == 4 * ((train + 15) / 16) && resumed.trained.seed == td.seed,
+             "its training state: epoch %d, step %lld", resumed.trained.epoch, (long long)resumed.trained.step);
+    td.on_epoch = NULL;
+    FM_CHECK(fm_model_train(&resumed, ds, order, train, order + train, validation, &td, &result) == FM_OK &&
+                 result.epochs_run == 10 && result.steps == straight_result->steps,
+             "the resumed run ends at epoch %d, step %lld", result.epochs_run, (long long)result.steps);
+    FM_CHECK(result.best_epoch == straight_result->best_epoch &&
+                 result.best_validation.accuracy == straight_result->best_validation.accuracy,
+             "best epoch %d (straight: %d)", result.best_epoch, straight_result->best_epoch);
+    FM_CHECK(memcmp(resumed.params, straight->params, straight->param_floats * sizeof(float)) == 0 &&
+                 memcmp(resumed.adam_m, straight->adam_m, straight->param_floats * sizeof(float)) == 0 &&
+                 memcmp(resumed.adam_v, straight->adam_v, straight->param_floats * sizeof(float)) == 0,
+             "the resumed run's weights and Adam moments differ from the uninterrupted run's");
+    fm_model_destroy(&resumed);
+    remove(path);
+}
 
 static int count_step(const fm_train_progress *p, void *user) {
     counter *c = (counter *)user;
@@ -156,6 +206,12 @@ int main(void) {
     td.on_step = NULL, td.on_epoch = NULL;
     FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_OK, "train again");
     FM_CHECK(memcmp(a.params, b.params, a.param_floats * sizeof(float)) == 0, "two runs of one seed differ");
+    check_resume(&ds, order, train, validation, &a, &td, &result);
+    /* a model that has trained its epochs has nothing left to do */
+    FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_OK &&
+                 result.epochs_run == 10 && memcmp(a.params, b.params, a.param_floats * sizeof(float)) == 0,
+             "training a finished model again changes it");
+    FM_CHECK(fm_model_init(&b, 9) == FM_OK && b.trained.epoch == 0 && b.trained.step == 0, "init resets the training state");
     /* a callback stops the run */
     count.steps = 0, count.stop_after = 3;
     td.on_step = count_step, td.user_data = &count;
