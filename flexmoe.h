@@ -1325,6 +1325,12 @@ struct fm__kernel_table {
     void (*gather_scale_dot)(int rows, int dim, const float *src, int ld_src, const int32_t *order, int k,
                              const float *scale, int ld_scale, const float *dot_src, int ld_dot, float *dst, int ld_dst,
                              float *dots, int ld_dots, int stream);
+    /* 1 when every one of the n floats is finite */
+    int (*all_finite)(size_t n, const float *x);
+    /* Adam over n floats, hyper = {beta1, beta2, step_size (lr over beta1's correction), the square
+     * root of beta2's correction, eps, weight_decay}, in the scalar path's operations and order
+     * (no fused multiply-add), so every path gives the same bits */
+    void (*adam)(size_t n, const float *hyper, float *param, const float *grad, float *m, float *v);
 };
 
 /* Plain C in float with double accumulation: the fallback path and the readable definition of
@@ -1758,6 +1764,24 @@ static void fm__scalar_gather_scale_dot(int rows, int dim, const float *src, int
     }
 }
 
+static int fm__scalar_all_finite(size_t n, const float *x) {
+    float sum = 0.0f; /* x * 0 is 0 for finite x and NaN otherwise, and a NaN stays */
+    size_t i;
+    for (i = 0; i < n; i++) sum += x[i] * 0.0f;
+    return sum == 0.0f;
+}
+
+static void fm__scalar_adam(size_t n, const float *hyper, float *param, const float *grad, float *m, float *v) {
+    const float beta1 = hyper[0], beta2 = hyper[1], step_size = hyper[2], root2 = hyper[3], eps = hyper[4], decay = hyper[5];
+    size_t i;
+    for (i = 0; i < n; i++) {
+        const float g = grad[i] + decay * param[i];
+        m[i] = beta1 * m[i] + (1.0f - beta1) * g;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
+        param[i] -= step_size * m[i] / (sqrtf(v[i]) / root2 + eps);
+    }
+}
+
 static const fm__kernel_table fm__scalar_kernels = {
     FM_ISA_SCALAR,
     fm__scalar_softmax_forward,
@@ -1780,6 +1804,8 @@ static const fm__kernel_table fm__scalar_kernels = {
     fm__scalar_gelu_row,
     fm__scalar_gemm_transpose_block,
     fm__scalar_gather_scale_dot,
+    fm__scalar_all_finite,
+    fm__scalar_adam,
 };
 
 /* ==== 13. ISA kernels and run-time selection ============================================= */
@@ -4183,6 +4209,7 @@ struct fm__model_state {
     float *patches[FLEXMOE_MODEL_MAX_MODALITIES];
     int32_t *combination, *token_combination, *token_group;
     unsigned char *moe_saved, *moe_workspace;
+    uint8_t *keep_attention, *keep_moe; /* the dropout masks of the last training forward */
     float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits;
     float loss_weight_sum;
 };
@@ -4325,6 +4352,8 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->token_group, R, int32_t);
     FM__TAKE(s->moe_saved, s->moe_sizes.saved_bytes, unsigned char);
     FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
+    FM__TAKE(s->keep_attention, R * d, uint8_t);
+    FM__TAKE(s->keep_moe, R * d, uint8_t);
     FM__TAKE(s->d_x, R * d, float);
     FM__TAKE(s->d_tmp, R * d, float);
     FM__TAKE(s->d_q, R * d, float);
@@ -4484,15 +4513,24 @@ static void fm__linear_backward(const fm__kernel_table *kernels, int rows, int i
     }
 }
 
-/* Inverted dropout's factor for element i of a site: 0 with probability p, else 1 / (1 - p). */
-static float fm__dropout_factor(const fm_model_batch *b, int purpose, float p, uint64_t i) {
-    return fm__stream_uniform(b->seed, b->step, purpose, i) < p ? 0.0f : 1.0f / (1.0f - p);
+/* Inverted dropout at a site: element i is kept unless its 24-bit uniform is below p, one draw
+ * of the site's stream serving two elements (the high and the low 24 bits). keep[i] = 1 or 0. */
+static void fm__dropout_draw(const fm_model_batch *b, int purpose, float p, size_t n, uint8_t *keep) {
+    const uint64_t base = fm__stream(b->seed, b->step, purpose, 0);
+    const uint32_t threshold = (uint32_t)ceil((double)p * 16777216.0); /* u < p exactly when the 24 bits < threshold */
+    size_t i;
+    for (i = 0; i < n; i += 2) {
+        const uint64_t h = fm__mix64(base ^ (i / 2 + 1) * 0xD6E8FEB86659FD93ull);
+        keep[i] = (uint32_t)(h >> 40) >= threshold;
+        if (i + 1 < n) keep[i + 1] = (uint32_t)(h >> 8 & 0xFFFFFFu) >= threshold;
+    }
 }
 
-/* Dropout of a site's n floats in place (the same mask for the values and their gradients). */
-static void fm__dropout(const fm_model_batch *b, int purpose, float p, int n, float *v) {
-    int i;
-    for (i = 0; i < n; i++) v[i] *= fm__dropout_factor(b, purpose, p, (uint64_t)i);
+/* v *= the kept elements' factor 1 / (1 - p), the others 0 (the values, then their gradients). */
+static void fm__dropout_apply(const uint8_t *keep, float p, size_t n, float *v) {
+    const float scale = 1.0f / (1.0f - p);
+    size_t i;
+    for (i = 0; i < n; i++) v[i] *= keep[i] ? scale : 0.0f;
 }
 
 static fm_status fm__model_check_batch(const char *caller, const fm_model *model, const fm_model_batch *b) {
@@ -4573,8 +4611,10 @@ static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_ba
 }
 
 fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t step) {
+    const fm__kernel_table *kernels;
     fm_adam_desc d;
     double correction1, correction2;
+    float hyper[6];
     size_t i;
     int t;
     if (!model || !desc) return FM_ERR_NULL_POINTER;
@@ -4594,29 +4634,24 @@ fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t 
                 (double)d.beta2, (double)d.weight_decay, (long long)step);
         return FM_ERR_INVALID_ARGUMENT;
     }
-    for (t = 0; t < model->tensor_count; t++) {
-        const fm_tensor_info *info = &model->tensors[t];
-        for (i = 0; i < info->floats; i++) {
-            const float g = model->grads[info->offset + i];
-            if (!(g - g == 0.0f)) {
-                fm__log(FM_LOG_ERROR, "fm_model_adam_step: step %lld: the gradient of %s is %s at element %zu; nothing updated",
-                        (long long)step, info->name, g != g ? "NaN" : "infinite", i);
-                return FM_ERR_INVALID_ARGUMENT;
-            }
-        }
+    if (!(kernels = fm__active_kernels())) return fm__selection_error();
+    if (!kernels->all_finite(model->param_floats, model->grads)) { /* name the first culprit */
+        const char *name = "the padding between tensors";
+        float g;
+        for (i = 0; i + 1 < model->param_floats && model->grads[i] - model->grads[i] == 0.0f; i++) {}
+        g = model->grads[i];
+        for (t = 0; t < model->tensor_count; t++)
+            if (i >= model->tensors[t].offset && i < model->tensors[t].offset + model->tensors[t].floats)
+                name = model->tensors[t].name, i -= model->tensors[t].offset, t = model->tensor_count;
+        fm__log(FM_LOG_ERROR, "fm_model_adam_step: step %lld: the gradient of %s is %s at element %zu; nothing updated",
+                (long long)step, name, g != g ? "NaN" : "infinite", i);
+        return FM_ERR_INVALID_ARGUMENT;
     }
     correction1 = 1.0 - pow((double)d.beta1, (double)step);
     correction2 = 1.0 - pow((double)d.beta2, (double)step);
-    {
-        const float step_size = (float)(d.lr / correction1), root2 = (float)sqrt(correction2);
-        for (i = 0; i < model->param_floats; i++) {
-            const float g = model->grads[i] + d.weight_decay * model->params[i];
-            const float m = d.beta1 * model->adam_m[i] + (1.0f - d.beta1) * g;
-            const float v = d.beta2 * model->adam_v[i] + (1.0f - d.beta2) * g * g;
-            model->adam_m[i] = m, model->adam_v[i] = v;
-            model->params[i] -= step_size * m / (sqrtf(v) / root2 + d.eps);
-        }
-    }
+    hyper[0] = d.beta1, hyper[1] = d.beta2, hyper[2] = (float)(d.lr / correction1), hyper[3] = (float)sqrt(correction2);
+    hyper[4] = d.eps, hyper[5] = d.weight_decay;
+    kernels->adam(model->param_floats, hyper, model->params, model->grads, model->adam_m, model->adam_v);
     return FM_OK;
 }
 
@@ -4629,9 +4664,12 @@ fm_status fm_model_dropout_mask(const fm_model *model, const fm_model_batch *b, 
     if (site != FM_DROPOUT_ATTENTION && site != FM_DROPOUT_MOE) return FM_ERR_INVALID_ARGUMENT;
     n = (size_t)b->samples * model->config.modalities * model->config.patches * model->config.dim;
     p = fm__model_dropout(&model->config);
-    for (i = 0; i < n; i++)
-        mask[i] = p > 0.0f ? fm__dropout_factor(b, site == FM_DROPOUT_ATTENTION ? FM__STREAM_DROPOUT_ATTENTION : FM__STREAM_DROPOUT_MOE, p, i)
-                           : 1.0f;
+    for (i = 0; i < n; i++) mask[i] = 1.0f;
+    if (p > 0.0f) {
+        uint8_t *keep = (uint8_t *)mask; /* the bytes fit in the mask's first quarter, read before overwritten */
+        fm__dropout_draw(b, site == FM_DROPOUT_ATTENTION ? FM__STREAM_DROPOUT_ATTENTION : FM__STREAM_DROPOUT_MOE, p, n, keep);
+        for (i = n; i-- > 0;) mask[i] = keep[i] ? 1.0f / (1.0f - p) : 0.0f;
+    }
     return FM_OK;
 }
 
@@ -4712,7 +4750,10 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                        fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
     memcpy(s->x1, s->attention, R * d * sizeof(float));
-    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), (int)(R * d), s->x1);
+    if (b->training && fm__model_dropout(c) > 0.0f) {
+        fm__dropout_draw(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), R * d, s->keep_attention);
+        fm__dropout_apply(s->keep_attention, fm__model_dropout(c), R * d, s->x1);
+    }
     if (!c->no_attention_residual) kernels->axpy((int)(R * d), 1.0f, s->x0, s->x1);
     /* the SMoE over every chunk's rows, gathered chunk-major */
     {
@@ -4732,8 +4773,10 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         if ((status = fm_moe_forward(&s->moe, &mp, &mb, s->chunk_out, d, s->moe_saved, s->moe_workspace, &stats)) != FM_OK)
             return status;
         gate = stats.gate_loss;
-        if (b->training && fm__model_dropout(c) > 0.0f)
-            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (int)(R * d), s->chunk_out);
+        if (b->training && fm__model_dropout(c) > 0.0f) {
+            fm__dropout_draw(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), R * d, s->keep_moe);
+            fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->chunk_out);
+        }
         memcpy(s->x2, s->x1, R * d * sizeof(float));
         for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
@@ -4823,8 +4866,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
             for (i = 0; i < S; i++)
                 memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
                        (size_t)P * d * sizeof(float));
-        if (b->training && fm__model_dropout(c) > 0.0f)
-            fm__dropout(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), (int)(R * d), s->d_chunk);
+        if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->d_chunk);
         if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved, s->d_chunk, d, &weights, s->d_tmp, d, &mg,
                                       s->moe_workspace)) != FM_OK)
             return status;
@@ -4839,7 +4881,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     }
     /* attention: d_x is now d x1; the branch's gradient goes to d_tmp */
     memcpy(s->d_tmp, s->d_x, R * d * sizeof(float));
-    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), (int)(R * d), s->d_tmp);
+    if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout_apply(s->keep_attention, fm__model_dropout(c), R * d, s->d_tmp);
     if (c->no_attention_residual) memset(s->d_x, 0, R * d * sizeof(float));
     fm__linear_backward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                         s->d_tmp, d, s->d_context, d, 0, fm__model_param(model, g, "attention.out.weight"),

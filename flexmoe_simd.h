@@ -1453,6 +1453,47 @@ static FM__TARGET void FM__OP(axpy)(int n, float alpha, const float *x, float *y
                                                     FM__OP(load_part)(y + full, n - full, 0.0f)), n - full);
 }
 
+/* ---- the optimiser ---- */
+
+static FM__TARGET int FM__OP(all_finite)(size_t n, const float *x) {
+    const FM__V zero = FM__OP(set1)(0.0f);
+    FM__V sum = zero; /* x * 0 is 0 for finite x and NaN otherwise, and a NaN stays */
+    float lanes[FM__W];
+    size_t j;
+    int i, finite = 1;
+    for (j = 0; j + FM__W <= n; j += FM__W) sum = FM__OP(add)(sum, FM__OP(mul)(FM__OP(load)(x + j), zero));
+    if (j < n) sum = FM__OP(add)(sum, FM__OP(mul)(FM__OP(load_part)(x + j, (int)(n - j), 0.0f), zero));
+    FM__OP(store)(lanes, sum);
+    for (i = 0; i < FM__W; i++) finite &= lanes[i] == 0.0f;
+    return finite;
+}
+
+/* The scalar path's operations in its order, no fused multiply-add: the same bits on every path. */
+static FM__TARGET void FM__OP(adam)(size_t n, const float *hyper, float *param, const float *grad, float *m, float *v) {
+    const FM__V beta1 = FM__OP(set1)(hyper[0]), keep1 = FM__OP(set1)(1.0f - hyper[0]), beta2 = FM__OP(set1)(hyper[1]),
+                keep2 = FM__OP(set1)(1.0f - hyper[1]), step_size = FM__OP(set1)(hyper[2]), root2 = FM__OP(set1)(hyper[3]),
+                eps = FM__OP(set1)(hyper[4]), decay = FM__OP(set1)(hyper[5]);
+    size_t j;
+    for (j = 0; j < n; j += FM__W) {
+        const int count = n - j < FM__W ? (int)(n - j) : FM__W;
+        const FM__V p = count == FM__W ? FM__OP(load)(param + j) : FM__OP(load_part)(param + j, count, 0.0f);
+        const FM__V d = count == FM__W ? FM__OP(load)(grad + j) : FM__OP(load_part)(grad + j, count, 0.0f);
+        const FM__V m0 = count == FM__W ? FM__OP(load)(m + j) : FM__OP(load_part)(m + j, count, 0.0f);
+        const FM__V v0 = count == FM__W ? FM__OP(load)(v + j) : FM__OP(load_part)(v + j, count, 0.0f);
+        const FM__V g = FM__OP(add)(d, FM__OP(mul)(decay, p));
+        const FM__V m1 = FM__OP(add)(FM__OP(mul)(beta1, m0), FM__OP(mul)(keep1, g));
+        const FM__V v1 = FM__OP(add)(FM__OP(mul)(beta2, v0), FM__OP(mul)(FM__OP(mul)(keep2, g), g));
+        const FM__V update = FM__OP(div)(FM__OP(mul)(step_size, m1),
+                                         FM__OP(add)(FM__OP(div)(FM__OP(sqrt)(v1), root2), eps));
+        const FM__V p1 = FM__OP(sub)(p, update);
+        if (count == FM__W) {
+            FM__OP(store)(m + j, m1), FM__OP(store)(v + j, v1), FM__OP(store)(param + j, p1);
+        } else {
+            FM__OP(store_part)(m + j, m1, count), FM__OP(store_part)(v + j, v1, count), FM__OP(store_part)(param + j, p1, count);
+        }
+    }
+}
+
 /* ---- dispatch and combine: rows moved and summed a vector at a time ---- */
 
 /* Streaming stores need an address aligned to the vector: the rows of a matrix whose leading
@@ -1913,7 +1954,14 @@ FM__ENTRY(gemm_transpose_block, (const float *packed, int in_features, int k0, i
           (packed, in_features, k0, j0, depth, dst))
 FM__ENTRY(gather_scale_dot, (int rows, int dim, const float *src, int ld_src, const int32_t *order, int k, const float *scale, int ld_scale, const float *dot_src, int ld_dot, float *dst, int ld_dst, float *dots, int ld_dots, int stream),
           (rows, dim, src, ld_src, order, k, scale, ld_scale, dot_src, ld_dot, dst, ld_dst, dots, ld_dots, stream))
+FM__ENTRY(adam, (size_t n, const float *hyper, float *param, const float *grad, float *m, float *v),
+          (n, hyper, param, grad, m, v))
 #undef FM__ENTRY
+static FM__TARGET int FM__OP(all_finite_entry)(size_t n, const float *x) {
+    const int finite = FM__OP(all_finite)(n, x);
+    FM__OP(leave)();
+    return finite;
+}
 
 static const fm__kernel_table FM__OP(kernels) = {
     FM__ISA_ID,
@@ -1937,6 +1985,8 @@ static const fm__kernel_table FM__OP(kernels) = {
     FM__OP(gelu_row_entry),
     FM__OP(gemm_transpose_block_entry),
     FM__OP(gather_scale_dot_entry),
+    FM__OP(all_finite_entry),
+    FM__OP(adam_entry),
 };
 
 #undef FM__COMBINE_VECTORS

@@ -480,6 +480,32 @@ static void check_model_api(void) {
     }
 }
 
+/* One Adam step from the same state on every path this machine runs: the scalar path's bits. */
+static void check_adam_paths(fm_model *model, const fm_adam_desc *adam) {
+    const size_t bytes = model->param_floats * sizeof(float);
+    const fm_isa active = fm_active_isa();
+    float *start[3], *want[3];
+    float *const arenas[3] = {model->params, model->adam_m, model->adam_v};
+    int a, isa, same = 1, paths = 0;
+    for (a = 0; a < 3; a++) {
+        start[a] = (float *)malloc(bytes), want[a] = (float *)malloc(bytes);
+        memcpy(start[a], arenas[a], bytes);
+    }
+    for (isa = FM_ISA_SCALAR; isa < FM_ISA_COUNT; isa++) {
+        if (!fm_isa_supported((fm_isa)isa) || fm_set_isa((fm_isa)isa) != FM_OK) continue;
+        for (a = 0; a < 3; a++) memcpy(arenas[a], start[a], bytes);
+        FM_CHECK(fm_model_adam_step(model, adam, 5) == FM_OK, "step on %s", fm_isa_name((fm_isa)isa));
+        for (a = 0; a < 3; a++) {
+            if (isa == FM_ISA_SCALAR) memcpy(want[a], arenas[a], bytes);
+            else same &= memcmp(want[a], arenas[a], bytes) == 0;
+        }
+        paths++;
+    }
+    FM_CHECK(same && paths >= 1, "Adam on %d paths: every path gives the scalar path's bits", paths);
+    fm_set_isa(active);
+    for (a = 0; a < 3; a++) free(start[a]), free(want[a]);
+}
+
 /* Adam against the formula in double over three steps, its argument checks, a refused
  * non-finite gradient, and a model that learns a fixed batch. */
 static void check_adam(void) {
@@ -527,6 +553,11 @@ static void check_adam(void) {
         FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "an infinite gradient is refused");
         FM_CHECK(memcmp(before, model.params, n * sizeof(float)) == 0, "a refused step changed the parameters");
         free(before);
+        model.grads[model.tensors[3].offset + 1] = 0.0f;
+        model.grads[n - 1] = NAN; /* the padding's last float: the vectors' tail */
+        FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "a NaN in the arena's last float is refused");
+        model.grads[n - 1] = 0.0f;
+        check_adam_paths(&model, &adam);
         adam.beta1 = 1.0f;
         FM_CHECK(fm_model_adam_step(&model, &adam, 4) == FM_ERR_INVALID_ARGUMENT, "beta1 = 1");
         adam.beta1 = 0.0f;
