@@ -285,7 +285,7 @@ def markdown(args, context, rows, pairs, failures):
     lines = [
         "# Flex-MoE in C (flexmoe) against the PyTorch reference, trained the same way",
         "",
-        f"Data `{args.data}`, missing rates {' '.join(f'{r:g}' for r in args.rates)}, seeds "
+        f"Data `{os.path.relpath(args.data, REPO)}`, missing rates {' '.join(f'{r:g}' for r in args.rates)}, seeds "
         f"{' '.join(str(s) for s in args.seeds)}, {epochs}. Each configuration's two runs start from the same "
         "initial weights on the same splits (`flexmoe_train --export-problem`) and follow the same recipe "
         "(curriculum warm-up, Adam, dropout, noisy gate, model selection on validation accuracy); dropout, "

@@ -7,7 +7,9 @@
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
 #   - the demo's every out-of-memory path, under AddressSanitizer's leak check;
-#   - the train command for an epoch or two on the synthetic task and on ../shared/data/handwritten;
+#   - the train command for an epoch or two on the synthetic task and on ../shared/data/handwritten,
+#     its checkpoints end to end (tests/train_cli.sh), the PyTorch reference trainer's selftest and
+#     one epoch of the flexmoe-against-PyTorch comparison (scripts/accuracy.py);
 #   - a short run of the benchmark program (its result checks, not its timings);
 #   - scripts/bench.sh --quick: the headline benchmarks (SMoE layer, its training step, routing) at
 #     one small size, through to their JSON, charts and summary (in build/bench-quick/).
@@ -81,6 +83,11 @@ run demo build/release/examples/flexmoe_demo --tokens 1000
 # the train command end to end: the synthetic task, and the handwritten digits at 30 % missing
 run train-synthetic build/release/examples/flexmoe_train --epochs 2 --json
 run train-handwritten build/release/examples/flexmoe_train --data ../shared/data/handwritten --epochs 1 --json
+# checkpoints through the command: resume = uninterrupted, --eval, refusals, an independent reader
+run_tests train-cli -- tests/train_cli.sh build/release/examples/flexmoe_train
+# the PyTorch reference trainer's own checks, and the comparison script end to end (one epoch)
+run_tests train-reference -- /usr/bin/python3 scripts/train_reference.py --selftest
+run accuracy-smoke scripts/accuracy.py --rates 0.3 --seeds 1 --epochs 1 --out build/accuracy-smoke
 run smoe-classifier build/release/examples/smoe_classifier
 run bench-smoke build/release/bench/flexmoe_bench --benchmark_min_time=0.001 --benchmark_filter='^(softmax|topk|gate|dispatch|combine)[a-z_]*/.*/(8|64|4096)$|^(gemm_grouped|ffn).*/16/128/256$'
 run bench-quick scripts/bench.sh --quick --out build/bench-quick
