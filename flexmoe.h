@@ -789,6 +789,15 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  *   loss         cross-entropy (class weights optional: sum_b w[y_b] nll_b / sum_b w[y_b], as
  *                PyTorch) + gate_loss_weight * the sum over chunks of the gate loss
  *
+ * ConfSMoE's gate (gate = FM_GATE_CONFIDENCE) replaces the SMoE's gate and combination, nothing
+ * else: the top k of the clean logits choose the experts (no noise), and SMoE(u) = LayerNorm(u +
+ * sum_i c_i expert_i(u); moe.confidence.norm) with the confidences c of fm_confsmoe_forward (per
+ * token, or each expert's mean over every slot of the batch, all chunks together), each token's
+ * label its sample's. The gate loss keeps only the S-Router term (no balance), and the loss adds
+ * the confidence loss and the probe's cross-entropy (each a mean over every slot of the batch):
+ *   loss = task + gate_loss_weight * sum over chunks of router_ce + confidence + probe.
+ * imputation = FM_IMPUTE_ZERO gives a missing modality zero tokens instead of the bank's.
+ *
  * Parameters, gradients and Adam's two moments are four arenas of the same layout, one
  * contiguous 64-byte aligned array each, described by one table of named tensors; the activations
  * the backward needs live in a fifth, sized for max_samples. Every dense product runs on the
@@ -809,13 +818,26 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  *   moe.w1  experts x dim x hidden (packed: fm_pack_weights)     moe.b1  experts x hidden
  *   moe.w2  experts x hidden x dim (packed)                      moe.b2  experts x dim
  *   head.weight         M * dim x classes   head.bias  classes
+ * The bank only with FM_IMPUTE_BANK, moe.noise.weight only with the noisy gate; the confidence gate
+ * adds (fm_confsmoe_params):
+ *   moe.confidence.w    experts x dim       moe.confidence.b  experts
+ *   moe.confidence.norm.weight, moe.confidence.norm.bias       dim
+ *   moe.probe.weight    experts x classes x dim (PyTorch's nn.Linear(dim, classes).weight each)
+ *   moe.probe.bias      experts x classes
  * Initialisation (fm_model_init) as the reference's PyTorch modules do it: nn.Linear's
  * U(+-1/sqrt(in)) for the encoders, attention and head (weights and biases); the bank N(0, 1);
  * position zero; LayerNorms 1 and 0; FastMoE's gate (kaiming_uniform on a dim x experts tensor,
  * whose fan-in PyTorch takes as experts: U(+-1/sqrt(experts))) and experts (kaiming_uniform on
- * the experts x out x in tensor: U(+-1/sqrt(out * in)), biases zero). */
+ * the experts x out x in tensor: U(+-1/sqrt(out * in)), biases zero); the confidence gate's and
+ * the probes' weights and biases nn.Linear(dim, .)'s U(+-1/sqrt(dim)), its LayerNorm 1 and 0. */
 #define FLEXMOE_MODEL_MAX_MODALITIES 8
-#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 18) /* two per encoder, 18 more */
+#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 23) /* two per encoder, at most 23 more */
+
+/* What stands in for a missing modality's tokens. */
+typedef enum fm_imputation {
+    FM_IMPUTE_BANK = 0, /* Flex-MoE's learned bank[combination][modality] */
+    FM_IMPUTE_ZERO      /* zero tokens (the position is still added): the baseline */
+} fm_imputation;
 
 /* Zero is the reference's configuration, except the modalities, their features and the classes,
  * which have no default. */
@@ -831,6 +853,9 @@ typedef struct fm_model_desc {
     float gate_loss_weight;                      /* 0: 0.01; negative: none */
     int no_attention_residual;                   /* nonzero: the official code's attention */
     float layernorm_eps;                         /* 0: 1e-5 */
+    fm_gate_kind gate;        /* 0: Flex-MoE's noisy top-k; FM_GATE_CONFIDENCE: ConfSMoE's (below) */
+    fm_conf_mode confidence;  /* confidence gate: per token (0) or the expert's mean over the batch */
+    fm_imputation imputation; /* 0: the bank */
 } fm_model_desc;
 
 /* One named tensor of the arenas: `floats` floats from `offset` (a multiple of 16), `packed`
@@ -889,9 +914,10 @@ typedef struct fm_model_batch {
 } fm_model_batch;
 
 typedef struct fm_model_losses {
-    float loss;       /* task + gate_loss_weight * gate */
+    float loss;       /* task + gate_loss_weight * gate (+ confidence + probe) */
     float task;       /* the (weighted) cross-entropy */
     float gate;       /* the sum over chunks of the SMoE gate loss */
+    float confidence, probe; /* the confidence gate's losses; 0 for the noisy gate */
 } fm_model_losses;
 
 /* 2^modalities - 1 (0 outside 1 .. 30). */
@@ -4207,7 +4233,7 @@ struct fm__model_state {
     float *x0, *ln1, *mean1, *rstd1, *q, *kv, *probs, *context, *attention, *x1;
     float *chunk_in, *chunk_ln, *mean2, *rstd2, *chunk_out, *x2, *pooled, *logits_probs;
     float *patches[FLEXMOE_MODEL_MAX_MODALITIES];
-    int32_t *combination, *token_combination, *token_group;
+    int32_t *combination, *token_combination, *token_group, *token_label;
     unsigned char *moe_saved, *moe_workspace;
     uint8_t *keep_attention, *keep_moe; /* the dropout masks of the last training forward */
     float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits;
@@ -4230,6 +4256,12 @@ static const char *fm__model_field_error(const fm_model_desc *d) {
     if (!(d->dropout < 1.0f)) return "dropout must be below 1 (negative: none)";
     if (!(d->gate_loss_weight == d->gate_loss_weight) || d->gate_loss_weight > 1e30f) return "gate_loss_weight must be finite";
     if (!(d->layernorm_eps >= 0.0f) || d->layernorm_eps > 1.0f) return "layernorm_eps must be 0 (1e-5) .. 1";
+    if (d->gate != FM_GATE_NOISY_TOPK && d->gate != FM_GATE_CONFIDENCE)
+        return "gate must be FM_GATE_NOISY_TOPK (0) or FM_GATE_CONFIDENCE";
+    if (d->confidence != FM_CONF_TOKEN && d->confidence != FM_CONF_EXPERT_MEAN)
+        return "confidence must be FM_CONF_TOKEN (0) or FM_CONF_EXPERT_MEAN";
+    if (d->imputation != FM_IMPUTE_BANK && d->imputation != FM_IMPUTE_ZERO)
+        return "imputation must be FM_IMPUTE_BANK (0) or FM_IMPUTE_ZERO";
     return NULL;
 }
 
@@ -4283,7 +4315,7 @@ static void fm__model_layout(fm_model *model) {
         const int bank[4] = {fm_combination_count(M), M, P, d}, position[2] = {M * P, d}, qw[2] = {d, d},
                   kvw[2] = {d, 2 * d}, gate[2] = {d, E}, w1[3] = {E, d, H}, b1[2] = {E, H}, w2[3] = {E, H, d},
                   b2[2] = {E, d}, head[2] = {M * d, c->classes};
-        fm__model_add_tensor(model, "bank", 4, bank, 0);
+        if (c->imputation == FM_IMPUTE_BANK) fm__model_add_tensor(model, "bank", 4, bank, 0);
         fm__model_add_tensor(model, "position", 2, position, 0);
         fm__model_add_tensor(model, "attention.norm.weight", 1, &d, 0);
         fm__model_add_tensor(model, "attention.norm.bias", 1, &d, 0);
@@ -4294,11 +4326,20 @@ static void fm__model_layout(fm_model *model) {
         fm__model_add_tensor(model, "moe.norm.weight", 1, &d, 0);
         fm__model_add_tensor(model, "moe.norm.bias", 1, &d, 0);
         fm__model_add_tensor(model, "moe.gate.weight", 2, gate, 0);
-        fm__model_add_tensor(model, "moe.noise.weight", 2, gate, 0);
+        if (c->gate == FM_GATE_NOISY_TOPK) fm__model_add_tensor(model, "moe.noise.weight", 2, gate, 0);
         fm__model_add_tensor(model, "moe.w1", 3, w1, 1);
         fm__model_add_tensor(model, "moe.b1", 2, b1, 0);
         fm__model_add_tensor(model, "moe.w2", 3, w2, 1);
         fm__model_add_tensor(model, "moe.b2", 2, b2, 0);
+        if (c->gate == FM_GATE_CONFIDENCE) {
+            const int w[2] = {E, d}, probe_w[3] = {E, c->classes, d}, probe_b[2] = {E, c->classes};
+            fm__model_add_tensor(model, "moe.confidence.w", 2, w, 0);
+            fm__model_add_tensor(model, "moe.confidence.b", 1, &E, 0);
+            fm__model_add_tensor(model, "moe.confidence.norm.weight", 1, &d, 0);
+            fm__model_add_tensor(model, "moe.confidence.norm.bias", 1, &d, 0);
+            fm__model_add_tensor(model, "moe.probe.weight", 3, probe_w, 0);
+            fm__model_add_tensor(model, "moe.probe.bias", 2, probe_b, 0);
+        }
         fm__model_add_tensor(model, "head.weight", 2, head, 0);
         fm__model_add_tensor(model, "head.bias", 1, &c->classes, 0);
     }
@@ -4312,8 +4353,10 @@ const fm_tensor_info *fm_model_tensor(const fm_model *model, const char *name) {
     return NULL;
 }
 
+/* The tensor in that arena, or NULL when this configuration has no such tensor. */
 static float *fm__model_param(const fm_model *model, float *arena, const char *name) {
-    return arena + fm_model_tensor(model, name)->offset;
+    const fm_tensor_info *t = fm_model_tensor(model, name);
+    return t ? arena + t->offset : NULL;
 }
 
 /* The state's block: every view, 64-byte aligned, from one allocation (base NULL: only sizes). */
@@ -4350,6 +4393,7 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->combination, S, int32_t);
     FM__TAKE(s->token_combination, R, int32_t);
     FM__TAKE(s->token_group, R, int32_t);
+    FM__TAKE(s->token_label, R, int32_t);
     FM__TAKE(s->moe_saved, s->moe_sizes.saved_bytes, unsigned char);
     FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
     FM__TAKE(s->keep_attention, R * d, uint8_t);
@@ -4411,6 +4455,8 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
     probe.moe.dim = model->config.dim, probe.moe.hidden = model->config.hidden;
     probe.moe.experts = model->config.experts, probe.moe.top_k = model->config.top_k;
     probe.moe.groups = 2 * model->config.modalities; /* per chunk: full-modality tokens, the others */
+    probe.moe.gate = model->config.gate, probe.moe.confidence = model->config.confidence;
+    probe.moe.classes = model->config.classes, probe.moe.layernorm_eps = model->config.layernorm_eps;
     if ((status = fm_moe_buffer_sizes(&probe.moe, max_samples * model->config.modalities * model->config.patches,
                                       &probe.moe_sizes)) != FM_OK)
         return status;
@@ -4475,6 +4521,7 @@ fm_status fm_model_init(fm_model *model, uint64_t seed) {
         if (strcmp(n, "position") == 0 || strstr(n, ".norm.bias") || strcmp(n, "moe.b1") == 0 || strcmp(n, "moe.b2") == 0)
             continue;
         if (strcmp(n, "moe.gate.weight") == 0 || strcmp(n, "moe.noise.weight") == 0) bound = 1.0f / sqrtf((float)c->experts);
+        else if (strncmp(n, "moe.confidence.", 15) == 0 || strncmp(n, "moe.probe.", 10) == 0) bound = 1.0f / sqrtf((float)c->dim);
         else if (t->packed) bound = 1.0f / sqrtf((float)t->shape[1] * (float)t->shape[2]);
         else if (strstr(n, ".bias")) bound = 1.0f / sqrtf((float)model->tensors[i - 1].shape[0]); /* its weight's fan-in */
         else bound = 1.0f / sqrtf((float)t->shape[0]);
@@ -4593,6 +4640,12 @@ static fm_moe_params fm__model_moe_params(const fm_model *model, float *arena) {
     p.b1 = fm__model_param(model, arena, "moe.b1");
     p.w2 = fm__model_param(model, arena, "moe.w2");
     p.b2 = fm__model_param(model, arena, "moe.b2");
+    p.confidence.w = fm__model_param(model, arena, "moe.confidence.w");
+    p.confidence.b = fm__model_param(model, arena, "moe.confidence.b");
+    p.confidence.gamma = fm__model_param(model, arena, "moe.confidence.norm.weight");
+    p.confidence.beta = fm__model_param(model, arena, "moe.confidence.norm.bias");
+    p.confidence.probe_w = fm__model_param(model, arena, "moe.probe.weight");
+    p.confidence.probe_b = fm__model_param(model, arena, "moe.probe.bias");
     return p;
 }
 
@@ -4605,6 +4658,7 @@ static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_ba
     mb.x = s->chunk_ln;
     mb.combination = s->token_combination;
     mb.token_group = s->token_group;
+    mb.labels = model->config.gate == FM_GATE_CONFIDENCE && b->labels ? s->token_label : NULL;
     mb.training = b->training;
     mb.seed = fm_model_noise_seed(b);
     return mb;
@@ -4682,7 +4736,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     int S, M, P, N, d, heads, dh, C, i, m, h, j;
     size_t R;
     float scale;
-    double task = 0.0, gate = 0.0, weight_sum = 0.0;
+    double task = 0.0, gate = 0.0, confidence = 0.0, probe_loss = 0.0, weight_sum = 0.0;
     if ((status = fm__model_check_batch(caller, model, b)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     s = model->state, c = &model->config;
@@ -4702,8 +4756,9 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
                 const size_t t = ((size_t)m * S + i) * P + j;
                 s->token_combination[t] = s->combination[i];
                 s->token_group[t] = 2 * m + (s->combination[i] > 0);
+                s->token_label[t] = b->labels ? b->labels[i] : 0;
             }
-    /* tokens: encoders for the observed modalities, the bank for the missing ones; + position */
+    /* tokens: encoders for the observed modalities, the bank (or zeros) for the missing ones; + position */
     {
         const float *bank = fm__model_param(model, model->params, "bank");
         const float *position = fm__model_param(model, model->params, "position");
@@ -4722,8 +4777,10 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
                     memset(patch, 0, (size_t)P * width * sizeof(float));
                     memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
                     fm__linear_forward(kernels, P, width, d, patch, width, w, bias, 0, tokens, d);
-                } else {
+                } else if (bank) {
                     memcpy(tokens, bank + (((size_t)s->combination[i] * M + m) * P) * d, (size_t)P * d * sizeof(float));
+                } else {
+                    memset(tokens, 0, (size_t)P * d * sizeof(float));
                 }
             }
         }
@@ -4772,7 +4829,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
             return status;
         if ((status = fm_moe_forward(&s->moe, &mp, &mb, s->chunk_out, d, s->moe_saved, s->moe_workspace, &stats)) != FM_OK)
             return status;
-        gate = stats.gate_loss;
+        gate = stats.gate_loss, confidence = stats.confidence_loss, probe_loss = stats.probe_loss;
         if (b->training && fm__model_dropout(c) > 0.0f) {
             fm__dropout_draw(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), R * d, s->keep_moe);
             fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->chunk_out);
@@ -4808,7 +4865,8 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     if (losses) {
         losses->task = (float)task;
         losses->gate = (float)gate;
-        losses->loss = (float)(task + fm__model_gate_weight(c) * gate);
+        losses->confidence = (float)confidence, losses->probe = (float)probe_loss;
+        losses->loss = (float)(task + fm__model_gate_weight(c) * gate + confidence + probe_loss);
     }
     return FM_OK;
 }
@@ -4858,10 +4916,13 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
         fm_moe_grads mg;
         fm_moe_loss_weights weights;
         memset(&weights, 0, sizeof weights);
-        weights.gate = fm__model_gate_weight(c);
+        weights.gate = fm__model_gate_weight(c), weights.confidence = 1.0f, weights.probe = 1.0f;
         memset(&mg, 0, sizeof mg);
         mg.w_gate = (float *)gp.w_gate, mg.w_noise = (float *)gp.w_noise, mg.w1 = (float *)gp.w1;
         mg.b1 = (float *)gp.b1, mg.w2 = (float *)gp.w2, mg.b2 = (float *)gp.b2;
+        mg.confidence.w = (float *)gp.confidence.w, mg.confidence.b = (float *)gp.confidence.b;
+        mg.confidence.gamma = (float *)gp.confidence.gamma, mg.confidence.beta = (float *)gp.confidence.beta;
+        mg.confidence.probe_w = (float *)gp.confidence.probe_w, mg.confidence.probe_b = (float *)gp.confidence.probe_b;
         for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
                 memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
@@ -4914,7 +4975,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
         float *dpos = fm__model_param(model, g, "position"), *dbank = fm__model_param(model, g, "bank");
         memcpy(dpos, s->d_x, (size_t)N * d * sizeof(float));
         for (i = 1; i < S; i++) kernels->axpy(N * d, 1.0f, s->d_x + (size_t)i * N * d, dpos);
-        memset(dbank, 0, fm_model_tensor(model, "bank")->floats * sizeof(float));
+        if (dbank) memset(dbank, 0, fm_model_tensor(model, "bank")->floats * sizeof(float));
         for (m = 0; m < M; m++) {
             char name[32];
             const int width = fm__patch_width(c, m);
@@ -4932,7 +4993,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                     fm__linear_backward(kernels, P, width, d, s->patches[m] + (size_t)i * P * width, width, NULL, dtokens, d,
                                         NULL, 0, 0, dw, db, !first);
                     first = 0;
-                } else {
+                } else if (dbank) {
                     kernels->axpy(P * d, 1.0f, dtokens, dbank + (((size_t)s->combination[i] * M + m) * P) * d);
                 }
             }
@@ -5861,9 +5922,11 @@ static void fm__config_json(fm__text *t, const fm_model_desc *c) {
     fm__text_add(t, "{\"modalities\":%d,\"features\":[", c->modalities);
     for (m = 0; m < c->modalities; m++) fm__text_add(t, "%s%d", m ? "," : "", c->features[m]);
     fm__text_add(t, "],\"classes\":%d,\"patches\":%d,\"dim\":%d,\"heads\":%d,\"experts\":%d,\"top_k\":%d,\"hidden\":%d,"
-                 "\"dropout\":%.9g,\"gate_loss_weight\":%.9g,\"no_attention_residual\":%d,\"layernorm_eps\":%.9g}",
+                 "\"dropout\":%.9g,\"gate_loss_weight\":%.9g,\"no_attention_residual\":%d,\"layernorm_eps\":%.9g,"
+                 "\"gate\":%d,\"confidence\":%d,\"imputation\":%d}",
                  c->classes, c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, (double)c->dropout,
-                 (double)c->gate_loss_weight, c->no_attention_residual, (double)c->layernorm_eps);
+                 (double)c->gate_loss_weight, c->no_attention_residual, (double)c->layernorm_eps, (int)c->gate,
+                 (int)c->confidence, (int)c->imputation);
 }
 
 static void fm__train_state_json(fm__text *t, const fm_train_state *s) {
@@ -6287,16 +6350,27 @@ static int fm__json_field_number(const fm__json_field *fields, int count, const 
 static int fm__checkpoint_config(fm__safetensors_in *f, fm_model_desc *d) {
     static const char *const ints[] = {"modalities", "classes", "patches", "dim", "heads", "experts", "top_k", "hidden",
                                        "no_attention_residual"};
-    fm__json_field fields[16];
+    fm__json_field fields[24];
     char *text;
     double v;
     int count, i, *const int_fields[] = {&d->modalities, &d->classes, &d->patches, &d->dim, &d->heads, &d->experts,
                                          &d->top_k, &d->hidden, &d->no_attention_residual};
     float *const float_fields[] = {&d->dropout, &d->gate_loss_weight, &d->layernorm_eps};
     static const char *const floats[] = {"dropout", "gate_loss_weight", "layernorm_eps"};
+    static const char *const choices[] = {"gate", "confidence", "imputation"}; /* absent: 0 */
     memset(d, 0, sizeof *d);
     if (!(text = (char *)fm__metadata(f, "config"))) return fm__file_wrong(f, "__metadata__ has no config");
-    if (!fm__json_fields(text, fields, 16, &count)) return fm__file_wrong(f, "__metadata__'s config is not a JSON object of numbers");
+    if (!fm__json_fields(text, fields, 24, &count)) return fm__file_wrong(f, "__metadata__'s config is not a JSON object of numbers");
+    for (i = 0; i < 3; i++) {
+        int present = 0, j;
+        for (j = 0; j < count; j++) present |= strcmp(fields[j].key, choices[i]) == 0;
+        if (present && !fm__json_field_number(fields, count, choices[i], 0, 1, 0, 8, &v))
+            return fm__file_wrong(f, "config: %s is not a small count", choices[i]);
+        v = present ? v : 0.0;
+        if (i == 0) d->gate = (fm_gate_kind)(int)v;
+        else if (i == 1) d->confidence = (fm_conf_mode)(int)v;
+        else d->imputation = (fm_imputation)(int)v;
+    }
     for (i = 0; i < (int)(sizeof ints / sizeof *ints); i++) {
         if (!fm__json_field_number(fields, count, ints[i], 0, 1, -1e9, 1e9, &v))
             return fm__file_wrong(f, "config: %s is missing or not an integer", ints[i]);

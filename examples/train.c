@@ -27,6 +27,9 @@ typedef struct train_options {
     const char *data, *save, *resume, *eval, *export_problem;
     float missing_rate, lr;
     int epochs, batch_size, warmup, json, seed_given;
+    fm_gate_kind gate;
+    fm_conf_mode confidence;
+    fm_imputation imputation;
     uint64_t seed;
 } train_options;
 
@@ -40,6 +43,9 @@ static void usage(FILE *out) {
             "  --batch-size N      (default 16)\n"
             "  --lr X              Adam's learning rate (default 1e-3)\n"
             "  --warmup N          curriculum epochs before shuffling (default 5)\n"
+            "  --gate G            noisy (Flex-MoE's noisy top-k, default) or confidence (ConfSMoE's)\n"
+            "  --confidence C      with --gate confidence: token (default) or expert-mean\n"
+            "  --imputation I      a missing view's tokens: bank (Flex-MoE's learned bank, default) or zero\n"
             "  --seed N            split, missingness, initialisation, shuffles, dropout (default 1;\n"
             "                      with --resume or --eval: the checkpoint's)\n"
             "  --save FILE         a checkpoint (safetensors) after every epoch, replaced atomically\n"
@@ -87,6 +93,12 @@ static int parse_args(int argc, char **argv, train_options *o) {
             o->eval = value;
         } else if (strcmp(flag, "--export-problem") == 0 && value) {
             o->export_problem = value;
+        } else if (strcmp(flag, "--gate") == 0 && value && (!strcmp(value, "noisy") || !strcmp(value, "confidence"))) {
+            o->gate = strcmp(value, "noisy") ? FM_GATE_CONFIDENCE : FM_GATE_NOISY_TOPK;
+        } else if (strcmp(flag, "--confidence") == 0 && value && (!strcmp(value, "token") || !strcmp(value, "expert-mean"))) {
+            o->confidence = strcmp(value, "token") ? FM_CONF_EXPERT_MEAN : FM_CONF_TOKEN;
+        } else if (strcmp(flag, "--imputation") == 0 && value && (!strcmp(value, "bank") || !strcmp(value, "zero"))) {
+            o->imputation = strcmp(value, "bank") ? FM_IMPUTE_ZERO : FM_IMPUTE_BANK;
         } else if (strcmp(flag, "--missing-rate") == 0) {
             if (!parse_number(flag, value, 0.0, 1.0, &v)) return 0;
             o->missing_rate = (float)v;
@@ -106,10 +118,19 @@ static int parse_args(int argc, char **argv, train_options *o) {
             if (!parse_number(flag, value, 0, 4294967295.0, &v)) return 0;
             o->seed = (uint64_t)v, o->seed_given = 1;
         } else {
-            fprintf(stderr, "flexmoe_train: unknown option or missing value: %s (try --help)\n", flag);
+            fprintf(stderr, "flexmoe_train: unknown option, or a missing or unknown value: %s %s (try --help)\n", flag,
+                    value ? value : "");
             return 0;
         }
         i++;
+    }
+    if (o->confidence != FM_CONF_TOKEN && o->gate != FM_GATE_CONFIDENCE) {
+        fprintf(stderr, "flexmoe_train: --confidence needs --gate confidence\n");
+        return 0;
+    }
+    if (o->export_problem && (o->gate != FM_GATE_NOISY_TOPK || o->imputation != FM_IMPUTE_BANK)) {
+        fprintf(stderr, "flexmoe_train: --export-problem: scripts/train_reference.py trains the noisy gate with the bank only\n");
+        return 0;
     }
     if (o->resume && o->eval) {
         fprintf(stderr, "flexmoe_train: --resume and --eval exclude each other\n");
@@ -333,6 +354,7 @@ static fm_status create_model(const train_options *o, const fm_dataset *ds, fm_m
     int v;
     memset(&desc, 0, sizeof desc);
     desc.modalities = ds->views, desc.classes = ds->classes;
+    desc.gate = o->gate, desc.confidence = o->confidence, desc.imputation = o->imputation;
     for (v = 0; v < ds->views; v++) desc.features[v] = ds->features[v];
     if ((status = fm_model_create(&desc, o->batch_size, model)) != FM_OK || (status = fm_model_init(model, o->seed)) != FM_OK)
         fprintf(stderr, "flexmoe_train: cannot create the model: %s\n", fm_status_str(status));
@@ -421,6 +443,8 @@ int main(int argc, char **argv) {
     if (o.json) {
         printf("{\"impl\": \"flexmoe\", \"data\": ");
         print_json_string(o.data ? o.data : "synthetic");
+        printf(", \"gate\": \"%s\", \"imputation\": \"%s\"", model.config.gate == FM_GATE_CONFIDENCE ? "confidence" : "noisy",
+               model.config.imputation == FM_IMPUTE_ZERO ? "zero" : "bank");
         printf(", \"missing_rate\": %g, \"seed\": %llu, \"epochs\": %d, "
                "\"best_epoch\": %d, \"validation_accuracy\": %.6f, \"test_accuracy\": %.6f, \"test_macro_f1\": %.6f, "
                "\"test_macro_auc\": %.6f, \"train_samples_per_second\": %.2f, \"seconds\": %.2f}\n",

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""PyTorch reference of the Flex-MoE model (one transformer layer with a sparse MoE), llm.c style:
+"""PyTorch reference of the Flex-MoE model (one transformer layer with a sparse MoE; ConfSMoE's
+confidence gate and zero imputation as options), llm.c style:
 a C test writes the parameters and a batch into a safetensors file, this script runs the forward
 and the backward in float64 (float32 with --float32), dropout off unless the batch gives its masks,
 and writes the logits, the losses, a few activations and every parameter's gradient into another
@@ -14,22 +15,34 @@ Files (safetensors): an 8-byte little-endian header length N, N bytes of JSON
 
 Input. __metadata__["config"] is a JSON object with the keys modalities (M), features ([F_m]),
 patches, dim (d), heads, experts (E), top_k (k), hidden (H), classes (C), gate_loss_weight,
-attention_residual, noise_epsilon and layernorm_eps, all required. Parameters (F32, dense weights
-stored [in, out]: y = x @ W + b):
+attention_residual, noise_epsilon and layernorm_eps, all required, and optionally (absent = the
+first value, Flex-MoE's model; any other value is rejected):
+    gate             "noisy" (FastMoE's noisy top-k gate) or "confidence" (ConfSMoE's gate)
+    confidence_mode  "token" or "expert_mean" (the latter with gate "confidence" only)
+    imputation       "bank" (the missing-modality bank) or "zero" (zero tokens)
+Parameters (F32, dense weights stored [in, out]: y = x @ W + b, except the probes):
     encoder.{m}.weight [P_m, d], encoder.{m}.bias [d]     P_m = ceil(F_m / patches)
     bank [2^M - 1, M, patches, d]                          tokens of a missing modality
+                                                           (imputation "bank" only)
     position [M * patches, d]
     attention.norm.{weight,bias} [d], attention.q.weight [d, d], attention.kv.weight [d, 2d]
         (K then V), attention.out.weight [d, d], attention.out.bias [d]
-    moe.norm.{weight,bias} [d], moe.gate.weight [d, E], moe.noise.weight [d, E],
+    moe.norm.{weight,bias} [d], moe.gate.weight [d, E],
+    moe.noise.weight [d, E]                                (gate "noisy" only)
     moe.w1 [E, d, H], moe.b1 [E, H], moe.w2 [E, H, d], moe.b2 [E, d]
+    moe.confidence.w [E, d], moe.confidence.b [E],         (gate "confidence" only, all six)
+    moe.confidence.norm.{weight,bias} [d],
+    moe.probe.weight [E, C, d], moe.probe.bias [E, C]      (expert e's probe: nn.Linear(d, C)
+                                                           layout, logits = W_e h + b_e)
     head.weight [M * d, C], head.bias [C]
-and the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored),
+A parameter of another gate or imputation is rejected, as is a missing one.
+And the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored),
 input.observed I32 [B, M] (0/1), input.labels I32 [B], and optionally input.class_weights F32 [C],
-input.gate_noise F32 [M, B * patches, E] (the gate's N(0, 1) draws; present = training gate),
-input.combination I32 [B] (checked against the index computed from input.observed) and the dropout
-masks, each optional on its own (absent = no dropout there): finite factors (0 or 1/(1-p) for rate
-p, any finite value accepted) multiplying a residual branch's output elementwise before the residual:
+input.gate_noise F32 [M, B * patches, E] (the noisy gate's N(0, 1) draws; present = training gate;
+ignored by the confidence gate), input.combination I32 [B] (checked against the index computed
+from input.observed) and the dropout masks, each optional on its own (absent = no dropout there):
+finite factors (0 or 1/(1-p) for rate p, any finite value accepted) multiplying a residual branch's
+output elementwise before the residual:
     input.dropout.attention F32 [B, M * patches, d]   the attention's output a (after the output
                                                       projection and its bias): x + mask * a, or
                                                       mask * a without attention_residual
@@ -39,21 +52,42 @@ p, any finite value accepted) multiplying a residual branch's output elementwise
 Model. A sample's combination index c numbers its set of observed modalities in Flex-MoE's order:
 by size M, M-1, ..., 1, each size in lexicographic order (0 = all modalities). Each observed
 modality's features, zero-padded to patches * P_m, become patches rows of P_m values, encoded by
-its linear encoder into patches tokens; a missing modality takes bank[c, m]. The M * patches tokens
-plus the position embedding go through pre-LN multi-head attention (with the residual when
-attention_residual), then each modality's chunk of tokens through x + SMoE(LayerNorm(x)) (each
-branch times its dropout mask when given): FastMoE's noisy top-k gate (noisy = clean + noise *
-(softplus(x W_noise) + noise_epsilon) in training), the top k experts GELU(x W1 + b1) W2 + b2
-weighted by the softmax of their noisy logits, and Flex-MoE's gate loss: the cross-entropy of the
-noisy logits toward c mod E over the tokens of samples missing a modality, plus cv^2 of the
-experts' importance and load per token group (full-modality samples, the others). Mean-pooling each
-chunk and a linear head give the logits; loss = cross-entropy (class-weighted when given) +
-gate_loss_weight * the sum of the chunks' gate losses.
+its linear encoder into patches tokens; a missing modality takes bank[c, m] (imputation "bank") or
+zeros (imputation "zero"). The M * patches tokens plus the position embedding go through pre-LN
+multi-head attention (with the residual when attention_residual), then each modality's chunk of
+tokens x through x + SMoE(u), u = LayerNorm(x; moe.norm) (each branch times its dropout mask when
+given).
+Gate "noisy": FastMoE's noisy top-k gate (noisy = clean + noise * (softplus(u W_noise) +
+noise_epsilon) in training, clean = u W_gate), the top k experts GELU(u W1 + b1) W2 + b2 weighted by
+the softmax of their noisy logits, and Flex-MoE's gate loss: the cross-entropy of the noisy logits
+toward c mod E over the tokens of samples missing a modality, plus cv^2 of the experts' importance
+and load per token group (full-modality samples, the others).
+Gate "confidence" (ConfSMoE): each token's experts are the top k of its clean logits (no noise,
+even in training); slot s = (token t, its i-th expert e_s) has the expert output
+h_s = GELU(u_t W1[e_s] + b1[e_s]) W2[e_s] + b2[e_s],
+    n_s = LayerNorm(h_s) without affine,
+    a_s = sigmoid(moe.confidence.w[e_s] . n_s + moe.confidence.b[e_s])   (flexmoe.h's u_s),
+    c_s = a_s ("token"), or the mean of a over every slot routed to e_s in the whole batch: all
+          chunks (modalities), all samples and all k together ("expert_mean"),
+    y_t = LayerNorm(u_t + sum_i c_{t,i} h_{t,i}; moe.confidence.norm.weight, .bias),
+    p_s = softmax(moe.probe.weight[e_s] @ stop_gradient(h_s) + moe.probe.bias[e_s]),
+    target_s = stop_gradient(p_s[label of t's sample]),
+    confidence_loss = mean over all slots (chunks, samples, k) of (c_s - target_s)^2,
+    probe_loss = mean over all slots of -log p_s[label],
+and the gate loss is the S-Router term alone: the cross-entropy of the clean logits toward c mod E
+over the tokens of samples missing a modality (no balance term), so the router learns from it
+only (the top-k selection has no gradient) and no probe gradient reaches the experts;
+noise_epsilon and input.gate_noise are unused.
+Every LayerNorm has eps = layernorm_eps and GELU is erf's. Mean-pooling each chunk and a linear
+head give the logits; loss = cross-entropy (class-weighted when given) + gate_loss_weight * the sum
+of the chunks' gate losses (+ confidence_loss + probe_loss with gate "confidence").
 
-Output (F64, or F32 with --float32): out.logits [B, C], out.loss, out.task_loss, out.gate_loss [],
-act.tokens, act.attention, act.moe [B, M * patches, d] (the tokens after the embedding, the
-attention and the SMoE), act.pooled [B, M * d], out.indices I32 [M, B * patches, k] (each chunk's
-experts, best first) and grad.<name> for every parameter (zeros where it gets no gradient);
+Output (F64, or F32 with --float32): out.logits [B, C], out.loss, out.task_loss, out.gate_loss,
+out.confidence_loss, out.probe_loss [] (the last two 0 with gate "noisy"), act.tokens,
+act.attention, act.moe [B, M * patches, d] (the tokens after the embedding, the attention and the
+SMoE), act.pooled [B, M * d], out.indices I32 [M, B * patches, k] (each chunk's experts, best
+first: by noisy logit, or by clean logit with gate "confidence") and grad.<name> for every
+parameter of the input (zeros where it gets no gradient);
 __metadata__ holds the input's "config" and the "dtype"."""
 import argparse
 import contextlib
@@ -155,7 +189,7 @@ def write_safetensors(path, tensors, metadata):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The model's configuration: every key of __metadata__["config"], all required."""
+    """The model's configuration: every key of __metadata__["config"], the last three optional."""
     modalities: int          # M
     features: tuple          # F_m per modality
     patches: int             # tokens per modality
@@ -169,6 +203,9 @@ class Config:
     attention_residual: bool
     noise_epsilon: float
     layernorm_eps: float
+    gate: str = "noisy"                 # "noisy" or "confidence"
+    confidence_mode: str = "token"      # "token" or "expert_mean" (gate "confidence")
+    imputation: str = "bank"            # "bank" or "zero"
 
     def patch_width(self, m):
         """P_m: the features of one patch of modality m."""
@@ -177,6 +214,8 @@ class Config:
 
 POSITIVE_INTS = ("modalities", "patches", "dim", "heads", "experts", "top_k", "hidden", "classes")
 NON_NEGATIVE_NUMBERS = ("gate_loss_weight", "noise_epsilon", "layernorm_eps")
+CHOICES = {"gate": ("noisy", "confidence"), "confidence_mode": ("token", "expert_mean"),
+           "imputation": ("bank", "zero")}  # the optional keys, their default first
 
 
 def is_positive_int(value):
@@ -195,7 +234,8 @@ def parse_config(metadata):
     if not isinstance(raw, dict):
         raise InputError("config is not a JSON object")
     keys = [field.name for field in dataclasses.fields(Config)]
-    missing, unknown = [k for k in keys if k not in raw], sorted(set(raw) - set(keys))
+    missing = [k for k in keys if k not in raw and k not in CHOICES]
+    unknown = sorted(set(raw) - set(keys))
     if missing or unknown:
         raise InputError(f"config: missing keys {missing}, unknown keys {unknown}")
 
@@ -219,28 +259,57 @@ def parse_config(metadata):
         raise bad("heads", f"a divisor of dim {raw['dim']}")
     if raw["top_k"] > raw["experts"]:
         raise bad("top_k", f"at most experts ({raw['experts']})")
+    for key, values in CHOICES.items():
+        if key in raw and (not isinstance(raw[key], str) or raw[key] not in values):
+            raise bad(key, " or ".join(f'"{v}"' for v in values))
+    if raw.get("confidence_mode", "token") != "token" and raw.get("gate", "noisy") != "confidence":
+        raise bad("confidence_mode", '"token" with gate "noisy" ("expert_mean" needs gate "confidence")')
     return Config(**dict(raw, features=tuple(features)))
 
 
-def parameter_shapes(cfg):
-    """Every parameter's name and shape, in the order of the documentation."""
-    M, d, E, H = cfg.modalities, cfg.dim, cfg.experts, cfg.hidden
+def all_parameter_shapes(cfg):
+    """name -> (shape, the option that has it or None for every configuration) of every parameter
+    of the model's variants, in the order of the documentation."""
+    M, d, E, H, C = cfg.modalities, cfg.dim, cfg.experts, cfg.hidden, cfg.classes
     shapes = {}
     for m in range(M):
-        shapes[f"encoder.{m}.weight"] = (cfg.patch_width(m), d)
-        shapes[f"encoder.{m}.bias"] = (d,)
+        shapes[f"encoder.{m}.weight"] = ((cfg.patch_width(m), d), None)
+        shapes[f"encoder.{m}.bias"] = ((d,), None)
+    bank, noisy, confidence = ("imputation", "bank"), ("gate", "noisy"), ("gate", "confidence")
     shapes.update({
-        "bank": (2 ** M - 1, M, cfg.patches, d),
-        "position": (M * cfg.patches, d),
-        "attention.norm.weight": (d,), "attention.norm.bias": (d,),
-        "attention.q.weight": (d, d), "attention.kv.weight": (d, 2 * d),
-        "attention.out.weight": (d, d), "attention.out.bias": (d,),
-        "moe.norm.weight": (d,), "moe.norm.bias": (d,),
-        "moe.gate.weight": (d, E), "moe.noise.weight": (d, E),
-        "moe.w1": (E, d, H), "moe.b1": (E, H), "moe.w2": (E, H, d), "moe.b2": (E, d),
-        "head.weight": (M * d, cfg.classes), "head.bias": (cfg.classes,),
+        "bank": ((2 ** M - 1, M, cfg.patches, d), bank),
+        "position": ((M * cfg.patches, d), None),
+        "attention.norm.weight": ((d,), None), "attention.norm.bias": ((d,), None),
+        "attention.q.weight": ((d, d), None), "attention.kv.weight": ((d, 2 * d), None),
+        "attention.out.weight": ((d, d), None), "attention.out.bias": ((d,), None),
+        "moe.norm.weight": ((d,), None), "moe.norm.bias": ((d,), None),
+        "moe.gate.weight": ((d, E), None), "moe.noise.weight": ((d, E), noisy),
+        "moe.w1": ((E, d, H), None), "moe.b1": ((E, H), None), "moe.w2": ((E, H, d), None),
+        "moe.b2": ((E, d), None),
+        "moe.confidence.w": ((E, d), confidence), "moe.confidence.b": ((E,), confidence),
+        "moe.confidence.norm.weight": ((d,), confidence), "moe.confidence.norm.bias": ((d,), confidence),
+        "moe.probe.weight": ((E, C, d), confidence), "moe.probe.bias": ((E, C), confidence),
+        "head.weight": ((M * d, C), None), "head.bias": ((C,), None),
     })
     return shapes
+
+
+def parameter_shapes(cfg):
+    """The name and shape of every parameter of cfg's model, in the order of the documentation."""
+    return {name: shape for name, (shape, option) in all_parameter_shapes(cfg).items()
+            if option is None or getattr(cfg, option[0]) == option[1]}
+
+
+def parameter_notes(cfg):
+    """name -> why, for the parameters that only some configurations have: the error messages'
+    explanation of a missing or an unexpected one."""
+    notes = {}
+    for name, (_, option) in all_parameter_shapes(cfg).items():
+        if option is not None:
+            key, value = option
+            notes[name] = (f'(config {key} "{getattr(cfg, key)}": '
+                           + ("required" if getattr(cfg, key) == value else f'only {key} "{value}" has it') + ")")
+    return notes
 
 
 def input_specs(cfg, batch_size):
@@ -264,14 +333,21 @@ def input_specs(cfg, batch_size):
 DROPOUT_MASKS = ("input.dropout.attention", "input.dropout.moe")
 
 
-def check_tensors(tensors, specs):
-    """Every required tensor present, none unknown, each with its dtype and shape."""
+def check_tensors(tensors, specs, notes=None):
+    """Every required tensor present, none unknown, each with its dtype and shape; notes (name ->
+    text) explain a missing or an unknown tensor."""
+    notes = notes or {}
+
+    def names(listed):
+        return "s" * (len(listed) > 1) + " " + ", ".join(
+            f"'{n}'" + (" " + notes[n] if n in notes else "") for n in listed)
+
     missing = [name for name, (_, _, required) in specs.items() if required and name not in tensors]
     if missing:
-        raise InputError("missing tensor" + "s" * (len(missing) > 1) + " " + ", ".join(f"'{n}'" for n in missing))
+        raise InputError("missing tensor" + names(missing))
     unknown = [name for name in tensors if name not in specs]
     if unknown:
-        raise InputError("unexpected tensor" + "s" * (len(unknown) > 1) + " " + ", ".join(f"'{n}'" for n in unknown))
+        raise InputError("unexpected tensor" + names(unknown))
     for name, tensor in tensors.items():
         dtype, shape, _ = specs[name]
         if tensor.dtype != dtype:
@@ -348,7 +424,7 @@ def load_problem(path, dtype):
         raise InputError("missing tensor 'input.observed'")
     if observed.dim() != 2 or observed.shape[0] < 1:
         raise InputError(f"tensor 'input.observed' has shape {list(observed.shape)}, expected [B, {cfg.modalities}]")
-    check_tensors(tensors, input_specs(cfg, observed.shape[0]))
+    check_tensors(tensors, input_specs(cfg, observed.shape[0]), parameter_notes(cfg))
     combination = check_batch_values(cfg, tensors)
     check_finite(tensors, DROPOUT_MASKS)
 
@@ -367,8 +443,8 @@ def load_problem(path, dtype):
 # ---- the model -----------------------------------------------------------------------------------
 
 def embed(cfg, p, batch):
-    """[B, M * patches, d]: each modality's patches encoded (or its bank tokens when missing), plus
-    the position embedding."""
+    """[B, M * patches, d]: each modality's patches encoded (when missing: its bank tokens, or zeros
+    with imputation "zero"), plus the position embedding."""
     blocks = []
     for m, features in enumerate(batch.features):
         observed = batch.observed[:, m]
@@ -377,7 +453,8 @@ def embed(cfg, p, batch):
         width = cfg.patch_width(m)
         patches = F.pad(features, (0, cfg.patches * width - features.shape[1])).view(-1, cfg.patches, width)
         tokens = patches @ p[f"encoder.{m}.weight"] + p[f"encoder.{m}.bias"]
-        blocks.append(torch.where(observed[:, None, None], tokens, p["bank"][batch.combination, m]))
+        missing = p["bank"][batch.combination, m] if cfg.imputation == "bank" else torch.zeros_like(tokens)
+        blocks.append(torch.where(observed[:, None, None], tokens, missing))
     return torch.cat(blocks, dim=1) + p["position"]
 
 
@@ -474,32 +551,102 @@ def smoe(cfg, p, u, combination, noise):
     return y, router_cross_entropy(noisy, combination) + balance, top_indices
 
 
-def forward(cfg, p, batch):
+def expert_outputs(p, u, indices):
+    """[rows, k, d]: h[r, i] = expert_{indices[r, i]}(u[r]), GELU(u W1 + b1) W2 + b2, each expert
+    run on its own rows only."""
+    h = u.new_zeros(indices.shape + (u.shape[1],))
+    for e in range(p["moe.w1"].shape[0]):
+        rows, slots = (indices == e).nonzero(as_tuple=True)
+        if rows.numel():
+            hidden = F.gelu(u[rows] @ p["moe.w1"][e] + p["moe.b1"][e])
+            h = h.index_put((rows, slots), hidden @ p["moe.w2"][e] + p["moe.b2"][e])
+    return h
+
+
+def confidence_combine(cfg, p, u, indices, labels, frozen=None):
+    """ConfSMoE's combination on every row of the batch at once (all chunks: the expert means span
+    them): u [rows, d] the SMoE's inputs, indices [rows, k] their experts, labels [rows] their
+    samples' labels. Returns y [rows, d], the confidence loss and the probe loss.
+    frozen (a dict; None: none) is for the finite differences of a loss with stop-gradients: when
+    empty, the detached terms (the probe's input h and the targets) are recorded into it; when
+    filled, they are taken from it instead of computed, so that the loss's derivative is the
+    gradient that backward gives."""
+    d, E, eps = cfg.dim, cfg.experts, cfg.layernorm_eps
+    h = expert_outputs(p, u, indices)
+    n = F.layer_norm(h, (d,), None, None, eps)
+    token_confidence = torch.sigmoid((n * p["moe.confidence.w"][indices]).sum(dim=-1)
+                                     + p["moe.confidence.b"][indices])
+    if cfg.confidence_mode == "expert_mean":
+        routed = F.one_hot(indices, E).to(u.dtype)                          # [rows, k, E]
+        sums = (routed * token_confidence[..., None]).sum(dim=(0, 1))
+        counts = routed.sum(dim=(0, 1)).clamp(min=1.0)                      # unused experts: not indexed
+        confidence = (sums / counts)[indices]
+    else:
+        confidence = token_confidence
+    y = F.layer_norm(u + (confidence[..., None] * h).sum(dim=1), (d,),
+                     p["moe.confidence.norm.weight"], p["moe.confidence.norm.bias"], eps)
+    probe_input = frozen["probe_input"] if frozen else h.detach()           # no probe gradient into h
+    probe_logits = (p["moe.probe.weight"][indices] @ probe_input[..., None]).squeeze(-1) + p["moe.probe.bias"][indices]
+    log_p = probe_logits.log_softmax(dim=-1).gather(-1, labels[:, None, None].expand(-1, indices.shape[1], 1))
+    log_p = log_p.squeeze(-1)                                               # [rows, k]: log p_s[label]
+    target = frozen["target"] if frozen else log_p.exp().detach()           # no gradient through the target
+    if frozen is not None and not frozen:
+        frozen.update(probe_input=probe_input.detach().clone(), target=target.clone())
+    confidence_loss = ((confidence - target) ** 2).mean()
+    return y, confidence_loss, -log_p.mean()
+
+
+def forward(cfg, p, batch, frozen=None):
     """The model on a batch: (outputs, ranking), outputs the named tensors of the output file
-    except the gradients, ranking [M, B * patches, min(k + 1, E)] each chunk's experts, best first."""
+    except the gradients, ranking [M, B * patches, min(k + 1, E)] each chunk's experts, best first
+    (by noisy logit, or by clean logit with gate "confidence"; the first k are the routing).
+    frozen: confidence_combine's (the finite differences' record of the detached terms)."""
     B, P, d = batch.observed.shape[0], cfg.patches, cfg.dim
     tokens = embed(cfg, p, batch)
     x = attention(cfg, p, tokens, batch.dropout_attention)
     row_combination = batch.combination.repeat_interleave(P)
     chunks, gate_losses, rankings = [], [], []
-    for m in range(cfg.modalities):
-        t = x[:, m * P:(m + 1) * P].reshape(B * P, d)
-        u = F.layer_norm(t, (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
-        noise = None if batch.gate_noise is None else batch.gate_noise[m]
-        y, gate_loss, ranking = smoe(cfg, p, u, row_combination, noise)
-        mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
-        chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
-        gate_losses.append(gate_loss)
-        rankings.append(ranking)
+    if cfg.gate == "noisy":
+        for m in range(cfg.modalities):
+            t = x[:, m * P:(m + 1) * P].reshape(B * P, d)
+            u = F.layer_norm(t, (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
+            noise = None if batch.gate_noise is None else batch.gate_noise[m]
+            y, gate_loss, ranking = smoe(cfg, p, u, row_combination, noise)
+            mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
+            chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
+            gate_losses.append(gate_loss)
+            rankings.append(ranking)
+    else:
+        # ConfSMoE: every chunk routed by its clean logits, then combined together (rows m * B * P +
+        # b * P + p, the C model's one layer call over all chunks).
+        ts, us = [], []
+        for m in range(cfg.modalities):
+            ts.append(x[:, m * P:(m + 1) * P].reshape(B * P, d))
+            us.append(F.layer_norm(ts[-1], (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps))
+            clean = us[-1] @ p["moe.gate.weight"]
+            rankings.append(clean.topk(min(cfg.top_k + 1, cfg.experts), dim=1)[1])
+            gate_losses.append(router_cross_entropy(clean, row_combination))
+        ys, confidence_loss, probe_loss = confidence_combine(
+            cfg, p, torch.cat(us), torch.cat([r[:, :cfg.top_k] for r in rankings]),
+            batch.labels.repeat_interleave(P).repeat(cfg.modalities), frozen)
+        for m, (t, y) in enumerate(zip(ts, ys.split(B * P))):
+            mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
+            chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
     moe = torch.cat(chunks, dim=1)
     pooled = moe.view(B, cfg.modalities, P, d).mean(dim=2).reshape(B, cfg.modalities * d)
     logits = pooled @ p["head.weight"] + p["head.bias"]
     task_loss = F.cross_entropy(logits, batch.labels, weight=batch.class_weights)
     gate_loss = sum(gate_losses)
     ranking = torch.stack(rankings)
+    loss = task_loss + cfg.gate_loss_weight * gate_loss
+    if cfg.gate == "confidence":
+        loss = loss + confidence_loss + probe_loss
+    else:
+        confidence_loss = probe_loss = torch.zeros((), dtype=logits.dtype)
     outputs = {
-        "out.logits": logits, "out.loss": task_loss + cfg.gate_loss_weight * gate_loss,
+        "out.logits": logits, "out.loss": loss,
         "out.task_loss": task_loss, "out.gate_loss": gate_loss,
+        "out.confidence_loss": confidence_loss, "out.probe_loss": probe_loss,
         "act.tokens": tokens, "act.attention": x, "act.moe": moe, "act.pooled": pooled,
         "out.indices": ranking[..., :cfg.top_k].int(),
     }
@@ -524,6 +671,14 @@ def run(in_path, out_path, dtype):
 SELFTEST_CONFIG = {"modalities": 3, "features": [5, 20, 33], "patches": 16, "dim": 16, "heads": 4,
                    "experts": 4, "top_k": 2, "hidden": 32, "classes": 3, "gate_loss_weight": 0.01,
                    "attention_residual": True, "noise_epsilon": 0.01, "layernorm_eps": 1e-5}
+# ConfSMoE's variants checked by finite differences, each against the model its options name.
+CONFIDENCE_CONFIGS = {
+    "confidence gate, token, zero imputation":
+        dict(SELFTEST_CONFIG, gate="confidence", confidence_mode="token", imputation="zero"),
+    "confidence gate, expert_mean, bank":
+        dict(SELFTEST_CONFIG, gate="confidence", confidence_mode="expert_mean", imputation="bank",
+             gate_loss_weight=0.3),
+}
 # One full sample, two with one modality missing, two with one observed (combinations 0, 2, 5, 6, 1).
 SELFTEST_OBSERVED = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]]
 FD_STEP = 1e-6
@@ -533,22 +688,29 @@ SELFTEST_DROPOUT = 0.5   # the rate p of the selftest's dropout masks
 # Scaled by 1/sqrt(fan-in) in the selftest's problem (the others are N(0, 0.25)).
 DENSE_WEIGHTS = ("attention.q.weight", "attention.kv.weight", "attention.out.weight", "moe.gate.weight",
                  "moe.noise.weight", "moe.w1", "moe.w2", "head.weight")
+# Likewise, their fan-in in their last dimension ([out, in] or [E, out, in] layouts).
+DENSE_WEIGHTS_OUT_IN = ("moe.confidence.w", "moe.probe.weight")
 
 
-def selftest_problem(generator, training, dropout=False):
-    """Random F32 parameters and a batch of SELFTEST_CONFIG as name -> tensor: NaN features where a
-    modality is missing, class weights, the combination indices, when training gate noise and, with
-    dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
-    cfg = parse_config({"config": json.dumps(SELFTEST_CONFIG)})
+def selftest_problem(generator, training, dropout=False, config=None):
+    """Random F32 parameters and a batch of config (default SELFTEST_CONFIG) as name -> tensor: NaN
+    features where a modality is missing, class weights, the combination indices, when training gate
+    noise and, with dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
+    cfg = parse_config({"config": json.dumps(config or SELFTEST_CONFIG)})
 
     def normal(*shape, scale=1.0):
         return torch.randn(shape, generator=generator) * scale
 
     tensors = {name: normal(*shape, scale=0.5) for name, shape in parameter_shapes(cfg).items()}
     for name in DENSE_WEIGHTS:
-        tensors[name] *= 2.0 * tensors[name].shape[-2] ** -0.5
-    for name in ("attention.norm.weight", "moe.norm.weight"):
-        tensors[name] += 1.0
+        if name in tensors:
+            tensors[name] *= 2.0 * tensors[name].shape[-2] ** -0.5
+    for name in DENSE_WEIGHTS_OUT_IN:
+        if name in tensors:
+            tensors[name] *= 2.0 * tensors[name].shape[-1] ** -0.5
+    for name in ("attention.norm.weight", "moe.norm.weight", "moe.confidence.norm.weight"):
+        if name in tensors:
+            tensors[name] += 1.0
     observed = torch.tensor(SELFTEST_OBSERVED, dtype=torch.int32)
     B = observed.shape[0]
     for m, width in enumerate(cfg.features):
@@ -639,6 +801,7 @@ def check_output_file(cfg, tensors, dtype):
     """Every output name with its shape and dtype, all finite (the missing rows hold NaN)."""
     B, M, P, d, k = len(SELFTEST_OBSERVED), cfg.modalities, cfg.patches, cfg.dim, cfg.top_k
     expected = {"out.logits": (B, cfg.classes), "out.loss": (), "out.task_loss": (), "out.gate_loss": (),
+                "out.confidence_loss": (), "out.probe_loss": (),
                 "act.tokens": (B, M * P, d), "act.attention": (B, M * P, d), "act.moe": (B, M * P, d),
                 "act.pooled": (B, M * d), "out.indices": (M, B * P, k)}
     expected.update({"grad." + name: shape for name, shape in parameter_shapes(cfg).items()})
@@ -660,10 +823,13 @@ def finite_difference_check(in_path, outputs, generator):
     """Central differences of the loss for FD_ENTRIES entries of every parameter (its largest
     gradient among them) against the written gradients, within FD_TOLERANCE of each tensor's
     largest gradient; perturbations that change any chunk's top-(k+1) ranking (a kink of the loss)
-    are skipped, and every parameter must keep at least one entry."""
+    are skipped, and every parameter must keep at least one entry. The confidence gate's detached
+    terms (the probe's input, the targets) are held at their unperturbed values, as backward
+    treats them as constants."""
     cfg, _, params, batch = load_problem(in_path, torch.float64)
     with torch.no_grad():
-        base_ranking = forward(cfg, params, batch)[1]
+        frozen = {}
+        base_ranking = forward(cfg, params, batch, frozen)[1]
         failures, checked, skipped, worst = [], 0, 0, 0.0
         for name, param in params.items():
             gradient = outputs["grad." + name].flatten()
@@ -676,7 +842,7 @@ def finite_difference_check(in_path, outputs, generator):
                 losses = []
                 for step in (FD_STEP, -FD_STEP):
                     flat[entry] = original + step
-                    result, ranking = forward(cfg, params, batch)
+                    result, ranking = forward(cfg, params, batch, frozen)
                     losses.append(result["out.loss"].item() if torch.equal(ranking, base_ranking) else None)
                 flat[entry] = original
                 if None in losses:
@@ -694,15 +860,16 @@ def finite_difference_check(in_path, outputs, generator):
     return failures, checked, skipped, worst
 
 
-def check_model(tmp, generator, training, dropout=False):
-    """The CLI on a random problem (with dropout masks when dropout) in float64 (output names,
-    shapes, finiteness, finite differences of every parameter) and in float32 (close to float64,
-    same routing)."""
-    mode = ("training" if training else "inference") + ".dropout" * dropout
+def check_model(tmp, generator, training, dropout=False, config=None):
+    """The CLI on a random problem of config (default SELFTEST_CONFIG; with dropout masks when
+    dropout) in float64 (output names, shapes, finiteness, finite differences of every parameter)
+    and in float32 (close to float64, same routing)."""
+    config = config or SELFTEST_CONFIG
+    cfg = parse_config({"config": json.dumps(config)})
+    mode = (f"{cfg.gate}.{cfg.confidence_mode}.{cfg.imputation}." + ("training" if training else "inference")
+            + ".dropout" * dropout)
     in_path, out64, out32 = (os.path.join(tmp, f"{mode}.{n}.safetensors") for n in ("in", "f64", "f32"))
-    write_safetensors(in_path, selftest_problem(generator, training, dropout),
-                      {"config": json.dumps(SELFTEST_CONFIG)})
-    cfg = parse_config({"config": json.dumps(SELFTEST_CONFIG)})
+    write_safetensors(in_path, selftest_problem(generator, training, dropout, config), {"config": json.dumps(config)})
     start = time.perf_counter()
     status, stderr = call_main([in_path, out64])
     elapsed = time.perf_counter() - start
@@ -710,11 +877,20 @@ def check_model(tmp, generator, training, dropout=False):
         return [f"exit status {status}: {stderr.strip()}"], ""
     outputs, metadata = read_safetensors(out64)
     failures = check_output_file(cfg, outputs, torch.float64)
-    if metadata != {"config": json.dumps(SELFTEST_CONFIG), "dtype": "F64"}:
+    if metadata != {"config": json.dumps(config), "dtype": "F64"}:
         failures.append(f"metadata {metadata}")
-    noise_gradient = outputs["grad.moe.noise.weight"].abs().max().item()
-    if (noise_gradient > 0) != training:
-        failures.append(f"grad.moe.noise.weight has largest entry {noise_gradient:.3g} in {mode}")
+    if cfg.gate == "noisy":
+        noise_gradient = outputs["grad.moe.noise.weight"].abs().max().item()
+        if (noise_gradient > 0) != training:
+            failures.append(f"grad.moe.noise.weight has largest entry {noise_gradient:.3g} in {mode}")
+        if outputs["out.confidence_loss"].item() != 0 or outputs["out.probe_loss"].item() != 0:
+            failures.append("the noisy gate has a confidence or a probe loss")
+    else:
+        terms = [outputs[n].item() for n in ("out.task_loss", "out.gate_loss", "out.confidence_loss", "out.probe_loss")]
+        total = terms[0] + cfg.gate_loss_weight * terms[1] + terms[2] + terms[3]
+        if not (terms[2] > 0 and terms[3] > 0) or abs(outputs["out.loss"].item() - total) > 1e-12 * abs(total):
+            failures.append(f"out.loss {outputs['out.loss'].item()} is not task + gate_loss_weight * gate + "
+                            f"confidence + probe, each > 0, of {terms}")
     start_fd = time.perf_counter()
     fd_failures, checked, skipped, worst = finite_difference_check(in_path, outputs, generator)
     fd_elapsed = time.perf_counter() - start_fd
@@ -728,7 +904,10 @@ def check_model(tmp, generator, training, dropout=False):
         failures += [f"--float32: {f}" for f in check_output_file(cfg, single, torch.float32)]
         if not torch.equal(single["out.indices"], outputs["out.indices"]):
             failures.append("--float32: routing differs from float64")
-        for name in ("out.loss", "out.logits", "act.moe", "grad.moe.w1"):
+        compared = ("out.loss", "out.logits", "act.moe", "grad.moe.w1")
+        if cfg.gate == "confidence":
+            compared += ("out.confidence_loss", "out.probe_loss", "grad.moe.confidence.w", "grad.moe.probe.weight")
+        for name in compared:
             difference = (single[name].double() - outputs[name]).abs().max() / outputs[name].abs().max()
             if difference > 1e-4:
                 failures.append(f"--float32: '{name}' differs from float64 by {difference:.3g} of its largest entry")
@@ -799,27 +978,156 @@ def check_dropout(tmp, generator):
                       "act.attention and act.moe, with and without attention_residual")
 
 
-def check_errors(tmp, generator):
-    """Malformed inputs: exit status 1 and a message naming the tensor."""
-    cases = {
-        "moe.w2": lambda t: t.pop("moe.w2"),
-        "position": lambda t: t.update(position=torch.zeros(t["position"].shape[0], t["position"].shape[1] + 1)),
-        "input.observed": lambda t: t["input.observed"][2].zero_(),
-        "input.combination": lambda t: t["input.combination"][1:2].add_(1),
-        "input.dropout.moe": lambda t: t.update({"input.dropout.moe": t["input.dropout.moe"][..., 1:]}),
-        "input.dropout.attention": lambda t: t["input.dropout.attention"][1, 2, 3].fill_(math.inf),
-    }
+def confidence_by_slots(cfg, p, x, batch):
+    """ConfSMoE's SMoE output act.moe [B, M * patches, d], its gate, confidence and probe losses
+    from the attention's output x, one token and one slot at a time with the formulas written out:
+    an independent reading of the documentation against forward's batched one."""
+    B, M, P, E, k, eps = batch.observed.shape[0], cfg.modalities, cfg.patches, cfg.experts, cfg.top_k, cfg.layernorm_eps
+
+    def normalise(v):
+        return (v - v.mean()) / torch.sqrt(((v - v.mean()) ** 2).mean() + eps)
+
+    slots, residuals, gate_loss = [], [], 0.0  # slots: (chunk, row, expert, h, token confidence, label)
+    for m in range(M):
+        cross_entropy, missing = 0.0, 0
+        for row in range(B * P):
+            b = row // P
+            u = normalise(x[b, m * P + row % P]) * p["moe.norm.weight"] + p["moe.norm.bias"]
+            logits = u @ p["moe.gate.weight"]
+            if batch.combination[b] > 0:
+                target = batch.combination[b].item() % E
+                cross_entropy += torch.log(torch.exp(logits - logits.max()).sum()) + logits.max() - logits[target]
+                missing += 1
+            residuals.append(u)
+            for e in sorted(range(E), key=lambda e: -logits[e].item())[:k]:
+                h = F.gelu(u @ p["moe.w1"][e] + p["moe.b1"][e]) @ p["moe.w2"][e] + p["moe.b2"][e]
+                z = p["moe.confidence.w"][e] @ normalise(h) + p["moe.confidence.b"][e]
+                slots.append((m, row, e, h, 1.0 / (1.0 + torch.exp(-z)), batch.labels[b].item()))
+        gate_loss += cross_entropy / missing if missing else 0.0
+    if cfg.confidence_mode == "expert_mean":
+        means = {e: torch.stack([s[4] for s in slots if s[2] == e]).mean() for e in {s[2] for s in slots}}
+        confidences = [means[s[2]] for s in slots]
+    else:
+        confidences = [s[4] for s in slots]
+    sums = [residual.clone() for residual in residuals]
+    confidence_loss = probe_loss = 0.0
+    for (m, row, e, h, _, label), c in zip(slots, confidences):
+        sums[m * B * P + row] += c * h
+        logits = p["moe.probe.weight"][e] @ h + p["moe.probe.bias"][e]
+        probability = torch.exp(logits[label] - logits.max()) / torch.exp(logits - logits.max()).sum()
+        confidence_loss += (c - probability) ** 2 / len(slots)
+        probe_loss -= torch.log(probability) / len(slots)
+    moe = x.clone()
+    for m in range(M):
+        for row in range(B * P):
+            y = (normalise(sums[m * B * P + row]) * p["moe.confidence.norm.weight"] + p["moe.confidence.norm.bias"])
+            if batch.dropout_moe is not None:
+                y = batch.dropout_moe[m, row] * y
+            moe[row // P, m * P + row % P] += y
+    return moe, gate_loss, confidence_loss, probe_loss
+
+
+def check_confidence(tmp, generator):
+    """For each of CONFIDENCE_CONFIGS: the CLI's act.moe, gate, confidence and probe losses against
+    confidence_by_slots; grad.moe.gate.weight equal to gate_loss_weight times the gradient of the
+    S-Router term alone (recomputed from act.attention), and exactly zero with gate_loss_weight 0 or
+    when every sample has every modality; input.gate_noise changes nothing."""
     failures = []
-    for name, corrupt in cases.items():
-        tensors = selftest_problem(generator, training=True, dropout=True)
-        corrupt(tensors)
+    for label, config in CONFIDENCE_CONFIGS.items():
+        cfg = parse_config({"config": json.dumps(config)})
+        P, d = cfg.patches, cfg.dim
+        tensors = selftest_problem(generator, training=True, dropout=True, config=config)
+        outputs, failure = cli_outputs(tmp, tensors, config)
+        if failure:
+            failures.append(f"{label}: {failure}")
+            continue
+        in_path = os.path.join(tmp, "cli.in.safetensors")
+        _, _, params, batch = load_problem(in_path, torch.float64)
+        with torch.no_grad():
+            got = confidence_by_slots(cfg, params, outputs["act.attention"], batch)
+        for name, value in zip(("act.moe", "out.gate_loss", "out.confidence_loss", "out.probe_loss"), got):
+            error = (outputs[name] - value).abs().max().item() / value.abs().max().item()
+            if error > 1e-12:
+                failures.append(f"{label}: '{name}' differs from the per-slot computation by {error:.3g}")
+
+        weight = params["moe.gate.weight"].clone().requires_grad_(True)
+        combination = batch.combination.repeat_interleave(P)
+        term = 0.0
+        for m in range(cfg.modalities):
+            t = outputs["act.attention"][:, m * P:(m + 1) * P].reshape(-1, d)
+            u = F.layer_norm(t, (d,), params["moe.norm.weight"], params["moe.norm.bias"], cfg.layernorm_eps)
+            term = term + router_cross_entropy(u @ weight, combination)
+        (expected,) = torch.autograd.grad(cfg.gate_loss_weight * term, weight)
+        error = (outputs["grad.moe.gate.weight"] - expected).abs().max().item()
+        if not expected.abs().max().item() > 0 or error > 1e-12 * expected.abs().max().item():
+            failures.append(f"{label}: grad.moe.gate.weight is off gate_loss_weight * the S-Router term's "
+                            f"gradient by {error:.3g} (largest {expected.abs().max().item():.3g})")
+
+        complete = dict(tensors, **{"input.observed": torch.ones_like(tensors["input.observed"]),
+                                    "input.combination": torch.zeros_like(tensors["input.combination"])})
+        for m in range(cfg.modalities):
+            features = tensors[f"input.features.{m}"]
+            complete[f"input.features.{m}"] = torch.where(features.isnan(), torch.ones_like(features), features)
+        if "bank" in complete:
+            complete.pop("bank")  # no sample needs it: imputation "zero" on the same problem
+        variants = {"gate_loss_weight 0": (tensors, dict(config, gate_loss_weight=0.0)),
+                    "every modality observed": (complete, dict(config, imputation="zero"))}
+        for name, (inputs, variant) in variants.items():
+            result, failure = cli_outputs(tmp, inputs, variant)
+            if failure:
+                failures.append(f"{label}, {name}: {failure}")
+            elif result["grad.moe.gate.weight"].abs().max().item() != 0 or not result["grad.moe.w1"].abs().max() > 0:
+                failures.append(f"{label}, {name}: grad.moe.gate.weight is not exactly 0 (or grad.moe.w1 is)")
+
+        result, failure = cli_outputs(tmp, {n: t for n, t in tensors.items() if n != "input.gate_noise"}, config)
+        if failure or any(not torch.equal(result[n], outputs[n]) for n in outputs):
+            failures.append(f"{label}: input.gate_noise changes the outputs {failure or ''}")
+    return failures, ("act.moe and the losses as computed slot by slot, the router's gradient is "
+                      "gate_loss_weight * the S-Router term's (0 with weight 0 or no missing modality), "
+                      "gate noise ignored")
+
+
+def check_errors(tmp, generator):
+    """Malformed inputs: exit status 1 and a message naming the tensor or the config key."""
+    confidence = dict(SELFTEST_CONFIG, gate="confidence")
+    cases = [  # (name in the message, config, corruption of its problem)
+        ("moe.w2", SELFTEST_CONFIG, lambda t: t.pop("moe.w2")),
+        ("position", SELFTEST_CONFIG,
+         lambda t: t.update(position=torch.zeros(t["position"].shape[0], t["position"].shape[1] + 1))),
+        ("input.observed", SELFTEST_CONFIG, lambda t: t["input.observed"][2].zero_()),
+        ("input.combination", SELFTEST_CONFIG, lambda t: t["input.combination"][1:2].add_(1)),
+        ("input.dropout.moe", SELFTEST_CONFIG,
+         lambda t: t.update({"input.dropout.moe": t["input.dropout.moe"][..., 1:]})),
+        ("input.dropout.attention", SELFTEST_CONFIG, lambda t: t["input.dropout.attention"][1, 2, 3].fill_(math.inf)),
+        ("moe.noise.weight", confidence, lambda t: t.update({"moe.noise.weight": torch.zeros(16, 4)})),
+        ("moe.probe.weight", confidence, lambda t: t.pop("moe.probe.weight")),
+        ("moe.probe.weight", confidence, lambda t: t.update({"moe.probe.weight": torch.zeros(4, 16, 3)})),
+        ("moe.confidence.w", SELFTEST_CONFIG, lambda t: t.update({"moe.confidence.w": torch.zeros(4, 16)})),
+        ("bank", dict(SELFTEST_CONFIG, imputation="zero"), lambda t: t.update(bank=torch.zeros(7, 3, 16, 16))),
+        ("bank", SELFTEST_CONFIG, lambda t: t.pop("bank")),
+        ("gate", dict(SELFTEST_CONFIG, gate="softmax"), None),
+        ("gate", dict(SELFTEST_CONFIG, gate=1), None),
+        ("confidence_mode", dict(confidence, confidence_mode="mean"), None),
+        ("confidence_mode", dict(SELFTEST_CONFIG, confidence_mode="expert_mean"), None),
+        ("imputation", dict(SELFTEST_CONFIG, imputation="mean"), None),
+        ("imputation", dict(SELFTEST_CONFIG, imputation=None), None),
+    ]
+    failures = []
+    for name, config, corrupt in cases:
+        try:
+            tensors = selftest_problem(generator, training=True, dropout=True, config=config)
+        except InputError:  # an invalid config: the problem of the default gate and imputation
+            tensors = selftest_problem(generator, training=True, dropout=True)
+        if corrupt:
+            corrupt(tensors)
         path = os.path.join(tmp, "bad.safetensors")
-        write_safetensors(path, tensors, {"config": json.dumps(SELFTEST_CONFIG)})
+        write_safetensors(path, tensors, {"config": json.dumps(config)})
         status, stderr = call_main([path, os.path.join(tmp, "bad.out.safetensors")])
         if status != 1 or f"'{name}'" not in stderr:
             failures.append(f"bad '{name}': exit status {status}, message {stderr.strip()!r}")
     return failures, ("missing tensor, wrong shape (a parameter, a dropout mask), no observed modality, wrong "
-                      "combination, infinite dropout factor: status 1, tensor named")
+                      "combination, infinite dropout factor, a parameter of another gate or imputation or "
+                      "one missing, an unknown gate, confidence_mode or imputation: status 1, tensor or key named")
 
 
 def selftest(seed):
@@ -834,6 +1142,10 @@ def selftest(seed):
         results.append(("inference gate",) + check_model(tmp, generator, training=False))
         results.append(("training gate, dropout",) + check_model(tmp, generator, training=True, dropout=True))
         results.append(("dropout masks",) + check_dropout(tmp, generator))
+        for label, config in CONFIDENCE_CONFIGS.items():
+            results.append((label + ", training, dropout",)
+                           + check_model(tmp, generator, training=True, dropout=True, config=config))
+        results.append(("confidence gate",) + check_confidence(tmp, generator))
         results.append(("errors",) + check_errors(tmp, generator))
     failed = [name for name, failures, _ in results if failures]
     for name, failures, detail in results:

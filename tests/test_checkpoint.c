@@ -413,6 +413,18 @@ int main(void) {
              "a fresh model's checkpoint");
     fm_model_destroy(&loaded);
     fm_model_destroy(&a);
+    { /* ConfSMoE's gate with zero imputation: other tensors (no bank, no noise weight, the probes) */
+        fm_model_desc d = small_desc();
+        d.gate = FM_GATE_CONFIDENCE, d.confidence = FM_CONF_EXPERT_MEAN, d.imputation = FM_IMPUTE_ZERO;
+        FM_CHECK(fm_model_create(&d, 8, &a) == FM_OK && fm_model_init(&a, 6) == FM_OK && !fm_model_tensor(&a, "bank") &&
+                     fm_model_tensor(&a, "moe.probe.weight") && fm_model_save(&a, good) == FM_OK &&
+                     fm_model_load(good, 8, &loaded) == FM_OK && same_model(&a, &loaded) &&
+                     loaded.config.gate == FM_GATE_CONFIDENCE && loaded.config.confidence == FM_CONF_EXPERT_MEAN &&
+                     loaded.config.imputation == FM_IMPUTE_ZERO,
+                 "a ConfSMoE model's checkpoint: %s", last_message);
+        fm_model_destroy(&loaded);
+        fm_model_destroy(&a);
+    }
     make_model(&a, 1);
     FM_CHECK(fm_model_save(&a, "/nonexistent/dir/x.safetensors") == FM_ERR_IO && strstr(last_message, "cannot create"),
              "saving into a missing directory: %s", last_message);

@@ -224,10 +224,11 @@ static int run_reference(const fm_model *model, const model_case *mc, const batc
     snprintf(config + used, sizeof config - used,
              "], \"patches\": %d, \"dim\": %d, \"heads\": %d, \"experts\": %d, \"top_k\": %d, \"hidden\": %d, "
              "\"classes\": %d, \"gate_loss_weight\": %.9g, \"attention_residual\": %s, \"noise_epsilon\": 0.01, "
-             "\"layernorm_eps\": %.9g}",
+             "\"layernorm_eps\": %.9g, \"gate\": \"%s\", \"confidence_mode\": \"%s\", \"imputation\": \"%s\"}",
              c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, c->classes,
              c->gate_loss_weight > 0 ? c->gate_loss_weight : 0.0, c->no_attention_residual ? "false" : "true",
-             c->layernorm_eps);
+             c->layernorm_eps, c->gate == FM_GATE_CONFIDENCE ? "confidence" : "noisy",
+             c->confidence == FM_CONF_EXPERT_MEAN ? "expert_mean" : "token", c->imputation == FM_IMPUTE_ZERO ? "zero" : "bank");
     for (i = 0; i < model->tensor_count; i++) {
         const fm_tensor_info *t = &model->tensors[i];
         st_tensor *s = &tensors[count++];
@@ -318,9 +319,9 @@ static void compare_case(const model_case *mc, fm_isa isa) {
         free(want);
     }
     {
-        const char *names[3] = {"out.loss", "out.task_loss", "out.gate_loss"};
-        const float got[3] = {losses.loss, losses.task, losses.gate};
-        for (i = 0; i < 3; i++) {
+        const char *names[5] = {"out.loss", "out.task_loss", "out.gate_loss", "out.confidence_loss", "out.probe_loss"};
+        const float got[5] = {losses.loss, losses.task, losses.gate, losses.confidence, losses.probe};
+        for (i = 0; i < 5; i++) {
             want = st_get(&ref, names[i], &n);
             FM_CHECK(want && n == 1, "%s: %s missing", mc->name, names[i]);
             if (want) {
@@ -595,7 +596,7 @@ static void check_adam(void) {
 int main(void) {
     fm_isa isas[FM_ISA_COUNT];
     int n, i, c;
-    model_case cases[5];
+    model_case cases[7];
     const char *given = getenv("FLEXMOE_TEST_SEED");
     fm_test_rng_state = given ? strtoull(given, NULL, 0) : 20261201u;
     printf("test_model: seed %llu (FLEXMOE_TEST_SEED changes it)\n", (unsigned long long)fm_test_rng_state);
@@ -623,11 +624,19 @@ int main(void) {
     cases[4].desc.modalities = 8, cases[4].desc.classes = 4, cases[4].desc.dim = 16, cases[4].desc.experts = 4;
     cases[4].desc.top_k = 2, cases[4].desc.dropout = -1;
     for (i = 0; i < 8; i++) cases[4].desc.features[i] = 3 + 5 * i;
+    /* ConfSMoE's gate: per-token confidence with zero imputation and dropout, and the experts' mean
+     * confidence with the bank and a larger weight on the S-Router term */
+    cases[5] = cases[3];
+    cases[5].name = "M3-d16-E4-confidence-token-zero", cases[5].desc.gate = FM_GATE_CONFIDENCE;
+    cases[5].desc.imputation = FM_IMPUTE_ZERO;
+    cases[6] = cases[0];
+    cases[6].name = "M3-d16-E4-confidence-expert-mean", cases[6].desc.gate = FM_GATE_CONFIDENCE;
+    cases[6].desc.confidence = FM_CONF_EXPERT_MEAN, cases[6].desc.gate_loss_weight = 0.3f;
     check_combinations();
     check_model_api();
     check_adam();
     n = fm_test_isas(isas);
-    for (c = 0; c < 5; c++)
+    for (c = 0; c < 7; c++)
         for (i = 0; i < n; i++) {
             const uint64_t state = fm_test_rng_state;
             compare_case(&cases[c], isas[i]);
