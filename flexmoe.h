@@ -1087,6 +1087,25 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *dataset, const int32
 /* Copies model->best into the parameters (nothing when no epoch has been evaluated yet). */
 fm_status fm_model_restore_best(fm_model *model);
 
+/* Expert-collapse diagnostics: where the model's SMoE sends the tokens of count rows of a
+ * dataset (the training rows: an epoch's worth), every chunk's tokens counted, with the
+ * inference routing (the top k of the clean logits, no noise). Works for either gate. */
+typedef struct fm_routing_report {
+    int64_t assignments;        /* token-expert assignments counted: count * M * patches * top_k */
+    float load_cv;              /* std / mean of the experts' assignment counts: 0 when even */
+    float entropy;              /* of the experts' shares of the assignments, in nats */
+    float normalized_entropy;   /* entropy / ln(experts): 1 when even, 0 when one expert takes all */
+    /* Optional outputs, the caller's (NULL: not written): */
+    float *load;                /* experts: each expert's share of the assignments (they sum to 1) */
+    float *share;               /* (2^M - 1) x experts, combinations in Flex-MoE's order: each
+                                   expert's share of that combination's assignments (a row sums to
+                                   1; zero for a combination none of the rows has) */
+    int64_t *combination_tokens; /* 2^M - 1: the tokens counted of each combination */
+} fm_routing_report;
+
+fm_status fm_model_routing(fm_model *model, const fm_dataset *dataset, const int32_t *rows, int count,
+                           fm_routing_report *report);
+
 /* ==== 12. Checkpoints ====================================================================== */
 
 /* A checkpoint is a safetensors file, the format PyTorch and numpy users open directly
@@ -4234,6 +4253,7 @@ struct fm__model_state {
     float *chunk_in, *chunk_ln, *mean2, *rstd2, *chunk_out, *x2, *pooled, *logits_probs;
     float *patches[FLEXMOE_MODEL_MAX_MODALITIES];
     int32_t *combination, *token_combination, *token_group, *token_label;
+    int32_t *expert_indices; /* each token's top_k experts in the last forward (fm_model_routing) */
     unsigned char *moe_saved, *moe_workspace;
     uint8_t *keep_attention, *keep_moe; /* the dropout masks of the last training forward */
     float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits;
@@ -4394,6 +4414,7 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->token_combination, R, int32_t);
     FM__TAKE(s->token_group, R, int32_t);
     FM__TAKE(s->token_label, R, int32_t);
+    FM__TAKE(s->expert_indices, R * c->top_k, int32_t);
     FM__TAKE(s->moe_saved, s->moe_sizes.saved_bytes, unsigned char);
     FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
     FM__TAKE(s->keep_attention, R * d, uint8_t);
@@ -4819,6 +4840,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         const size_t chunk_rows = (size_t)S * P;
         fm_moe_stats stats;
         memset(&stats, 0, sizeof stats);
+        stats.indices = s->expert_indices;
         for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
                 memcpy(s->chunk_in + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d,
@@ -5496,6 +5518,61 @@ fm_status fm_model_restore_best(fm_model *model) {
     if (!model->params) return FM_ERR_INVALID_ARGUMENT;
     if (model->trained.best_epoch > 0) memcpy(model->params, model->best, model->param_floats * sizeof(float));
     return FM_OK;
+}
+
+fm_status fm_model_routing(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, fm_routing_report *report) {
+    fm__batch_buffers buffers;
+    int64_t *counts;
+    fm_status status;
+    int combos, E, K, i, c, e;
+    double total = 0.0, mean, variance = 0.0, entropy = 0.0;
+    if ((status = fm__check_model_data("fm_model_routing", model, ds, rows, count)) != FM_OK) return status;
+    if (!report) return FM_ERR_NULL_POINTER;
+    combos = fm_combination_count(model->config.modalities), E = model->config.experts, K = model->config.top_k;
+    if (!(counts = (int64_t *)fm_alloc((size_t)combos * E * sizeof(int64_t)))) return FM_ERR_OUT_OF_MEMORY;
+    if ((status = fm__alloc_batch_buffers(ds, model->max_samples, &buffers)) != FM_OK) {
+        fm_free(counts);
+        return status;
+    }
+    memset(counts, 0, (size_t)combos * E * sizeof(int64_t));
+    for (i = 0; status == FM_OK && i < count; i += model->max_samples) {
+        const int n = count - i < model->max_samples ? count - i : model->max_samples;
+        const int tokens = n * model->config.modalities * model->config.patches;
+        fm_model_batch b;
+        int t, j;
+        fm__gather_batch(ds, rows + i, n, &buffers, &b);
+        b.labels = NULL; /* routing only: no loss */
+        if ((status = fm_model_forward(model, &b, NULL, NULL)) != FM_OK) break;
+        for (t = 0; t < tokens; t++)
+            for (j = 0; j < K; j++)
+                counts[(size_t)model->state->token_combination[t] * E + model->state->expert_indices[(size_t)t * K + j]]++;
+    }
+    if (status == FM_OK) {
+        memset(report, 0, offsetof(fm_routing_report, load));
+        for (c = 0; c < combos; c++) {
+            int64_t row = 0;
+            for (e = 0; e < E; e++) row += counts[(size_t)c * E + e];
+            if (report->combination_tokens) report->combination_tokens[c] = row / K;
+            if (report->share)
+                for (e = 0; e < E; e++) report->share[(size_t)c * E + e] = row ? (float)((double)counts[(size_t)c * E + e] / row) : 0.0f;
+            total += (double)row;
+        }
+        mean = total / E;
+        for (e = 0; e < E; e++) {
+            double load = 0.0;
+            for (c = 0; c < combos; c++) load += (double)counts[(size_t)c * E + e];
+            variance += (load - mean) * (load - mean) / E;
+            if (load > 0.0) entropy -= load / total * log(load / total);
+            if (report->load) report->load[e] = (float)(load / total);
+        }
+        report->assignments = (int64_t)total;
+        report->load_cv = (float)(sqrt(variance) / mean);
+        report->entropy = (float)entropy;
+        report->normalized_entropy = E > 1 ? (float)(entropy / log((double)E)) : 1.0f;
+    }
+    fm_free(counts);
+    fm__free_batch_buffers(&buffers);
+    return status;
 }
 
 fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *train_rows, int train_count,

@@ -26,7 +26,7 @@
 typedef struct train_options {
     const char *data, *save, *resume, *eval, *export_problem;
     float missing_rate, lr;
-    int epochs, batch_size, warmup, json, seed_given;
+    int epochs, batch_size, warmup, json, seed_given, report_routing;
     fm_gate_kind gate;
     fm_conf_mode confidence;
     fm_imputation imputation;
@@ -54,6 +54,9 @@ static void usage(FILE *out) {
             "  --eval FILE         no training: the test metrics of the best weights in FILE\n"
             "  --export-problem FILE  no training: the prepared data, split and initial weights for\n"
             "                      scripts/train_reference.py (the PyTorch reference)\n"
+            "  --report-routing    where the trained model routes the training samples' tokens: each\n"
+            "                      expert's load, its CV and entropy, each combination's shares\n"
+            "                      (with --json: a \"routing\" object; scripts/routing_heatmap.py draws it)\n"
             "  --json              one machine-readable result line on stdout, no progress\n"
             "  --help              this text\n"
             "Threads: one for now; --threads arrives with the threaded kernels.\n");
@@ -82,6 +85,9 @@ static int parse_args(int argc, char **argv, train_options *o) {
             exit(0);
         } else if (strcmp(flag, "--json") == 0) {
             o->json = 1;
+            continue;
+        } else if (strcmp(flag, "--report-routing") == 0) {
+            o->report_routing = 1;
             continue;
         } else if (strcmp(flag, "--data") == 0 && value) {
             o->data = value;
@@ -256,6 +262,78 @@ static void report_combinations(fm_model *model, const fm_dataset *ds, const int
     free(subset);
 }
 
+/* ---- expert-collapse diagnostics ------------------------------------------------------------ */
+
+static void print_json_string(const char *s) {
+    putchar('"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') printf("\\%c", *s);
+        else if ((unsigned char)*s < 0x20) printf("\\u%04x", (unsigned char)*s);
+        else putchar(*s);
+    }
+    putchar('"');
+}
+
+
+/* The routing of the training rows: printed, or (json) a "routing" object inside the result line. */
+static int report_routing(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, int json) {
+    const int E = model->config.experts, combos = fm_combination_count(ds->views);
+    float *load = (float *)malloc((size_t)E * sizeof(float)), *share = (float *)malloc((size_t)combos * E * sizeof(float));
+    int64_t *tokens = (int64_t *)malloc((size_t)combos * sizeof(int64_t));
+    fm_routing_report r;
+    int c, e, v, first = 1, ok = 0;
+    memset(&r, 0, sizeof r);
+    r.load = load, r.share = share, r.combination_tokens = tokens;
+    if (load && share && tokens && fm_model_routing(model, ds, rows, count, &r) == FM_OK) {
+        ok = 1;
+        if (json) {
+            printf(", \"routing\": {\"rows\": %d, \"assignments\": %lld, \"experts\": %d, \"load_cv\": %.6f, \"entropy\": %.6f, "
+                   "\"normalized_entropy\": %.6f, \"load\": [", count, (long long)r.assignments, E, r.load_cv, r.entropy,
+                   r.normalized_entropy);
+            for (e = 0; e < E; e++) printf("%s%.6f", e ? ", " : "", load[e]);
+            printf("], \"combinations\": [");
+        } else {
+            printf("\nrouting of the %d training samples (inference): load CV %.3f, normalised entropy %.3f\n%-28s", count,
+                   r.load_cv, r.normalized_entropy, "expert");
+            for (e = 0; e < E; e++) printf(" %4d", e);
+            printf("\n%-28s", "load %");
+            for (e = 0; e < E; e++) printf(" %4.1f", 100.0 * load[e]);
+            printf("\n%-28s\n", "combination: share % per expert");
+        }
+        for (c = 0; c < combos; c++) {
+            const uint32_t mask = fm_combination_mask(ds->views, c);
+            char names[256] = "";
+            if (!tokens[c]) continue;
+            for (v = 0; v < ds->views; v++)
+                if (mask >> v & 1u) snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", *names ? "+" : "", ds->names[v]);
+            if (json) {
+                printf("%s", first ? "" : ", ");
+                print_json_string(names);
+            } else {
+                printf("%-28.28s", names);
+                for (e = 0; e < E; e++) printf(" %4.0f", 100.0 * share[(size_t)c * E + e]);
+                printf("\n");
+            }
+            first = 0;
+        }
+        if (json) {
+            printf("], \"combination_tokens\": [");
+            for (c = 0, first = 1; c < combos; c++)
+                if (tokens[c]) printf("%s%lld", first ? "" : ", ", (long long)tokens[c]), first = 0;
+            printf("], \"share\": [");
+            for (c = 0, first = 1; c < combos; c++) {
+                if (!tokens[c]) continue;
+                printf("%s[", first ? "" : ", "), first = 0;
+                for (e = 0; e < E; e++) printf("%s%.6f", e ? ", " : "", share[(size_t)c * E + e]);
+                printf("]");
+            }
+            printf("]}");
+        }
+    }
+    free(load), free(share), free(tokens);
+    return ok;
+}
+
 /* ---- the problem for the PyTorch reference -------------------------------------------------- */
 
 /* The prepared data (standardised, views dropped), the split and the model's initial weights,
@@ -324,15 +402,6 @@ done:
 
 /* ---- main ---------------------------------------------------------------------------------- */
 
-static void print_json_string(const char *s) {
-    putchar('"');
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\') printf("\\%c", *s);
-        else if ((unsigned char)*s < 0x20) printf("\\u%04x", (unsigned char)*s);
-        else putchar(*s);
-    }
-    putchar('"');
-}
 
 static const char *why(fm_status status) {
     return status == FM_ERR_INVALID_ARGUMENT || status == FM_ERR_BAD_FILE || status == FM_ERR_IO ? "the message above says why"
@@ -447,11 +516,16 @@ int main(int argc, char **argv) {
                model.config.imputation == FM_IMPUTE_ZERO ? "zero" : "bank");
         printf(", \"missing_rate\": %g, \"seed\": %llu, \"epochs\": %d, "
                "\"best_epoch\": %d, \"validation_accuracy\": %.6f, \"test_accuracy\": %.6f, \"test_macro_f1\": %.6f, "
-               "\"test_macro_auc\": %.6f, \"train_samples_per_second\": %.2f, \"seconds\": %.2f}\n",
+               "\"test_macro_auc\": %.6f, \"train_samples_per_second\": %.2f, \"seconds\": %.2f",
                (double)o.missing_rate, (unsigned long long)o.seed, result.epochs_run,
                result.best_epoch, result.best_validation.accuracy, test.accuracy, test.macro_f1, test.macro_auc,
                state.training_seconds > 0 ? (double)state.samples_trained / state.training_seconds : 0.0,
                now() - state.start);
+        if (o.report_routing && !report_routing(&model, &ds, order, train, 1)) {
+            fprintf(stderr, "flexmoe_train: cannot compute the routing report\n");
+            goto done;
+        }
+        printf("}\n");
     } else {
         printf("best epoch %d of %d (validation accuracy %.3f)%s%s\n\n", result.best_epoch, result.epochs_run,
                result.best_validation.accuracy, o.save ? "; checkpoint: " : "", o.save ? o.save : "");
@@ -461,6 +535,10 @@ int main(int argc, char **argv) {
             printf("training: %.0f samples/s over %lld samples, one thread\n", (double)state.samples_trained / state.training_seconds,
                    (long long)state.samples_trained);
         report_combinations(&model, &ds, order + train + validation, test_count);
+        if (o.report_routing && !report_routing(&model, &ds, order, train, 0)) {
+            fprintf(stderr, "flexmoe_train: cannot compute the routing report\n");
+            goto done;
+        }
     }
     exit_code = 0;
 done:

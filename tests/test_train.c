@@ -172,6 +172,46 @@ static void check_metrics(fm_model *model, const fm_dataset *ds, const int32_t *
     free(logits);
 }
 
+/* The routing report of a trained model: counts that add up, shares that are shares, the CV and
+ * entropy of its own load; then a router with zero weights, whose ties send every token to experts
+ * 0 and 1 (top-2 of 4): loads 1/2, 1/2, 0, 0, CV 1, normalised entropy ln 2 / ln 4 = 1/2. */
+static void check_routing(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count) {
+    const int E = model->config.experts, K = model->config.top_k, combos = fm_combination_count(VIEWS);
+    const int64_t tokens = (int64_t)count * VIEWS * model->config.patches;
+    float load[4], share[7 * 4], *gate = model->params + fm_model_tensor(model, "moe.gate.weight")->offset;
+    int64_t per_combination[7], sum_tokens = 0;
+    double sum = 0.0, mean, variance = 0.0, entropy = 0.0;
+    fm_routing_report r;
+    int c, e, rows_ok = 1;
+    fm_test_context = "routing";
+    memset(&r, 0, sizeof r);
+    r.load = load, r.share = share, r.combination_tokens = per_combination;
+    FM_CHECK(fm_model_routing(model, ds, rows, count, &r) == FM_OK, "fm_model_routing");
+    FM_CHECK(r.assignments == tokens * K, "%lld assignments, want %lld", (long long)r.assignments, (long long)(tokens * K));
+    for (c = 0; c < combos; c++) {
+        double row = 0.0;
+        for (e = 0; e < E; e++) row += share[c * E + e];
+        rows_ok &= per_combination[c] == 0 ? row == 0.0 : fabs(row - 1.0) < 1e-5;
+        sum_tokens += per_combination[c];
+    }
+    FM_CHECK(rows_ok && sum_tokens == tokens, "each combination's shares sum to 1 (%lld of %lld tokens)", (long long)sum_tokens,
+             (long long)tokens);
+    for (e = 0; e < E; e++) sum += load[e];
+    mean = sum / E;
+    for (e = 0; e < E; e++) {
+        variance += (load[e] - mean) * (load[e] - mean) / E;
+        if (load[e] > 0) entropy -= load[e] * log(load[e]);
+    }
+    FM_CHECK(fabs(sum - 1.0) < 1e-5 && fabs(r.load_cv - sqrt(variance) / mean) < 1e-4 && fabs(r.entropy - entropy) < 1e-4 &&
+                 fabs(r.normalized_entropy - entropy / log(E)) < 1e-4,
+             "loads sum %g, CV %g (%g), entropy %g (%g)", sum, r.load_cv, sqrt(variance) / mean, r.entropy, entropy);
+    memset(gate, 0, fm_model_tensor(model, "moe.gate.weight")->floats * sizeof(float));
+    FM_CHECK(fm_model_routing(model, ds, rows, count, &r) == FM_OK && load[0] == 0.5f && load[1] == 0.5f && load[2] == 0.0f &&
+                 load[3] == 0.0f && fabs(r.load_cv - 1.0) < 1e-6 && fabs(r.normalized_entropy - 0.5) < 1e-6,
+             "a zero router: loads %g %g %g %g, CV %g, normalised entropy %g", load[0], load[1], load[2], load[3], r.load_cv,
+             r.normalized_entropy);
+}
+
 int main(void) {
     fm_dataset ds;
     fm_model a, b;
@@ -202,6 +242,13 @@ int main(void) {
     FM_CHECK(after.accuracy >= 0.8f && after.accuracy > before.accuracy + 0.2f,
              "validation accuracy %.3f -> %.3f after 10 epochs", before.accuracy, after.accuracy);
     check_metrics(&a, &ds, order + train + validation, SAMPLES - train - validation);
+    {
+        fm_model copy;
+        FM_CHECK(fm_model_create(&desc, 16, &copy) == FM_OK, "a copy for the routing checks");
+        memcpy(copy.params, a.params, a.param_floats * sizeof(float));
+        check_routing(&copy, &ds, order, train);
+        fm_model_destroy(&copy);
+    }
     /* the same seed, the same weights */
     td.on_step = NULL, td.on_epoch = NULL;
     FM_CHECK(fm_model_train(&b, &ds, order, train, order + train, validation, &td, &result) == FM_OK, "train again");
