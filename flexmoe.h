@@ -836,7 +836,11 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
 /* What stands in for a missing modality's tokens. */
 typedef enum fm_imputation {
     FM_IMPUTE_BANK = 0, /* Flex-MoE's learned bank[combination][modality] */
-    FM_IMPUTE_ZERO      /* zero tokens (the position is still added): the baseline */
+    FM_IMPUTE_ZERO,     /* zero tokens (the position is still added): the baseline */
+    FM_IMPUTE_FEATURES  /* ConfSMoE's first stage: the batch carries imputed features for a missing
+                           modality (fm_dataset_impute: the mean of R observed training samples'),
+                           encoded like an observed modality's; the observed mask still marks it
+                           missing for the combination index and the gate loss */
 } fm_imputation;
 
 /* Zero is the reference's configuration, except the modalities, their features and the classes,
@@ -905,7 +909,8 @@ typedef struct fm_model_batch {
     int samples;                                       /* 1 .. max_samples */
     const float *features[FLEXMOE_MODEL_MAX_MODALITIES]; /* samples x features[m], rows packed; a
                                                           missing modality's row is not read (NULL
-                                                          when no sample has the modality) */
+                                                          when no sample has the modality), except
+                                                          with FM_IMPUTE_FEATURES: every row read */
     const uint8_t *observed;     /* samples x modalities, nonzero = observed; >= 1 per sample */
     const int32_t *labels;       /* samples, in [0, classes); NULL: no loss, no backward */
     const float *class_weights;  /* classes, finite and >= 0, not all zero; NULL: all 1 */
@@ -1026,6 +1031,13 @@ fm_status fm_dataset_standardize(fm_dataset *dataset, const int32_t *rows, int c
  * (a seeded stream of (seed, sample, view)), keeping at least one view per sample (the one the
  * stream ranks first among its observed views, when every one was drawn). */
 fm_status fm_dataset_drop_views(fm_dataset *dataset, float rate, uint64_t seed);
+
+/* ConfSMoE's first stage of imputation: each missing view of each sample gets the mean of `draws`
+ * rows drawn (with replacement, a seeded stream of (seed, sample, view, draw)) from the rows of
+ * pool (count indices, the training split) that observe that view; observed stays 0, so the model
+ * still knows the view is missing (it reads these values with FM_IMPUTE_FEATURES). A view that
+ * no pool row observes is FM_ERR_INVALID_ARGUMENT (its name in the message). */
+fm_status fm_dataset_impute(fm_dataset *dataset, const int32_t *pool, int count, int draws, uint64_t seed);
 
 /* A seeded shuffle split into train, validation and test: the first 70 %, the next 15 %, the
  * rest. order (samples indices) receives the shuffled samples; *train and *validation the sizes
@@ -4280,8 +4292,8 @@ static const char *fm__model_field_error(const fm_model_desc *d) {
         return "gate must be FM_GATE_NOISY_TOPK (0) or FM_GATE_CONFIDENCE";
     if (d->confidence != FM_CONF_TOKEN && d->confidence != FM_CONF_EXPERT_MEAN)
         return "confidence must be FM_CONF_TOKEN (0) or FM_CONF_EXPERT_MEAN";
-    if (d->imputation != FM_IMPUTE_BANK && d->imputation != FM_IMPUTE_ZERO)
-        return "imputation must be FM_IMPUTE_BANK (0) or FM_IMPUTE_ZERO";
+    if (d->imputation != FM_IMPUTE_BANK && d->imputation != FM_IMPUTE_ZERO && d->imputation != FM_IMPUTE_FEATURES)
+        return "imputation must be FM_IMPUTE_BANK (0), FM_IMPUTE_ZERO or FM_IMPUTE_FEATURES";
     return NULL;
 }
 
@@ -4618,14 +4630,15 @@ static fm_status fm__model_check_batch(const char *caller, const fm_model *model
     if (!b->observed) return FM_ERR_NULL_POINTER;
     for (s = 0; s < b->samples; s++) {
         int any = 0;
-        for (m = 0; m < c->modalities; m++)
-            if (b->observed[(size_t)s * c->modalities + m]) {
-                any = 1;
-                if (!b->features[m]) {
-                    fm__log(FM_LOG_ERROR, "%s: sample %d observes modality %d, whose features are NULL", caller, s, m);
-                    return FM_ERR_NULL_POINTER;
-                }
+        for (m = 0; m < c->modalities; m++) {
+            const int observed = b->observed[(size_t)s * c->modalities + m] != 0;
+            any |= observed;
+            if ((observed || c->imputation == FM_IMPUTE_FEATURES) && !b->features[m]) {
+                fm__log(FM_LOG_ERROR, "%s: sample %d %s modality %d, whose features are NULL", caller, s,
+                        observed ? "observes" : "needs the imputed features of", m);
+                return FM_ERR_NULL_POINTER;
             }
+        }
         if (!any) {
             fm__log(FM_LOG_ERROR, "%s: sample %d observes no modality", caller, s);
             return FM_ERR_INVALID_ARGUMENT;
@@ -4794,7 +4807,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
             for (i = 0; i < S; i++) {
                 float *tokens = s->x0 + ((size_t)i * N + (size_t)m * P) * d;
                 float *patch = s->patches[m] + (size_t)i * P * width;
-                if (b->observed[(size_t)i * M + m]) {
+                if (b->observed[(size_t)i * M + m] || c->imputation == FM_IMPUTE_FEATURES) {
                     memset(patch, 0, (size_t)P * width * sizeof(float));
                     memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
                     fm__linear_forward(kernels, P, width, d, patch, width, w, bias, 0, tokens, d);
@@ -5011,7 +5024,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
             memset(db, 0, (size_t)d * sizeof(float));
             for (i = 0; i < S; i++) {
                 const float *dtokens = s->d_x + ((size_t)i * N + (size_t)m * P) * d;
-                if (b->observed[(size_t)i * M + m]) {
+                if (b->observed[(size_t)i * M + m] || c->imputation == FM_IMPUTE_FEATURES) {
                     fm__linear_backward(kernels, P, width, d, s->patches[m] + (size_t)i * P * width, width, NULL, dtokens, d,
                                         NULL, 0, 0, dw, db, !first);
                     first = 0;
@@ -5026,7 +5039,42 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
 
 /* ==== 17. Multi-view data ================================================================== */
 
-enum { FM__STREAM_MISSING = 16, FM__STREAM_SPLIT };
+enum { FM__STREAM_MISSING = 16, FM__STREAM_SPLIT, FM__STREAM_IMPUTE = 19 };
+
+fm_status fm_dataset_impute(fm_dataset *ds, const int32_t *pool, int count, int draws, uint64_t seed) {
+    int32_t *observers;
+    int v, s, i, j, k, n;
+    if (!ds || !pool) return FM_ERR_NULL_POINTER;
+    if (count < 1 || draws < 1 || draws > 1 << 20) return FM_ERR_INVALID_SHAPE;
+    for (i = 0; i < count; i++)
+        if (pool[i] < 0 || pool[i] >= ds->samples) return FM_ERR_INVALID_ARGUMENT;
+    for (v = 0; v < ds->views; v++) { /* every view checked before any is changed */
+        for (n = 0, i = 0; i < count; i++) n += ds->observed[(size_t)pool[i] * ds->views + v] != 0;
+        if (n == 0) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_impute: no row of the pool observes view %s", ds->names[v]);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    if (!(observers = (int32_t *)fm_alloc((size_t)count * sizeof(int32_t)))) return FM_ERR_OUT_OF_MEMORY;
+    for (v = 0; v < ds->views; v++) {
+        const int F = ds->features[v];
+        for (n = 0, i = 0; i < count; i++)
+            if (ds->observed[(size_t)pool[i] * ds->views + v]) observers[n++] = pool[i];
+        for (s = 0; s < ds->samples; s++) {
+            float *row = ds->values[v] + (size_t)s * F;
+            if (ds->observed[(size_t)s * ds->views + v]) continue;
+            for (k = 0; k < F; k++) row[k] = 0.0f;
+            for (j = 0; j < draws; j++) {
+                const uint64_t h = fm__stream(seed, (uint64_t)s * FLEXMOE_MODEL_MAX_MODALITIES + (uint64_t)v, FM__STREAM_IMPUTE, (uint64_t)j);
+                const float *drawn = ds->values[v] + (size_t)observers[h % (uint64_t)n] * F;
+                for (k = 0; k < F; k++) row[k] += drawn[k];
+            }
+            for (k = 0; k < F; k++) row[k] /= (float)draws;
+        }
+    }
+    fm_free(observers);
+    return FM_OK;
+}
 
 void fm_dataset_free(fm_dataset *dataset) {
     int v;

@@ -45,7 +45,9 @@ static void usage(FILE *out) {
             "  --warmup N          curriculum epochs before shuffling (default 5)\n"
             "  --gate G            noisy (Flex-MoE's noisy top-k, default) or confidence (ConfSMoE's)\n"
             "  --confidence C      with --gate confidence: token (default) or expert-mean\n"
-            "  --imputation I      a missing view's tokens: bank (Flex-MoE's learned bank, default) or zero\n"
+            "  --imputation I      a missing view's tokens: bank (Flex-MoE's learned bank, default), zero,\n"
+            "                      or sampled-mean (ConfSMoE's first stage: the view's features imputed as\n"
+            "                      the mean of 10 observed training samples' drawn at random, encoded)\n"
             "  --seed N            split, missingness, initialisation, shuffles, dropout (default 1;\n"
             "                      with --resume or --eval: the checkpoint's)\n"
             "  --save FILE         a checkpoint (safetensors) after every epoch, replaced atomically\n"
@@ -103,8 +105,9 @@ static int parse_args(int argc, char **argv, train_options *o) {
             o->gate = strcmp(value, "noisy") ? FM_GATE_CONFIDENCE : FM_GATE_NOISY_TOPK;
         } else if (strcmp(flag, "--confidence") == 0 && value && (!strcmp(value, "token") || !strcmp(value, "expert-mean"))) {
             o->confidence = strcmp(value, "token") ? FM_CONF_EXPERT_MEAN : FM_CONF_TOKEN;
-        } else if (strcmp(flag, "--imputation") == 0 && value && (!strcmp(value, "bank") || !strcmp(value, "zero"))) {
-            o->imputation = strcmp(value, "bank") ? FM_IMPUTE_ZERO : FM_IMPUTE_BANK;
+        } else if (strcmp(flag, "--imputation") == 0 && value &&
+                   (!strcmp(value, "bank") || !strcmp(value, "zero") || !strcmp(value, "sampled-mean"))) {
+            o->imputation = !strcmp(value, "bank") ? FM_IMPUTE_BANK : !strcmp(value, "zero") ? FM_IMPUTE_ZERO : FM_IMPUTE_FEATURES;
         } else if (strcmp(flag, "--missing-rate") == 0) {
             if (!parse_number(flag, value, 0.0, 1.0, &v)) return 0;
             o->missing_rate = (float)v;
@@ -413,7 +416,10 @@ static fm_status load_checkpoint(train_options *o, fm_model *model) {
     const char *checkpoint = o->resume ? o->resume : o->eval;
     const fm_status status = fm_model_load(checkpoint, o->batch_size, model);
     if (status != FM_OK) fprintf(stderr, "flexmoe_train: cannot load the checkpoint %s (%s)\n", checkpoint, why(status));
-    else if (!o->seed_given) o->seed = model->trained.seed;
+    else {
+        if (!o->seed_given) o->seed = model->trained.seed;
+        o->imputation = model->config.imputation; /* the data is prepared for the model's imputation */
+    }
     return status;
 }
 
@@ -440,7 +446,8 @@ static fm_status prepare_data(const train_options *o, fm_dataset *ds, int32_t **
     if (!(*order = (int32_t *)malloc((size_t)ds->samples * sizeof(int32_t)))) status = FM_ERR_OUT_OF_MEMORY;
     if (status != FM_OK || (status = fm_dataset_drop_views(ds, o->missing_rate, o->seed)) != FM_OK ||
         (status = fm_dataset_split(ds, o->seed, *order, train, validation)) != FM_OK ||
-        (status = fm_dataset_standardize(ds, *order, *train)) != FM_OK)
+        (status = fm_dataset_standardize(ds, *order, *train)) != FM_OK ||
+        (o->imputation == FM_IMPUTE_FEATURES && (status = fm_dataset_impute(ds, *order, *train, 10, o->seed)) != FM_OK))
         fprintf(stderr, "flexmoe_train: cannot prepare the data (%s)\n", why(status));
     return status;
 }
@@ -513,7 +520,9 @@ int main(int argc, char **argv) {
         printf("{\"impl\": \"flexmoe\", \"data\": ");
         print_json_string(o.data ? o.data : "synthetic");
         printf(", \"gate\": \"%s\", \"imputation\": \"%s\"", model.config.gate == FM_GATE_CONFIDENCE ? "confidence" : "noisy",
-               model.config.imputation == FM_IMPUTE_ZERO ? "zero" : "bank");
+               model.config.imputation == FM_IMPUTE_ZERO       ? "zero"
+               : model.config.imputation == FM_IMPUTE_FEATURES ? "sampled-mean"
+                                                              : "bank");
         printf(", \"missing_rate\": %g, \"seed\": %llu, \"epochs\": %d, "
                "\"best_epoch\": %d, \"validation_accuracy\": %.6f, \"test_accuracy\": %.6f, \"test_macro_f1\": %.6f, "
                "\"test_macro_auc\": %.6f, \"train_samples_per_second\": %.2f, \"seconds\": %.2f",

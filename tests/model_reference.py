@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """PyTorch reference of the Flex-MoE model (one transformer layer with a sparse MoE; ConfSMoE's
-confidence gate and zero imputation as options), llm.c style:
+confidence gate, zero imputation and imputed features as options), llm.c style:
 a C test writes the parameters and a batch into a safetensors file, this script runs the forward
 and the backward in float64 (float32 with --float32), dropout off unless the batch gives its masks,
 and writes the logits, the losses, a few activations and every parameter's gradient into another
@@ -19,7 +19,9 @@ attention_residual, noise_epsilon and layernorm_eps, all required, and optionall
 first value, Flex-MoE's model; any other value is rejected):
     gate             "noisy" (FastMoE's noisy top-k gate) or "confidence" (ConfSMoE's gate)
     confidence_mode  "token" or "expert_mean" (the latter with gate "confidence" only)
-    imputation       "bank" (the missing-modality bank) or "zero" (zero tokens)
+    imputation       "bank" (the missing-modality bank), "zero" (zero tokens) or "features"
+                     (ConfSMoE's stage-1 imputation: the batch carries imputed features for the
+                     missing modalities, encoded like observed ones)
 Parameters (F32, dense weights stored [in, out]: y = x @ W + b, except the probes):
     encoder.{m}.weight [P_m, d], encoder.{m}.bias [d]     P_m = ceil(F_m / patches)
     bank [2^M - 1, M, patches, d]                          tokens of a missing modality
@@ -36,7 +38,8 @@ Parameters (F32, dense weights stored [in, out]: y = x @ W + b, except the probe
                                                            layout, logits = W_e h + b_e)
     head.weight [M * d, C], head.bias [C]
 A parameter of another gate or imputation is rejected, as is a missing one.
-And the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored),
+And the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored, except with
+imputation "features": there they are m's imputed features, read, and must be finite),
 input.observed I32 [B, M] (0/1), input.labels I32 [B], and optionally input.class_weights F32 [C],
 input.gate_noise F32 [M, B * patches, E] (the noisy gate's N(0, 1) draws; present = training gate;
 ignored by the confidence gate), input.combination I32 [B] (checked against the index computed
@@ -52,8 +55,12 @@ output elementwise before the residual:
 Model. A sample's combination index c numbers its set of observed modalities in Flex-MoE's order:
 by size M, M-1, ..., 1, each size in lexicographic order (0 = all modalities). Each observed
 modality's features, zero-padded to patches * P_m, become patches rows of P_m values, encoded by
-its linear encoder into patches tokens; a missing modality takes bank[c, m] (imputation "bank") or
-zeros (imputation "zero"). The M * patches tokens plus the position embedding go through pre-LN
+its linear encoder into patches tokens; a missing modality takes bank[c, m] (imputation "bank"),
+zeros (imputation "zero") or, with imputation "features", the tokens of its input.features.{m} row
+computed exactly as an observed modality's (zero-padded into patches, encoder.{m}, so the encoder's
+gradient has the missing rows' terms too); the observed mask still marks it missing for everything
+else (c, the S-Router's targets, the token groups). The M * patches tokens plus the position
+embedding go through pre-LN
 multi-head attention (with the residual when attention_residual), then each modality's chunk of
 tokens x through x + SMoE(u), u = LayerNorm(x; moe.norm) (each branch times its dropout mask when
 given).
@@ -205,7 +212,7 @@ class Config:
     layernorm_eps: float
     gate: str = "noisy"                 # "noisy" or "confidence"
     confidence_mode: str = "token"      # "token" or "expert_mean" (gate "confidence")
-    imputation: str = "bank"            # "bank" or "zero"
+    imputation: str = "bank"            # "bank", "zero" or "features"
 
     def patch_width(self, m):
         """P_m: the features of one patch of modality m."""
@@ -215,7 +222,7 @@ class Config:
 POSITIVE_INTS = ("modalities", "patches", "dim", "heads", "experts", "top_k", "hidden", "classes")
 NON_NEGATIVE_NUMBERS = ("gate_loss_weight", "noise_epsilon", "layernorm_eps")
 CHOICES = {"gate": ("noisy", "confidence"), "confidence_mode": ("token", "expert_mean"),
-           "imputation": ("bank", "zero")}  # the optional keys, their default first
+           "imputation": ("bank", "zero", "features")}  # the optional keys, their default first
 
 
 def is_positive_int(value):
@@ -414,6 +421,20 @@ def check_finite(tensors, names):
                                  "expected a finite value")
 
 
+def check_imputed_features(cfg, tensors):
+    """With imputation "features": every value of the rows of missing modalities (the imputed
+    features, encoded like observed ones) finite."""
+    observed = tensors["input.observed"].bool()
+    for m in range(cfg.modalities):
+        name = f"input.features.{m}"
+        bad = (~torch.isfinite(tensors[name]) & ~observed[:, m, None]).nonzero()
+        if len(bad):
+            entry = bad[0].tolist()
+            raise InputError(f"tensor '{name}': entry {entry} (sample {entry[0]}, missing modality {m}) is "
+                             f"{tensors[name][tuple(entry)].item()}, expected a finite value: imputation "
+                             '"features" encodes the imputed features of missing modalities')
+
+
 def load_problem(path, dtype):
     """The Config, the config's JSON text, the parameters (name -> tensor in dtype) and the Batch of
     an input file, every tensor and value checked."""
@@ -427,6 +448,8 @@ def load_problem(path, dtype):
     check_tensors(tensors, input_specs(cfg, observed.shape[0]), parameter_notes(cfg))
     combination = check_batch_values(cfg, tensors)
     check_finite(tensors, DROPOUT_MASKS)
+    if cfg.imputation == "features":
+        check_imputed_features(cfg, tensors)
 
     def optional(name):
         return tensors[name].to(dtype) if name in tensors else None
@@ -443,18 +466,23 @@ def load_problem(path, dtype):
 # ---- the model -----------------------------------------------------------------------------------
 
 def embed(cfg, p, batch):
-    """[B, M * patches, d]: each modality's patches encoded (when missing: its bank tokens, or zeros
-    with imputation "zero"), plus the position embedding."""
+    """[B, M * patches, d]: each modality's patches encoded (when missing: its bank tokens, zeros
+    with imputation "zero", or its imputed features encoded like observed ones with imputation
+    "features"), plus the position embedding."""
     blocks = []
     for m, features in enumerate(batch.features):
         observed = batch.observed[:, m]
-        # Rows of missing modalities may hold anything (NaN included): zeroed, so no 0 * NaN in dW.
-        features = torch.where(observed[:, None], features, torch.zeros_like(features))
+        if cfg.imputation != "features":
+            # Rows of missing modalities may hold anything (NaN included): zeroed, so no 0 * NaN in dW.
+            features = torch.where(observed[:, None], features, torch.zeros_like(features))
         width = cfg.patch_width(m)
         patches = F.pad(features, (0, cfg.patches * width - features.shape[1])).view(-1, cfg.patches, width)
         tokens = patches @ p[f"encoder.{m}.weight"] + p[f"encoder.{m}.bias"]
-        missing = p["bank"][batch.combination, m] if cfg.imputation == "bank" else torch.zeros_like(tokens)
-        blocks.append(torch.where(observed[:, None, None], tokens, missing))
+        if cfg.imputation == "features":
+            blocks.append(tokens)  # every row encoded, the imputed ones as the observed
+        else:
+            missing = p["bank"][batch.combination, m] if cfg.imputation == "bank" else torch.zeros_like(tokens)
+            blocks.append(torch.where(observed[:, None, None], tokens, missing))
     return torch.cat(blocks, dim=1) + p["position"]
 
 
@@ -678,7 +706,12 @@ CONFIDENCE_CONFIGS = {
     "confidence gate, expert_mean, bank":
         dict(SELFTEST_CONFIG, gate="confidence", confidence_mode="expert_mean", imputation="bank",
              gate_loss_weight=0.3),
+    "confidence gate, token, features imputation":
+        dict(SELFTEST_CONFIG, gate="confidence", confidence_mode="token", imputation="features",
+             gate_loss_weight=0.3),
 }
+# The noisy gate with ConfSMoE's stage-1 imputation (imputed features of the missing modalities).
+FEATURES_CONFIG = dict(SELFTEST_CONFIG, imputation="features", gate_loss_weight=0.3)
 # One full sample, two with one modality missing, two with one observed (combinations 0, 2, 5, 6, 1).
 SELFTEST_OBSERVED = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]]
 FD_STEP = 1e-6
@@ -694,7 +727,7 @@ DENSE_WEIGHTS_OUT_IN = ("moe.confidence.w", "moe.probe.weight")
 
 def selftest_problem(generator, training, dropout=False, config=None):
     """Random F32 parameters and a batch of config (default SELFTEST_CONFIG) as name -> tensor: NaN
-    features where a modality is missing, class weights, the combination indices, when training gate
+    features where a modality is missing (random imputed ones with imputation "features"), class weights, the combination indices, when training gate
     noise and, with dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
     cfg = parse_config({"config": json.dumps(config or SELFTEST_CONFIG)})
 
@@ -715,7 +748,8 @@ def selftest_problem(generator, training, dropout=False, config=None):
     B = observed.shape[0]
     for m, width in enumerate(cfg.features):
         features = normal(B, width)
-        features[observed[:, m] == 0] = math.nan
+        if cfg.imputation != "features":
+            features[observed[:, m] == 0] = math.nan
         tensors[f"input.features.{m}"] = features
     tensors["input.observed"] = observed
     tensors["input.labels"] = torch.randint(cfg.classes, (B,), generator=generator, dtype=torch.int32)
@@ -798,7 +832,8 @@ def check_safetensors(tmp):
 
 
 def check_output_file(cfg, tensors, dtype):
-    """Every output name with its shape and dtype, all finite (the missing rows hold NaN)."""
+    """Every output name with its shape and dtype, all finite (the missing rows of the input hold
+    NaN, except with imputation "features")."""
     B, M, P, d, k = len(SELFTEST_OBSERVED), cfg.modalities, cfg.patches, cfg.dim, cfg.top_k
     expected = {"out.logits": (B, cfg.classes), "out.loss": (), "out.task_loss": (), "out.gate_loss": (),
                 "out.confidence_loss": (), "out.probe_loss": (),
@@ -1087,9 +1122,102 @@ def check_confidence(tmp, generator):
                       "gate noise ignored")
 
 
+def mask_gate_loss(cfg, p, attention_out, batch, combination):
+    """out.gate_loss recomputed from act.attention with the given per-sample combination indices
+    (the gate noise of batch, if any, with the noisy gate; the S-Router term with the confidence
+    gate)."""
+    B, P, d = batch.observed.shape[0], cfg.patches, cfg.dim
+    rows = combination.repeat_interleave(P)
+    total = 0.0
+    for m in range(cfg.modalities):
+        t = attention_out[:, m * P:(m + 1) * P].reshape(B * P, d)
+        u = F.layer_norm(t, (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
+        if cfg.gate == "noisy":
+            total = total + smoe(cfg, p, u, rows, None if batch.gate_noise is None else batch.gate_noise[m])[1]
+        else:
+            total = total + router_cross_entropy(u @ p["moe.gate.weight"], rows)
+    return total
+
+
+def check_features(tmp, generator):
+    """Imputation "features", with either gate (training, dropout masks): the imputed rows are
+    encoded exactly like observed ones while the mask still marks them missing elsewhere:
+    act.tokens equal to the same problem with every modality observed; with gate_loss_weight 0
+    (the one term that reads the mask), every output and gradient equal to it (to 1e-12 of their
+    largest entry: the encoder biases' sums run in another order), so the encoders' gradients have
+    the missing rows' terms; with the gate loss, grad.encoder.{m}.bias equal to
+    the sum of grad.position over m's tokens (every sample's tokens go through the encoder), which
+    imputation "zero" breaks, and out.gate_loss the one recomputed from act.attention with the
+    mask's combination indices (not the all-observed ones)."""
+    failures = []
+    for gate, config in (("noisy", FEATURES_CONFIG), ("confidence", CONFIDENCE_CONFIGS[
+            "confidence gate, token, features imputation"])):
+        cfg = parse_config({"config": json.dumps(config)})
+        P = cfg.patches
+        tensors = selftest_problem(generator, training=True, dropout=True, config=config)
+        complete = dict(tensors, **{"input.observed": torch.ones_like(tensors["input.observed"]),
+                                    "input.combination": torch.zeros_like(tensors["input.combination"])})
+        runs, cli_failed = {}, False
+        for label, (inputs, variant) in {
+                "features": (tensors, config),
+                "all observed": (complete, dict(config, imputation="zero")),
+                "features, gate_loss_weight 0": (tensors, dict(config, gate_loss_weight=0.0)),
+                "all observed, gate_loss_weight 0": (complete, dict(config, imputation="zero", gate_loss_weight=0.0)),
+                "zero imputation": (tensors, dict(config, imputation="zero"))}.items():
+            runs[label], failure = cli_outputs(tmp, inputs, variant)
+            if failure:
+                failures.append(f"{gate} gate, {label}: {failure}")
+                cli_failed = True
+        if cli_failed:
+            continue
+        features, observed = runs["features"], runs["all observed"]
+        if not torch.equal(features["act.tokens"], observed["act.tokens"]):
+            failures.append(f"{gate} gate: act.tokens differ from every modality observed")
+        plain, reference = runs["features, gate_loss_weight 0"], runs["all observed, gate_loss_weight 0"]
+        differing = [name for name in plain if name != "out.gate_loss" and not torch.equal(plain[name], reference[name])]
+        if differing:
+            worst = max((plain[n].double() - reference[n].double()).abs().max().item()
+                        / max(reference[n].double().abs().max().item(), 1e-300) for n in differing)
+            if worst > 1e-12:
+                failures.append(f"{gate} gate, gate_loss_weight 0: {differing} differ from every modality "
+                                f"observed by up to {worst:.3g} of their largest entry")
+
+        def bias_identity_error(outputs, m):
+            expected = outputs["grad.position"][m * P:(m + 1) * P].sum(dim=0)
+            return ((outputs[f"grad.encoder.{m}.bias"] - expected).abs().max().item()
+                    / expected.abs().max().item())
+
+        for m in range(cfg.modalities):
+            error = bias_identity_error(features, m)
+            if error > 1e-12:
+                failures.append(f"{gate} gate: grad.encoder.{m}.bias is off the sum of grad.position over "
+                                f"modality {m}'s tokens by {error:.3g}")
+            if bias_identity_error(runs["zero imputation"], m) < 1e-6:
+                failures.append(f"{gate} gate: with imputation \"zero\" grad.encoder.{m}.bias still sums "
+                                "grad.position (the check would not see missing rows left out)")
+            if torch.equal(features[f"grad.encoder.{m}.weight"], runs["zero imputation"][f"grad.encoder.{m}.weight"]):
+                failures.append(f"{gate} gate: grad.encoder.{m}.weight is the same with imputation \"zero\"")
+
+        in_path = os.path.join(tmp, "cli.in.safetensors")
+        write_safetensors(in_path, tensors, {"config": json.dumps(config)})
+        _, _, params, batch = load_problem(in_path, torch.float64)
+        with torch.no_grad():
+            expected = mask_gate_loss(cfg, params, features["act.attention"], batch, batch.combination)
+            all_zero = mask_gate_loss(cfg, params, features["act.attention"], batch, torch.zeros_like(batch.combination))
+        error = abs(features["out.gate_loss"].item() - expected.item())
+        if error > 1e-12 * abs(expected.item()) or abs(all_zero.item() - expected.item()) < 1e-3 * abs(expected.item()):
+            failures.append(f"{gate} gate: out.gate_loss {features['out.gate_loss'].item()} is not the one of the "
+                            f"mask's combinations {expected.item()} (all observed: {all_zero.item()})")
+    return failures, ("both gates: act.tokens as with every modality observed; with gate_loss_weight 0 every "
+                      "output and gradient too, to 1e-12 (encoder gradients with the missing rows' terms); "
+                      "grad.encoder.{m}.bias = sum of grad.position over m's tokens (not with \"zero\"); "
+                      "the gate loss from the mask's combinations")
+
+
 def check_errors(tmp, generator):
     """Malformed inputs: exit status 1 and a message naming the tensor or the config key."""
     confidence = dict(SELFTEST_CONFIG, gate="confidence")
+    features = dict(SELFTEST_CONFIG, imputation="features")
     cases = [  # (name in the message, config, corruption of its problem)
         ("moe.w2", SELFTEST_CONFIG, lambda t: t.pop("moe.w2")),
         ("position", SELFTEST_CONFIG,
@@ -1105,6 +1233,12 @@ def check_errors(tmp, generator):
         ("moe.confidence.w", SELFTEST_CONFIG, lambda t: t.update({"moe.confidence.w": torch.zeros(4, 16)})),
         ("bank", dict(SELFTEST_CONFIG, imputation="zero"), lambda t: t.update(bank=torch.zeros(7, 3, 16, 16))),
         ("bank", SELFTEST_CONFIG, lambda t: t.pop("bank")),
+        ("bank", features, lambda t: t.update(bank=torch.zeros(7, 3, 16, 16))),
+        ("bank", dict(confidence, imputation="features"), lambda t: t.update(bank=torch.zeros(7, 3, 16, 16))),
+        # Samples 1 and 3 miss modalities 1 and 0: their imputed rows are read.
+        ("input.features.1", features, lambda t: t["input.features.1"][1, 3].fill_(math.nan)),
+        ("input.features.0", dict(confidence, imputation="features"),
+         lambda t: t["input.features.0"][3, 4].fill_(-math.inf)),
         ("gate", dict(SELFTEST_CONFIG, gate="softmax"), None),
         ("gate", dict(SELFTEST_CONFIG, gate=1), None),
         ("confidence_mode", dict(confidence, confidence_mode="mean"), None),
@@ -1126,8 +1260,9 @@ def check_errors(tmp, generator):
         if status != 1 or f"'{name}'" not in stderr:
             failures.append(f"bad '{name}': exit status {status}, message {stderr.strip()!r}")
     return failures, ("missing tensor, wrong shape (a parameter, a dropout mask), no observed modality, wrong "
-                      "combination, infinite dropout factor, a parameter of another gate or imputation or "
-                      "one missing, an unknown gate, confidence_mode or imputation: status 1, tensor or key named")
+                      "combination, infinite dropout factor, a parameter of another gate or imputation (the "
+                      "bank with \"features\" too) or one missing, a non-finite imputed feature, an unknown gate, "
+                      "confidence_mode or imputation: status 1, tensor or key named")
 
 
 def selftest(seed):
@@ -1145,7 +1280,10 @@ def selftest(seed):
         for label, config in CONFIDENCE_CONFIGS.items():
             results.append((label + ", training, dropout",)
                            + check_model(tmp, generator, training=True, dropout=True, config=config))
+        results.append(("noisy gate, features imputation, training, dropout",)
+                       + check_model(tmp, generator, training=True, dropout=True, config=FEATURES_CONFIG))
         results.append(("confidence gate",) + check_confidence(tmp, generator))
+        results.append(("features imputation",) + check_features(tmp, generator))
         results.append(("errors",) + check_errors(tmp, generator))
     failed = [name for name, failures, _ in results if failures]
     for name, failures, detail in results:

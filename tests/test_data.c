@@ -18,6 +18,62 @@ static void keep_message(fm_log_level level, const char *message, void *user_dat
     snprintf(last_message, sizeof last_message, "%s", message);
 }
 
+/* ConfSMoE's first imputation stage: with one draw, each missing view's row is exactly an observed
+ * pool row of that view; with ten, each row is the mean of ten of them, so over many rows the
+ * imputed values average to the pool's mean; observed rows untouched; seeded; a pool without an
+ * observer of a view refused. */
+static void check_impute(fm_dataset *ds, const int32_t *pool, int count) {
+    fm_dataset copy;
+    int v, s, i, exact = 1, untouched = 1, missing = 0;
+    double worst = 0.0;
+    copy = *ds;
+    for (v = 0; v < ds->views; v++) {
+        copy.values[v] = (float *)malloc((size_t)ds->samples * ds->features[v] * sizeof(float));
+        memcpy(copy.values[v], ds->values[v], (size_t)ds->samples * ds->features[v] * sizeof(float));
+    }
+    FM_CHECK(fm_dataset_impute(&copy, pool, count, 1, 5) == FM_OK, "impute, one draw");
+    for (v = 0; v < ds->views; v++)
+        for (s = 0; s < ds->samples; s++) {
+            const size_t F = (size_t)ds->features[v];
+            const float *row = copy.values[v] + (size_t)s * F;
+            int found = 0;
+            if (ds->observed[(size_t)s * ds->views + v]) {
+                untouched &= memcmp(row, ds->values[v] + (size_t)s * F, F * sizeof(float)) == 0;
+                continue;
+            }
+            missing++;
+            for (i = 0; i < count && !found; i++)
+                found = ds->observed[(size_t)pool[i] * ds->views + v] &&
+                        memcmp(row, ds->values[v] + (size_t)pool[i] * F, F * sizeof(float)) == 0;
+            exact &= found;
+        }
+    FM_CHECK(missing > 0 && exact && untouched, "one draw: each of %d missing rows an observed pool row (%d), observed rows kept (%d)",
+             missing, exact, untouched);
+    FM_CHECK(fm_dataset_impute(&copy, pool, count, 10, 5) == FM_OK, "impute, ten draws");
+    for (v = 0; v < ds->views; v++) { /* the imputed rows' mean against the pool's, feature 0 */
+        double pool_sum = 0.0, imputed_sum = 0.0;
+        int pool_n = 0, imputed_n = 0;
+        for (i = 0; i < count; i++)
+            if (ds->observed[(size_t)pool[i] * ds->views + v]) pool_sum += ds->values[v][(size_t)pool[i] * ds->features[v]], pool_n++;
+        for (s = 0; s < ds->samples; s++)
+            if (!ds->observed[(size_t)s * ds->views + v]) imputed_sum += copy.values[v][(size_t)s * ds->features[v]], imputed_n++;
+        if (imputed_n > 100) worst = fmax(worst, fabs(imputed_sum / imputed_n - pool_sum / pool_n));
+    }
+    FM_CHECK(worst < 0.1, "ten draws: imputed means within %.3f of the pool's (standardised features)", worst);
+    {
+        float keep = copy.values[0][0];
+        int32_t none[1];
+        for (s = 0; s < ds->samples && ds->observed[(size_t)s * ds->views]; s++) {}
+        FM_CHECK(s < ds->samples, "a sample missing view 0");
+        none[0] = s;
+        last_message[0] = '\0';
+        FM_CHECK(fm_dataset_impute(&copy, none, 1, 10, 5) == FM_ERR_INVALID_ARGUMENT && strstr(last_message, ds->names[0]),
+                 "a pool without an observer of %s: %s", ds->names[0], last_message);
+        FM_CHECK(copy.values[0][0] == keep, "keep");
+    }
+    for (v = 0; v < ds->views; v++) free(copy.values[v]);
+}
+
 static void check_handwritten(void) {
     static const char *const names[6] = {"pixel", "fourier", "profile", "zer", "kar", "mor"};
     static const int features[6] = {240, 76, 216, 47, 64, 6};
@@ -96,6 +152,7 @@ static void check_handwritten(void) {
                  (double)dropped / (ds.samples * ds.views));
         free(before);
     }
+    check_impute(&ds, order, train);
     free(order), free(seen);
     fm_dataset_free(&ds);
     FM_CHECK(ds.samples == 0 && ds.values[0] == NULL, "free zeroes the dataset");

@@ -163,7 +163,7 @@ static void new_batch(const fm_model *model, const model_case *mc, batch_data *b
         size_t i;
         bd->features[m] = (float *)malloc(n * sizeof(float));
         for (i = 0; i < n; i++) bd->features[m][i] = (float)fm_test_normal();
-        for (s = 0; s < S; s++) /* a missing modality's row is never read: poison it */
+        for (s = 0; s < S && c->imputation != FM_IMPUTE_FEATURES; s++) /* a missing modality's row is never read: poison it */
             if (!bd->observed[(size_t)s * M + m])
                 for (i = 0; i < (size_t)c->features[m]; i++) bd->features[m][(size_t)s * c->features[m] + i] = NAN;
     }
@@ -228,7 +228,8 @@ static int run_reference(const fm_model *model, const model_case *mc, const batc
              c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, c->classes,
              c->gate_loss_weight > 0 ? c->gate_loss_weight : 0.0, c->no_attention_residual ? "false" : "true",
              c->layernorm_eps, c->gate == FM_GATE_CONFIDENCE ? "confidence" : "noisy",
-             c->confidence == FM_CONF_EXPERT_MEAN ? "expert_mean" : "token", c->imputation == FM_IMPUTE_ZERO ? "zero" : "bank");
+             c->confidence == FM_CONF_EXPERT_MEAN ? "expert_mean" : "token",
+             c->imputation == FM_IMPUTE_ZERO ? "zero" : c->imputation == FM_IMPUTE_FEATURES ? "features" : "bank");
     for (i = 0; i < model->tensor_count; i++) {
         const fm_tensor_info *t = &model->tensors[i];
         st_tensor *s = &tensors[count++];
@@ -596,7 +597,7 @@ static void check_adam(void) {
 int main(void) {
     fm_isa isas[FM_ISA_COUNT];
     int n, i, c;
-    model_case cases[7];
+    model_case cases[8];
     const char *given = getenv("FLEXMOE_TEST_SEED");
     fm_test_rng_state = given ? strtoull(given, NULL, 0) : 20261201u;
     printf("test_model: seed %llu (FLEXMOE_TEST_SEED changes it)\n", (unsigned long long)fm_test_rng_state);
@@ -632,11 +633,14 @@ int main(void) {
     cases[6] = cases[0];
     cases[6].name = "M3-d16-E4-confidence-expert-mean", cases[6].desc.gate = FM_GATE_CONFIDENCE;
     cases[6].desc.confidence = FM_CONF_EXPERT_MEAN, cases[6].desc.gate_loss_weight = 0.3f;
+    /* ConfSMoE's first imputation stage: the missing modalities' (imputed) features encoded */
+    cases[7] = cases[5];
+    cases[7].name = "M3-d16-E4-confidence-features", cases[7].desc.imputation = FM_IMPUTE_FEATURES;
     check_combinations();
     check_model_api();
     check_adam();
     n = fm_test_isas(isas);
-    for (c = 0; c < 7; c++)
+    for (c = 0; c < 8; c++)
         for (i = 0; i < n; i++) {
             const uint64_t state = fm_test_rng_state;
             compare_case(&cases[c], isas[i]);
