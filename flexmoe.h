@@ -796,7 +796,11 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  * label its sample's. The gate loss keeps only the S-Router term (no balance), and the loss adds
  * the confidence loss and the probe's cross-entropy (each a mean over every slot of the batch):
  *   loss = task + gate_loss_weight * sum over chunks of router_ce + confidence + probe.
- * imputation = FM_IMPUTE_ZERO gives a missing modality zero tokens instead of the bank's.
+ * imputation = FM_IMPUTE_ZERO gives a missing modality zero tokens instead of the bank's;
+ * FM_IMPUTE_FEATURES encodes the imputed features the batch carries for it (ConfSMoE's first stage,
+ * fm_dataset_impute), the combination index and the gate loss still following the observed mask.
+ * ConfSMoE's second stage (an attention from the missing modalities' tokens over the observed
+ * modalities' expert outputs) is not implemented yet.
  *
  * Parameters, gradients and Adam's two moments are four arenas of the same layout, one
  * contiguous 64-byte aligned array each, described by one table of named tensors; the activations
