@@ -38,6 +38,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runlog import last_json_object, log, mean_std, tail  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "accuracy.py"
 REFERENCE = os.path.join(REPO, "scripts", "train_reference.py")
@@ -48,18 +51,6 @@ POLL_SECONDS = 0.5
 REPORT_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
-def log(text, end="\n"):
-    print(text, file=sys.stderr, end=end, flush=True)
-
-
-def tail(path, lines=15):
-    """The last lines of a text file, indented, or '' when it is empty or absent."""
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().strip().splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text)
 
 
 def child_environment():
@@ -88,19 +79,9 @@ def child_environment():
 
 def parse_result(path, impl):
     """The last JSON line of a run's stdout; (row, None) or (None, why not)."""
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-    except OSError as e:
-        return None, f"cannot read its output: {e}"
-    if not lines:
-        return None, "it printed no JSON line"
-    try:
-        row = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        return None, f"its last line is not JSON: {lines[-1][:200]!r}"
-    if not isinstance(row, dict):
-        return None, "its JSON line is not an object"
+    row, why = last_json_object(path)
+    if why:
+        return None, why
     missing = [key for key in REQUIRED if key not in row]
     if missing:
         return None, f"its JSON line lacks {', '.join(missing)}"
@@ -252,15 +233,6 @@ class Grid:
 def number(value, spec):
     return "–" if value is None else format(value, spec)
 
-
-def mean_std(values, spec=".3f"):
-    """'mean ± sample std' of the values (no std for one value, '–' for none)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
 def summary(rows, pairs, rates):

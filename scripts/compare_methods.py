@@ -44,6 +44,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runlog import last_json_object, log, mean_std, tail  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "compare_methods.py"
 HEATMAP = os.path.join(REPO, "scripts", "routing_heatmap.py")
@@ -61,18 +64,6 @@ ROUTING = (("load_cv", "load CV"), ("normalized_entropy", "normalised entropy"))
 POLL_SECONDS = 0.2
 
 
-def log(text):
-    print(text, file=sys.stderr, flush=True)
-
-
-def tail(path, lines=15):
-    """The last lines of a text file, indented, or '' when it is empty or absent."""
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().strip().splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text)
 
 
 def duration(seconds):
@@ -96,19 +87,9 @@ def finite(value):
 
 def parse_result(path, expect):
     """The run's JSON line from its stdout file: (row, None) or (None, why not)."""
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-    except OSError as e:
-        return None, f"cannot read its output: {e.strerror or e}"
-    if not lines:
-        return None, "it printed no JSON line"
-    try:
-        row = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        return None, f"its last line is not JSON: {lines[-1][:200]!r}"
-    if not isinstance(row, dict):
-        return None, "its JSON line is not an object"
+    row, why = last_json_object(path)
+    if why:
+        return None, why
     bad = [key for key, _ in METRICS if not finite(row.get(key)) or not 0 <= row[key] <= 1]
     if bad:
         return None, "its JSON line has " + ", ".join(f"{key} {row.get(key)!r}" for key in bad)
@@ -251,14 +232,6 @@ class Grid:
 def value(row, key):
     return row["routing"][key] if key in dict(ROUTING) else row[key]
 
-
-def mean_std(values, spec=".3f"):
-    """'mean ± sample std' of the values (no std for one value, '–' for none)."""
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
 def successes(rows, method, rate):
