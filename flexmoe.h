@@ -725,6 +725,9 @@ typedef struct fm_moe_stats {
     int32_t *expert_rows;    /* experts: assignments each expert ran (after drops) */
     int32_t *expert_dropped; /* experts: assignments dropped by the capacity */
     int32_t *indices;        /* tokens x top_k: each token's experts, best first */
+    float *slot_outputs;     /* tokens x top_k x dim: each slot's expert output (the expert of
+                                indices[t][i] applied to x[t]; zero for a dropped slot), for a
+                                caller that builds more on them (ConfSMoE's stage-2 imputation) */
     int rows, dropped;       /* their sums */
     float router_ce, balance, gate_loss; /* the gate loss and its terms (above) */
     float confidence_loss, probe_loss;   /* confidence gate with labels: fm_confsmoe_forward's losses */
@@ -746,10 +749,12 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
                          float *y, int ldy, void *saved, void *workspace, fm_moe_stats *stats);
 
 /* d(objective) / d(each term of the layer's losses): the objective is sum(dy * y) + gate *
- * gate_loss (+ confidence * confidence_loss + probe * probe_loss for the confidence gate). Flex-MoE
+ * gate_loss (+ confidence * confidence_loss + probe * probe_loss for the confidence gate) (+
+ * sum(d_slot_outputs * slot_outputs) when the caller used fm_moe_stats.slot_outputs). Flex-MoE
  * trains with gate = 0.01; ConfSMoE with confidence = probe = 1. NULL: all zero. */
 typedef struct fm_moe_loss_weights {
     float gate, confidence, probe;
+    const float *d_slot_outputs; /* tokens x top_k x dim, or NULL; a dropped slot's is ignored */
 } fm_moe_loss_weights;
 
 /* The backward of the forward that filled `saved` (same desc, params and batch; FM_ERR_INVALID_ARGUMENT
@@ -3977,6 +3982,16 @@ static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch
         for (i = 0; i < (size_t)c->groups * E; i++) d_importance[i] *= weight, d_load[i] *= weight;
 }
 
+/* The experts' outputs in slot order (tokens x top_k x dim); a dropped slot's is zero. */
+static void fm__moe_slot_outputs(const fm__moe_config *c, int tokens, const fm__moe_views *v, float *h) {
+    const size_t D = (size_t)c->dim;
+    int i;
+    for (i = 0; i < tokens * c->top_k; i++) {
+        if (v->position[i] >= 0) memcpy(h + (size_t)i * D, v->ye + (size_t)v->position[i] * D, D * sizeof(float));
+        else memset(h + (size_t)i * D, 0, D * sizeof(float));
+    }
+}
+
 fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, const fm_moe_batch *batch,
                          float *y, int ldy, void *saved, void *workspace, fm_moe_stats *stats) {
     static const char caller[] = "fm_moe_forward";
@@ -4040,11 +4055,7 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
     if (c.gate == FM_GATE_CONFIDENCE) {
         const fm_confsmoe_desc cd = fm__moe_confsmoe_desc(&c, T);
         float losses[2] = {0.0f, 0.0f};
-        for (i = 0; i < T * K; i++) { /* the experts' outputs in slot order; a dropped slot's is zero */
-            float *h = v.h_slots + (size_t)i * D;
-            if (v.position[i] >= 0) memcpy(h, v.ye + (size_t)v.position[i] * D, (size_t)D * sizeof(float));
-            else memset(h, 0, (size_t)D * sizeof(float));
-        }
+        fm__moe_slot_outputs(&c, T, &v, v.h_slots);
         if ((status = fm_confsmoe_forward(&cd, &params->confidence, v.indices, batch->labels, batch->x, ldx, v.h_slots,
                                           D, y, ldy, NULL, NULL, batch->labels ? losses : NULL, v.conf_saved)) != FM_OK)
             return status;
@@ -4061,6 +4072,7 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
     v.header->experts = E, v.header->top_k = K, v.header->dim = D, v.header->hidden = c.hidden;
     v.header->magic = saved ? FM__MOE_MAGIC : 0;
     if (stats) {
+        if (stats->slot_outputs) fm__moe_slot_outputs(&c, T, &v, stats->slot_outputs);
         if (stats->expert_rows) memcpy(stats->expert_rows, v.counts, (size_t)E * sizeof(int32_t));
         if (stats->expert_dropped) memcpy(stats->expert_dropped, v.dropped, (size_t)E * sizeof(int32_t));
         if (stats->indices) memcpy(stats->indices, v.indices, (size_t)T * K * sizeof(int32_t));
@@ -4132,6 +4144,10 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
     } else {
         memset(v.d_gates, 0, (size_t)T * K * sizeof(float));
     }
+    if (weights->d_slot_outputs) /* the caller's use of the slot outputs */
+        for (i = 0; i < T * K; i++)
+            if (v.position[i] >= 0)
+                kernels->axpy(D, 1.0f, weights->d_slot_outputs + (size_t)i * D, v.dye + (size_t)v.position[i] * D);
     /* the experts, then back to the tokens */
     {
         const fm_expert_ffn_desc fd = fm__moe_ffn_desc(&c);

@@ -13,6 +13,8 @@
 typedef struct config {
     fm_moe_desc desc;
     int tokens, training, max_combination, labels;
+    int slot_term; /* the objective also has sum(d_slots * slot outputs): fm_moe_stats.slot_outputs and
+                      fm_moe_loss_weights.d_slot_outputs */
     fm_moe_loss_weights weights;
 } config;
 
@@ -20,7 +22,7 @@ typedef struct config {
 typedef struct problem {
     config cfg;
     int T, D, H, E, K, C, G;
-    double *x, *wg, *wn, *w1, *b1, *w2, *b2, *cw, *cb, *gamma, *beta, *pw, *pb, *dy;
+    double *x, *wg, *wn, *w1, *b1, *w2, *b2, *cw, *cb, *gamma, *beta, *pw, *pb, *dy, *d_slots;
     int32_t *combination, *group, *labels;
     uint64_t seed, offset;
 } problem;
@@ -68,6 +70,7 @@ static void new_problem(problem *p, const config *cfg) {
     p->pw = new_doubles((size_t)p->E * (p->C ? p->C : 1) * p->D, 0.3);
     p->pb = new_doubles((size_t)p->E * (p->C ? p->C : 1), 0.1);
     p->dy = new_doubles((size_t)p->T * p->D, 1.0);
+    p->d_slots = new_doubles((size_t)p->T * p->K * p->D, 1.0);
     p->combination = (int32_t *)malloc((size_t)p->T * sizeof(int32_t));
     p->group = (int32_t *)malloc((size_t)p->T * sizeof(int32_t));
     p->labels = (int32_t *)malloc((size_t)p->T * sizeof(int32_t));
@@ -82,7 +85,7 @@ static void new_problem(problem *p, const config *cfg) {
 
 static void free_problem(problem *p) {
     free(p->x), free(p->wg), free(p->wn), free(p->w1), free(p->b1), free(p->w2), free(p->b2), free(p->cw), free(p->cb);
-    free(p->gamma), free(p->beta), free(p->pw), free(p->pb), free(p->dy), free(p->combination), free(p->group);
+    free(p->gamma), free(p->beta), free(p->pw), free(p->pb), free(p->dy), free(p->d_slots), free(p->combination), free(p->group);
     free(p->labels);
 }
 
@@ -134,6 +137,7 @@ typedef struct outputs {
     double margin;         /* the smallest gap among each token's top k + 1 routing logits */
     int rows, dropped;
     double *target, *h;    /* filled when not NULL: the detached terms */
+    double *slots;         /* T x K x D, filled when not NULL: each slot's expert output */
 } outputs;
 
 /* The layer in double; returns sum(dy * y) + the weighted losses. */
@@ -269,6 +273,9 @@ static double reference(const problem *p, const frozen *fz, outputs *out) {
     }
     conf_loss /= (double)T * K, probe_loss /= (double)T * K;
     for (i = 0; i < T * D; i++) objective += p->dy[i] * y[i];
+    if (cfg->slot_term)
+        for (i = 0; i < T * K * D; i++) objective += p->d_slots[i] * expert_out[i];
+    if (out && out->slots) memcpy(out->slots, expert_out, TK * D * sizeof(double));
     {
         double balance = 0.0;
         int g;
@@ -291,7 +298,7 @@ static double reference(const problem *p, const frozen *fz, outputs *out) {
 /* ---- the layer ---- */
 
 typedef struct layer_run {
-    float *x, *wg, *wn, *w1, *b1, *w2, *b2, *cw, *cb, *gamma, *beta, *pw, *pb, *dy, *y, *dx;
+    float *x, *wg, *wn, *w1, *b1, *w2, *b2, *cw, *cb, *gamma, *beta, *pw, *pb, *dy, *y, *dx, *d_slots, *slots;
     float *gwg, *gwn, *gw1, *gb1, *gw2, *gb2, *gcw, *gcb, *ggamma, *gbeta, *gpw, *gpb;
     void *saved, *workspace;
     fm_moe_params params;
@@ -322,6 +329,7 @@ static void new_run(layer_run *r, const problem *p) {
     r->gamma = to_float(p->gamma, (size_t)D), r->beta = to_float(p->beta, (size_t)D);
     r->pw = to_float(p->pw, (size_t)E * C * D), r->pb = to_float(p->pb, (size_t)E * C);
     r->y = zeros((size_t)T * D), r->dx = zeros((size_t)T * D);
+    r->d_slots = to_float(p->d_slots, (size_t)T * p->K * D), r->slots = zeros((size_t)T * p->K * D);
     r->gwg = zeros((size_t)D * E), r->gwn = zeros((size_t)D * E);
     r->gw1 = zeros(E * fm_packed_weight_floats(D, H)), r->gw2 = zeros(E * fm_packed_weight_floats(H, D));
     r->gb1 = zeros((size_t)E * H), r->gb2 = zeros((size_t)E * D), r->gcw = zeros((size_t)E * D), r->gcb = zeros(E);
@@ -343,12 +351,13 @@ static void new_run(layer_run *r, const problem *p) {
     r->batch.labels = p->cfg.labels ? p->labels : NULL, r->batch.training = p->cfg.training;
     r->batch.seed = p->seed, r->batch.token_offset = p->offset;
     r->stats.expert_rows = r->expert_rows;
+    if (p->cfg.slot_term) r->stats.slot_outputs = r->slots;
 }
 
 static void free_run(layer_run *r) {
     free(r->x), free(r->wg), free(r->wn), free(r->w1), free(r->b1), free(r->w2), free(r->b2), free(r->cw), free(r->cb);
-    free(r->gamma), free(r->beta), free(r->pw), free(r->pb), free(r->dy), free(r->y), free(r->dx), free(r->gwg);
-    free(r->gwn), free(r->gw1), free(r->gb1), free(r->gw2), free(r->gb2), free(r->gcw), free(r->gcb), free(r->ggamma);
+    free(r->gamma), free(r->beta), free(r->pw), free(r->pb), free(r->dy), free(r->y), free(r->dx), free(r->d_slots);
+    free(r->slots), free(r->gwg), free(r->gwn), free(r->gw1), free(r->gb1), free(r->gw2), free(r->gb2), free(r->gcw), free(r->gcb), free(r->ggamma);
     free(r->gbeta), free(r->gpw), free(r->gpb), free(r->expert_rows);
     fm_free(r->saved), fm_free(r->workspace);
 }
@@ -416,6 +425,7 @@ static void check_layer(const config *cfg, int gradients) {
     y_want = (double *)malloc((size_t)p.T * p.D * sizeof(double));
     idx_want = (int *)malloc((size_t)p.T * p.K * sizeof(int));
     want.y = y_want, want.indices = idx_want;
+    want.slots = (double *)malloc((size_t)p.T * p.K * p.D * sizeof(double));
     if (cfg->labels) {
         want.target = fz.target = (double *)malloc((size_t)p.T * p.K * sizeof(double));
         want.h = fz.h = (double *)malloc((size_t)p.T * p.K * p.D * sizeof(double));
@@ -445,6 +455,11 @@ static void check_layer(const config *cfg, int gradients) {
                      kind, got_terms[0], got_terms[1], gate_terms[0], gate_terms[1]);
         }
     }
+    if (cfg->slot_term) {
+        error = relative_error(r.slots, want.slots, (size_t)p.T * p.K * p.D);
+        FM_CHECK(error <= LAYER_TOLERANCE, "%s T=%d k=%d capacity=%g: slot outputs off by %.3g (dropped slots zero)", kind,
+                 p.T, p.K, (double)cfg->desc.capacity_factor, error);
+    }
     {
         int32_t rows_total = 0;
         for (i = 0; i < p.E; i++) rows_total += r.expert_rows[i];
@@ -465,7 +480,9 @@ static void check_layer(const config *cfg, int gradients) {
         float *plain1 = zeros((size_t)E * D * H), *plain2 = zeros((size_t)E * H * D);
         double worst = 0.0, scale = 0.0;
         const frozen *f = cfg->labels ? &fz : NULL;
-        FM_CHECK(fm_moe_backward(&cfg->desc, &r.params, &r.batch, r.saved, r.dy, 0, &cfg->weights, r.dx, 0, &r.grads,
+        fm_moe_loss_weights weights = cfg->weights;
+        if (cfg->slot_term) weights.d_slot_outputs = r.d_slots;
+        FM_CHECK(fm_moe_backward(&cfg->desc, &r.params, &r.batch, r.saved, r.dy, 0, &weights, r.dx, 0, &r.grads,
                                  r.workspace) == FM_OK,
                  "%s backward", kind);
         fm_unpack_weights(E, D, H, FM_WEIGHTS_IN_BY_OUT, r.gw1, plain1, H);
@@ -495,7 +512,7 @@ static void check_layer(const config *cfg, int gradients) {
                  kind, p.T, D, H, E, p.K, cfg->training, (double)cfg->desc.capacity_factor, worst);
         free(plain1), free(plain2);
     }
-    free(y_want), free(idx_want), free(fz.target), free(fz.h);
+    free(y_want), free(idx_want), free(want.slots), free(fz.target), free(fz.h);
     free_run(&r);
     free_problem(&p);
 }
@@ -634,13 +651,15 @@ int main(void) {
     for (i = 0; i < n; i++) {
         fm_test_use_isa(isas[i]);
         for (round = 0; round < 3; round++) {
-            config c;
-            check_layer((c = small_config(FM_GATE_NOISY_TOPK, 1), &c), 1);
-            check_layer((c = small_config(FM_GATE_NOISY_TOPK, 0), &c), 1);
-            c = small_config(FM_GATE_SOFTMAX_TOPK, 0), c.desc.renormalize = round % 2;
+            config c; /* rounds 1 and 2 add the slot outputs' term to the objective */
+            c = small_config(FM_GATE_NOISY_TOPK, 1), c.slot_term = round > 0;
             check_layer(&c, 1);
-            check_layer((c = small_config(FM_GATE_CONFIDENCE, 0), &c), 1);
-            c = small_config(FM_GATE_NOISY_TOPK, 1), c.desc.capacity_factor = 0.7f;
+            check_layer((c = small_config(FM_GATE_NOISY_TOPK, 0), &c), 1);
+            c = small_config(FM_GATE_SOFTMAX_TOPK, 0), c.desc.renormalize = round % 2, c.slot_term = round == 2;
+            check_layer(&c, 1);
+            c = small_config(FM_GATE_CONFIDENCE, 0), c.slot_term = round > 0;
+            check_layer(&c, 1);
+            c = small_config(FM_GATE_NOISY_TOPK, 1), c.desc.capacity_factor = 0.7f, c.slot_term = round > 0;
             check_layer(&c, 1);
         }
         { /* Flex-MoE's shapes in training: the forward at full size */
