@@ -804,8 +804,16 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  * imputation = FM_IMPUTE_ZERO gives a missing modality zero tokens instead of the bank's;
  * FM_IMPUTE_FEATURES encodes the imputed features the batch carries for it (ConfSMoE's first stage,
  * fm_dataset_impute), the combination index and the gate loss still following the observed mask.
- * ConfSMoE's second stage (an attention from the missing modalities' tokens over the observed
- * modalities' expert outputs) is not implemented yet.
+ * FM_IMPUTE_TWO_STAGE adds ConfSMoE's second stage, after the experts and before the SMoE's
+ * dropout and residual, with either gate. For a sample that misses modalities, the keys are the
+ * slots of its observed modalities' tokens (modality, patch, slot: n = observed * patches * top_k
+ * of them), key_j = h_j Wk and value_j = h_j Wv from the slot's expert output h_j; each token t
+ * of a missing modality asks q_t = (the mean of its own k expert outputs) Wq, and
+ *   a = softmax_j(q_t . key_j / sqrt(dim)),  z_t = sum over the ceil(impute_keep * n) largest a_j
+ *   (ties to the lower j; the others dropped, not renormalised) of a_j value_j,
+ *   SMoE(u)_t = LayerNorm(y_t + z_t; moe.impute.norm)    (y_t the SMoE's output; observed tokens keep y_t)
+ * The gradient reaches the expert outputs from both sides (fm_moe_stats.slot_outputs and
+ * fm_moe_loss_weights.d_slot_outputs).
  *
  * Parameters, gradients and Adam's two moments are four arenas of the same layout, one
  * contiguous 64-byte aligned array each, described by one table of named tensors; the activations
@@ -827,8 +835,11 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  *   moe.w1  experts x dim x hidden (packed: fm_pack_weights)     moe.b1  experts x hidden
  *   moe.w2  experts x hidden x dim (packed)                      moe.b2  experts x dim
  *   head.weight         M * dim x classes   head.bias  classes
- * The bank only with FM_IMPUTE_BANK, moe.noise.weight only with the noisy gate; the confidence gate
- * adds (fm_confsmoe_params):
+ * The bank only with FM_IMPUTE_BANK, moe.noise.weight only with the noisy gate; FM_IMPUTE_TWO_STAGE
+ * adds
+ *   moe.impute.q.weight dim x dim           moe.impute.kv.weight  dim x 2 dim (K's columns, then V's)
+ *   moe.impute.norm.weight, moe.impute.norm.bias    dim
+ * and the confidence gate adds (fm_confsmoe_params):
  *   moe.confidence.w    experts x dim       moe.confidence.b  experts
  *   moe.confidence.norm.weight, moe.confidence.norm.bias       dim
  *   moe.probe.weight    experts x classes x dim (PyTorch's nn.Linear(dim, classes).weight each)
@@ -840,16 +851,18 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
  * the experts x out x in tensor: U(+-1/sqrt(out * in)), biases zero); the confidence gate's and
  * the probes' weights and biases nn.Linear(dim, .)'s U(+-1/sqrt(dim)), its LayerNorm 1 and 0. */
 #define FLEXMOE_MODEL_MAX_MODALITIES 8
-#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 23) /* two per encoder, at most 23 more */
+#define FLEXMOE_MODEL_MAX_TENSORS (2 * FLEXMOE_MODEL_MAX_MODALITIES + 26) /* two per encoder, at most 26 more */
 
 /* What stands in for a missing modality's tokens. */
 typedef enum fm_imputation {
     FM_IMPUTE_BANK = 0, /* Flex-MoE's learned bank[combination][modality] */
     FM_IMPUTE_ZERO,     /* zero tokens (the position is still added): the baseline */
-    FM_IMPUTE_FEATURES  /* ConfSMoE's first stage: the batch carries imputed features for a missing
+    FM_IMPUTE_FEATURES, /* ConfSMoE's first stage: the batch carries imputed features for a missing
                            modality (fm_dataset_impute: the mean of R observed training samples'),
                            encoded like an observed modality's; the observed mask still marks it
                            missing for the combination index and the gate loss */
+    FM_IMPUTE_TWO_STAGE /* ConfSMoE's two stages: FM_IMPUTE_FEATURES, then the missing modalities'
+                           tokens attend over the observed modalities' expert outputs (above) */
 } fm_imputation;
 
 /* Zero is the reference's configuration, except the modalities, their features and the classes,
@@ -869,6 +882,7 @@ typedef struct fm_model_desc {
     fm_gate_kind gate;        /* 0: Flex-MoE's noisy top-k; FM_GATE_CONFIDENCE: ConfSMoE's (below) */
     fm_conf_mode confidence;  /* confidence gate: per token (0) or the expert's mean over the batch */
     fm_imputation imputation; /* 0: the bank */
+    float impute_keep;        /* FM_IMPUTE_TWO_STAGE: the fraction of attention weights kept; 0: 1/4 */
 } fm_model_desc;
 
 /* One named tensor of the arenas: `floats` floats from `offset` (a multiple of 16), `packed`
@@ -919,7 +933,8 @@ typedef struct fm_model_batch {
     const float *features[FLEXMOE_MODEL_MAX_MODALITIES]; /* samples x features[m], rows packed; a
                                                           missing modality's row is not read (NULL
                                                           when no sample has the modality), except
-                                                          with FM_IMPUTE_FEATURES: every row read */
+                                                          with FM_IMPUTE_FEATURES and
+                                                          FM_IMPUTE_TWO_STAGE: every row read */
     const uint8_t *observed;     /* samples x modalities, nonzero = observed; >= 1 per sample */
     const int32_t *labels;       /* samples, in [0, classes); NULL: no loss, no backward */
     const float *class_weights;  /* classes, finite and >= 0, not all zero; NULL: all 1 */
@@ -1147,7 +1162,9 @@ fm_status fm_model_routing(fm_model *model, const fm_dataset *dataset, const int
  *   "config"    the model's fm_model_desc as JSON, defaults filled in: {"modalities": 6,
  *               "features": [240, 76, ...], "classes": 10, "patches": 16, "dim": 128, "heads": 4,
  *               "experts": 16, "top_k": 4, "hidden": 256, "dropout": 0.5, "gate_loss_weight":
- *               0.01, "no_attention_residual": 0, "layernorm_eps": 1e-05}
+ *               0.01, "no_attention_residual": 0, "layernorm_eps": 1e-05, "gate": 0,
+ *               "confidence": 0, "imputation": 0, "impute_keep": 0.25} (the enums by value; a
+ *               file without the last four keys takes their zero defaults)
  *   "training"  model->trained as JSON: {"epoch", "step", "seed", "best_epoch", "best_samples",
  *               "best_accuracy", "best_macro_f1", "best_macro_auc", "best_loss"}
  *   "crc32"     the CRC-32 of the data (zlib's: Python's zlib.crc32 agrees), 8 hex digits
@@ -4288,6 +4305,12 @@ struct fm__model_state {
     int32_t *expert_indices; /* each token's top_k experts in the last forward (fm_model_routing) */
     unsigned char *moe_saved, *moe_workspace;
     uint8_t *keep_attention, *keep_moe; /* the dropout masks of the last training forward */
+    /* the second imputation stage: the slot outputs (R x k x d); for the missing tokens their mean
+     * slot output, query q, q Wk^T, the kept weights' sum of slot outputs, y + z (R x d each) and
+     * its LayerNorm's statistics (R), their attention weights before and after the top fraction
+     * (R x max_keys); and the backward's scratch */
+    float *slots, *imp_mean_slot, *imp_q, *imp_qk, *imp_mix, *imp_pre, *imp_mean, *imp_rstd, *imp_probs, *imp_kept;
+    float *d_slots, *d_imp_rows, *d_imp_scores, *imp_select, *d_imp_norm;
     float *d_x, *d_tmp, *d_q, *d_kv, *d_probs, *d_context, *d_chunk, *d_pooled, *d_logits;
     float loss_weight_sum;
 };
@@ -4312,8 +4335,10 @@ static const char *fm__model_field_error(const fm_model_desc *d) {
         return "gate must be FM_GATE_NOISY_TOPK (0) or FM_GATE_CONFIDENCE";
     if (d->confidence != FM_CONF_TOKEN && d->confidence != FM_CONF_EXPERT_MEAN)
         return "confidence must be FM_CONF_TOKEN (0) or FM_CONF_EXPERT_MEAN";
-    if (d->imputation != FM_IMPUTE_BANK && d->imputation != FM_IMPUTE_ZERO && d->imputation != FM_IMPUTE_FEATURES)
-        return "imputation must be FM_IMPUTE_BANK (0), FM_IMPUTE_ZERO or FM_IMPUTE_FEATURES";
+    if (d->imputation != FM_IMPUTE_BANK && d->imputation != FM_IMPUTE_ZERO && d->imputation != FM_IMPUTE_FEATURES &&
+        d->imputation != FM_IMPUTE_TWO_STAGE)
+        return "imputation must be FM_IMPUTE_BANK (0), FM_IMPUTE_ZERO, FM_IMPUTE_FEATURES or FM_IMPUTE_TWO_STAGE";
+    if (!(d->impute_keep >= 0.0f && d->impute_keep <= 1.0f)) return "impute_keep must be 0 (1/4) .. 1";
     return NULL;
 }
 
@@ -4328,6 +4353,7 @@ static fm_model_desc fm__model_config(const fm_model_desc *d) {
     if (c.dropout == 0.0f) c.dropout = 0.5f; /* a negative value (none) stays, so the config round-trips */
     if (c.gate_loss_weight == 0.0f) c.gate_loss_weight = 0.01f;
     if (c.layernorm_eps == 0.0f) c.layernorm_eps = 1e-5f;
+    if (c.impute_keep == 0.0f) c.impute_keep = 0.25f;
     return c;
 }
 
@@ -4335,6 +4361,17 @@ static float fm__model_dropout(const fm_model_desc *c) { return c->dropout > 0.0
 static float fm__model_gate_weight(const fm_model_desc *c) { return c->gate_loss_weight > 0.0f ? c->gate_loss_weight : 0.0f; }
 
 static int fm__patch_width(const fm_model_desc *c, int m) { return (c->features[m] + c->patches - 1) / c->patches; }
+
+/* Whether a missing modality's imputed features are encoded (ConfSMoE's first stage). */
+static int fm__encodes_imputed(const fm_model_desc *c) {
+    return c->imputation == FM_IMPUTE_FEATURES || c->imputation == FM_IMPUTE_TWO_STAGE;
+}
+
+/* The most keys a token of a missing modality attends over in the second stage: the slots of the
+ * other modalities' tokens (0 without the second stage). */
+static size_t fm__impute_max_keys(const fm_model_desc *c) {
+    return c->imputation == FM_IMPUTE_TWO_STAGE ? (size_t)(c->modalities - 1) * c->patches * c->top_k : 0;
+}
 
 static void fm__model_add_tensor(fm_model *model, const char *name, int rank, const int *shape, int packed) {
     fm_tensor_info *t = &model->tensors[model->tensor_count++];
@@ -4383,6 +4420,12 @@ static void fm__model_layout(fm_model *model) {
         fm__model_add_tensor(model, "moe.b1", 2, b1, 0);
         fm__model_add_tensor(model, "moe.w2", 3, w2, 1);
         fm__model_add_tensor(model, "moe.b2", 2, b2, 0);
+        if (c->imputation == FM_IMPUTE_TWO_STAGE) {
+            fm__model_add_tensor(model, "moe.impute.q.weight", 2, qw, 0);
+            fm__model_add_tensor(model, "moe.impute.kv.weight", 2, kvw, 0);
+            fm__model_add_tensor(model, "moe.impute.norm.weight", 1, &d, 0);
+            fm__model_add_tensor(model, "moe.impute.norm.bias", 1, &d, 0);
+        }
         if (c->gate == FM_GATE_CONFIDENCE) {
             const int w[2] = {E, d}, probe_w[3] = {E, c->classes, d}, probe_b[2] = {E, c->classes};
             fm__model_add_tensor(model, "moe.confidence.w", 2, w, 0);
@@ -4451,6 +4494,25 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->moe_workspace, s->moe_sizes.workspace_bytes, unsigned char);
     FM__TAKE(s->keep_attention, R * d, uint8_t);
     FM__TAKE(s->keep_moe, R * d, uint8_t);
+    {
+        const size_t keys = fm__impute_max_keys(c), K = c->imputation == FM_IMPUTE_TWO_STAGE ? (size_t)c->top_k : 0,
+                     stage = keys ? 1 : 0;
+        FM__TAKE(s->slots, R * K * d, float);
+        FM__TAKE(s->imp_mean_slot, stage * R * d, float);
+        FM__TAKE(s->imp_q, stage * R * d, float);
+        FM__TAKE(s->imp_qk, stage * R * d, float);
+        FM__TAKE(s->imp_mix, stage * R * d, float);
+        FM__TAKE(s->imp_pre, stage * R * d, float);
+        FM__TAKE(s->imp_mean, stage * R, float);
+        FM__TAKE(s->imp_rstd, stage * R, float);
+        FM__TAKE(s->imp_probs, R * keys, float);
+        FM__TAKE(s->imp_kept, R * keys, float);
+        FM__TAKE(s->d_slots, R * K * d, float);
+        FM__TAKE(s->d_imp_rows, stage * 4 * c->patches * d, float);
+        FM__TAKE(s->d_imp_scores, (size_t)c->patches * keys, float);
+        FM__TAKE(s->imp_select, keys, float);
+        FM__TAKE(s->d_imp_norm, stage * 2 * d, float);
+    }
     FM__TAKE(s->d_x, R * d, float);
     FM__TAKE(s->d_tmp, R * d, float);
     FM__TAKE(s->d_q, R * d, float);
@@ -4497,7 +4559,9 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
         const fm_model_desc *c = &model->config;
         const double rows = (double)max_samples * c->modalities * c->patches;
         if (rows * c->dim * 4 > (double)FLEXMOE_MAX_DIM || rows * c->modalities * c->patches * c->heads > (double)FLEXMOE_MAX_DIM ||
-            (double)fm_combination_count(c->modalities) * c->modalities * c->patches * c->dim > (double)FLEXMOE_MAX_DIM) {
+            (double)fm_combination_count(c->modalities) * c->modalities * c->patches * c->dim > (double)FLEXMOE_MAX_DIM ||
+            rows * (double)fm__impute_max_keys(c) > (double)FLEXMOE_MAX_DIM ||
+            (c->imputation == FM_IMPUTE_TWO_STAGE && rows * c->top_k * c->dim > (double)FLEXMOE_MAX_DIM)) {
             fm__log(FM_LOG_ERROR, "fm_model_create: %d samples of this configuration do not fit", max_samples);
             return FM_ERR_OVERFLOW;
         }
@@ -4653,7 +4717,7 @@ static fm_status fm__model_check_batch(const char *caller, const fm_model *model
         for (m = 0; m < c->modalities; m++) {
             const int observed = b->observed[(size_t)s * c->modalities + m] != 0;
             any |= observed;
-            if ((observed || c->imputation == FM_IMPUTE_FEATURES) && !b->features[m]) {
+            if ((observed || fm__encodes_imputed(c)) && !b->features[m]) {
                 fm__log(FM_LOG_ERROR, "%s: sample %d %s modality %d, whose features are NULL", caller, s,
                         observed ? "observes" : "needs the imputed features of", m);
                 return FM_ERR_NULL_POINTER;
@@ -4781,6 +4845,178 @@ fm_status fm_model_dropout_mask(const fm_model *model, const fm_model_batch *b, 
     return FM_OK;
 }
 
+/* ---- ConfSMoE's second imputation stage ---- */
+
+/* The count-th largest of x[0..n) (1 <= count <= n), x reordered: a three-way quickselect, so
+ * runs of equal values cost one pass and a NaN (never > or < anything) cannot stall it. */
+static float fm__select_largest(float *x, int n, int count) {
+    int lo = 0, hi = n - 1;
+    const int target = count - 1;
+    while (lo < hi) {
+        const float pivot = x[lo + (hi - lo) / 2];
+        int lt = lo, i = lo, gt = hi;
+        while (i <= gt) { /* [lo, lt) > pivot, [lt, i) == pivot, (gt, hi] < pivot */
+            const float v = x[i];
+            if (v > pivot) x[i] = x[lt], x[lt++] = v, i++;
+            else if (v < pivot) x[i] = x[gt], x[gt--] = v;
+            else i++;
+        }
+        if (target < lt) hi = lt - 1;
+        else if (target > gt) lo = gt + 1;
+        else return pivot;
+    }
+    return x[target];
+}
+
+/* kept[j] = a[j] for the count largest of a[0..n) (ties to the lower j), else 0. */
+static void fm__keep_largest(const float *a, int n, int count, float *kept, float *scratch) {
+    float threshold;
+    int j, ties;
+    memcpy(scratch, a, (size_t)n * sizeof(float));
+    threshold = fm__select_largest(scratch, n, count);
+    for (ties = count, j = 0; j < n; j++) ties -= a[j] > threshold;
+    for (j = 0; j < n; j++) kept[j] = a[j] > threshold || (a[j] == threshold && ties-- > 0) ? a[j] : 0.0f;
+}
+
+/* The modalities a sample observes, ascending; returns their count. */
+static int fm__observed_modalities(const fm_model_desc *c, const fm_model_batch *b, int sample, int *list) {
+    int m, n = 0;
+    for (m = 0; m < c->modalities; m++)
+        if (b->observed[(size_t)sample * c->modalities + m]) list[n++] = m;
+    return n;
+}
+
+/* First token of sample i's patches in modality m's chunk (the layer's chunk-major order). */
+static size_t fm__chunk_token(const fm_model_desc *c, int samples, int m, int i) {
+    return ((size_t)m * samples + (size_t)i) * c->patches;
+}
+
+/* Stage two on the SMoE's output (chunk_out, chunk-major) and its slot outputs (s->slots). The
+ * projections move to the query's side, which has fewer rows than the keys: q . (h_j Wk) =
+ * (q Wk^T) . h_j and sum_j w_j (h_j Wv) = (sum_j w_j h_j) Wv. */
+static fm_status fm__impute_forward(fm_model *model, const fm_model_batch *b, float *chunk_out) {
+    fm__model_state *s = model->state;
+    const fm_model_desc *c = &model->config;
+    const fm__kernel_table *kernels = fm__active_kernels();
+    const int S = b->samples, M = c->modalities, P = c->patches, K = c->top_k, d = c->dim, PK = P * K;
+    const size_t keys_ld = fm__impute_max_keys(c);
+    const float *wq = fm__model_param(model, model->params, "moe.impute.q.weight");
+    const float *wkv = fm__model_param(model, model->params, "moe.impute.kv.weight");
+    const float scale = 1.0f / sqrtf((float)d);
+    fm_status status;
+    int i, m, o, p, k, observed[FLEXMOE_MODEL_MAX_MODALITIES];
+    for (i = 0; i < S; i++) {
+        const int n_observed = fm__observed_modalities(c, b, i, observed), keys = n_observed * PK;
+        const int count = (int)fmin(fmax(ceil((double)c->impute_keep * keys), 1.0), (double)keys);
+        if (n_observed == M) continue;
+        for (m = 0; m < M; m++) {
+            const size_t t0 = fm__chunk_token(c, S, m, i);
+            float *probs = s->imp_probs + t0 * keys_ld, *kept = s->imp_kept + t0 * keys_ld;
+            float *mean = s->imp_mean_slot + t0 * d, *q = s->imp_q + t0 * d, *qk = s->imp_qk + t0 * d;
+            float *mix = s->imp_mix + t0 * d, *pre = s->imp_pre + t0 * d;
+            if (b->observed[(size_t)i * M + m]) continue;
+            memset(mean, 0, (size_t)P * d * sizeof(float));
+            for (p = 0; p < P; p++)
+                for (k = 0; k < K; k++) kernels->axpy(d, 1.0f / (float)K, s->slots + ((t0 + p) * K + k) * d, mean + (size_t)p * d);
+            fm__linear_forward(kernels, P, d, d, mean, d, wq, NULL, 0, q, d);
+            fm__gemm_strided(kernels, P, d, d, q, d, 1, wkv, 1, 2 * d, 0, qk, d); /* q Wk^T */
+            for (o = 0; o < n_observed; o++) {
+                const float *h = s->slots + fm__chunk_token(c, S, observed[o], i) * K * d;
+                fm__gemm_strided(kernels, P, d, PK, qk, d, 1, h, 1, d, 0, probs + (size_t)o * PK, (ptrdiff_t)keys_ld);
+            }
+            for (p = 0; p < P; p++)
+                for (k = 0; k < keys; k++) probs[(size_t)p * keys_ld + k] *= scale;
+            if ((status = fm_softmax_forward(P, keys, probs, (int)keys_ld, probs, (int)keys_ld)) != FM_OK) return status;
+            for (p = 0; p < P; p++)
+                fm__keep_largest(probs + (size_t)p * keys_ld, keys, count, kept + (size_t)p * keys_ld, s->imp_select);
+            for (o = 0; o < n_observed; o++) {
+                const float *h = s->slots + fm__chunk_token(c, S, observed[o], i) * K * d;
+                fm__gemm_strided(kernels, P, PK, d, kept + (size_t)o * PK, (ptrdiff_t)keys_ld, 1, h, d, 1, o > 0, mix, d);
+            }
+            memcpy(pre, chunk_out + t0 * d, (size_t)P * d * sizeof(float));
+            fm__gemm_strided(kernels, P, d, d, mix, d, 1, wkv + d, 2 * d, 1, 1, pre, d); /* y + z, z = mix Wv */
+            if ((status = fm_layernorm_forward(P, d, pre, d, fm__model_param(model, model->params, "moe.impute.norm.weight"),
+                                               fm__model_param(model, model->params, "moe.impute.norm.bias"),
+                                               c->layernorm_eps, chunk_out + t0 * d, d, s->imp_mean + t0,
+                                               s->imp_rstd + t0)) != FM_OK)
+                return status;
+        }
+    }
+    return FM_OK;
+}
+
+/* Its backward: d_chunk (chunk-major d(SMoE output)) becomes d(the layer's y) in place, s->d_slots
+ * receives d(slot outputs), and the stage's parameter gradients are overwritten in g. */
+static fm_status fm__impute_backward(fm_model *model, const fm_model_batch *b, float *d_chunk, float *g) {
+    fm__model_state *s = model->state;
+    const fm_model_desc *c = &model->config;
+    const fm__kernel_table *kernels = fm__active_kernels();
+    const int S = b->samples, M = c->modalities, P = c->patches, K = c->top_k, d = c->dim, PK = P * K;
+    const size_t keys_ld = fm__impute_max_keys(c), R = (size_t)S * M * P;
+    const float *wq = fm__model_param(model, model->params, "moe.impute.q.weight");
+    const float *wkv = fm__model_param(model, model->params, "moe.impute.kv.weight");
+    const float *gamma = fm__model_param(model, model->params, "moe.impute.norm.weight");
+    float *dwq = fm__model_param(model, g, "moe.impute.q.weight"), *dwkv = fm__model_param(model, g, "moe.impute.kv.weight");
+    float *dgamma = fm__model_param(model, g, "moe.impute.norm.weight"), *dbeta = fm__model_param(model, g, "moe.impute.norm.bias");
+    float *d_mix = s->d_imp_rows, *d_qk = d_mix + (size_t)P * d, *d_q = d_qk + (size_t)P * d, *d_mean = d_q + (size_t)P * d;
+    const float scale = 1.0f / sqrtf((float)d);
+    fm_status status;
+    int i, m, o, p, k, j, first = 1, observed[FLEXMOE_MODEL_MAX_MODALITIES];
+    memset(s->d_slots, 0, R * K * d * sizeof(float));
+    memset(dwq, 0, (size_t)d * d * sizeof(float));
+    memset(dwkv, 0, (size_t)d * 2 * d * sizeof(float));
+    memset(dgamma, 0, (size_t)d * sizeof(float));
+    memset(dbeta, 0, (size_t)d * sizeof(float));
+    for (i = 0; i < S; i++) {
+        const int n_observed = fm__observed_modalities(c, b, i, observed), keys = n_observed * PK;
+        if (n_observed == M) continue;
+        for (m = 0; m < M; m++) {
+            const size_t t0 = fm__chunk_token(c, S, m, i);
+            const float *probs = s->imp_probs + t0 * keys_ld, *kept = s->imp_kept + t0 * keys_ld;
+            const float *q = s->imp_q + t0 * d, *qk = s->imp_qk + t0 * d;
+            float *dz = d_chunk + t0 * d, *ds = s->d_imp_scores;
+            if (b->observed[(size_t)i * M + m]) continue;
+            /* the LayerNorm: dz = d(y + z), which is also d y */
+            if ((status = fm_layernorm_backward(P, d, s->imp_pre + t0 * d, d, gamma, s->imp_mean + t0, s->imp_rstd + t0, dz, d,
+                                                dz, d, s->d_imp_norm, s->d_imp_norm + d)) != FM_OK)
+                return status;
+            kernels->axpy(d, 1.0f, s->d_imp_norm, dgamma);
+            kernels->axpy(d, 1.0f, s->d_imp_norm + d, dbeta);
+            /* z = mix Wv */
+            fm__gemm_strided(kernels, P, d, d, dz, d, 1, wkv + d, 1, 2 * d, 0, d_mix, d);
+            fm__gemm_strided(kernels, d, P, d, s->imp_mix + t0 * d, 1, d, dz, d, 1, !first, dwkv + d, 2 * d);
+            /* mix = kept . h: d kept = d_mix . h^T, dh += kept^T d_mix */
+            for (o = 0; o < n_observed; o++) {
+                const size_t h0 = fm__chunk_token(c, S, observed[o], i) * K * d;
+                fm__gemm_strided(kernels, P, d, PK, d_mix, d, 1, s->slots + h0, 1, d, 0, ds + (size_t)o * PK, (ptrdiff_t)keys_ld);
+                fm__gemm_strided(kernels, PK, P, d, kept + (size_t)o * PK, 1, (ptrdiff_t)keys_ld, d_mix, d, 1, 1, s->d_slots + h0, d);
+            }
+            /* through the kept fraction (a dropped weight passes nothing) and the softmax */
+            for (p = 0; p < P; p++) {
+                const float *a = probs + (size_t)p * keys_ld, *kp = kept + (size_t)p * keys_ld;
+                float *row = ds + (size_t)p * keys_ld, dot = 0.0f;
+                for (j = 0; j < keys; j++) row[j] = kp[j] != 0.0f ? row[j] : 0.0f, dot += a[j] * row[j];
+                for (j = 0; j < keys; j++) row[j] = a[j] * (row[j] - dot) * scale;
+            }
+            /* the scores qk . h: d qk = ds . h, dh += ds^T qk */
+            for (o = 0; o < n_observed; o++) {
+                const size_t h0 = fm__chunk_token(c, S, observed[o], i) * K * d;
+                fm__gemm_strided(kernels, P, PK, d, ds + (size_t)o * PK, (ptrdiff_t)keys_ld, 1, s->slots + h0, d, 1, o > 0, d_qk, d);
+                fm__gemm_strided(kernels, PK, P, d, ds + (size_t)o * PK, 1, (ptrdiff_t)keys_ld, qk, d, 1, 1, s->d_slots + h0, d);
+            }
+            /* qk = q Wk^T: dq = d_qk Wk, dWk += d_qk^T q; then q = mean Wq, the mean of the token's own slots */
+            fm__gemm_strided(kernels, P, d, d, d_qk, d, 1, wkv, 2 * d, 1, 0, d_q, d);
+            fm__gemm_strided(kernels, d, P, d, d_qk, 1, d, q, d, 1, !first, dwkv, 2 * d);
+            fm__linear_backward(kernels, P, d, d, s->imp_mean_slot + t0 * d, d, wq, d_q, d, d_mean, d, 0, dwq, NULL, !first);
+            first = 0;
+            for (p = 0; p < P; p++)
+                for (k = 0; k < K; k++)
+                    kernels->axpy(d, 1.0f / (float)K, d_mean + (size_t)p * d, s->d_slots + ((t0 + p) * K + k) * d);
+        }
+    }
+    return FM_OK;
+}
+
 fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logits, fm_model_losses *losses) {
     static const char caller[] = "fm_model_forward";
     const fm__kernel_table *kernels;
@@ -4827,7 +5063,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
             for (i = 0; i < S; i++) {
                 float *tokens = s->x0 + ((size_t)i * N + (size_t)m * P) * d;
                 float *patch = s->patches[m] + (size_t)i * P * width;
-                if (b->observed[(size_t)i * M + m] || c->imputation == FM_IMPUTE_FEATURES) {
+                if (b->observed[(size_t)i * M + m] || fm__encodes_imputed(c)) {
                     memset(patch, 0, (size_t)P * width * sizeof(float));
                     memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
                     fm__linear_forward(kernels, P, width, d, patch, width, w, bias, 0, tokens, d);
@@ -4874,6 +5110,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         fm_moe_stats stats;
         memset(&stats, 0, sizeof stats);
         stats.indices = s->expert_indices;
+        if (c->imputation == FM_IMPUTE_TWO_STAGE) stats.slot_outputs = s->slots;
         for (m = 0; m < M; m++)
             for (i = 0; i < S; i++)
                 memcpy(s->chunk_in + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d,
@@ -4885,6 +5122,8 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         if ((status = fm_moe_forward(&s->moe, &mp, &mb, s->chunk_out, d, s->moe_saved, s->moe_workspace, &stats)) != FM_OK)
             return status;
         gate = stats.gate_loss, confidence = stats.confidence_loss, probe_loss = stats.probe_loss;
+        if (c->imputation == FM_IMPUTE_TWO_STAGE && (status = fm__impute_forward(model, b, s->chunk_out)) != FM_OK)
+            return status;
         if (b->training && fm__model_dropout(c) > 0.0f) {
             fm__dropout_draw(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), R * d, s->keep_moe);
             fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->chunk_out);
@@ -4983,6 +5222,10 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                 memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
                        (size_t)P * d * sizeof(float));
         if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->d_chunk);
+        if (c->imputation == FM_IMPUTE_TWO_STAGE) {
+            if ((status = fm__impute_backward(model, b, s->d_chunk, g)) != FM_OK) return status;
+            weights.d_slot_outputs = s->d_slots;
+        }
         if ((status = fm_moe_backward(&s->moe, &mp, &mb, s->moe_saved, s->d_chunk, d, &weights, s->d_tmp, d, &mg,
                                       s->moe_workspace)) != FM_OK)
             return status;
@@ -5044,7 +5287,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
             memset(db, 0, (size_t)d * sizeof(float));
             for (i = 0; i < S; i++) {
                 const float *dtokens = s->d_x + ((size_t)i * N + (size_t)m * P) * d;
-                if (b->observed[(size_t)i * M + m] || c->imputation == FM_IMPUTE_FEATURES) {
+                if (b->observed[(size_t)i * M + m] || fm__encodes_imputed(c)) {
                     fm__linear_backward(kernels, P, width, d, s->patches[m] + (size_t)i * P * width, width, NULL, dtokens, d,
                                         NULL, 0, 0, dw, db, !first);
                     first = 0;
@@ -6068,10 +6311,10 @@ static void fm__config_json(fm__text *t, const fm_model_desc *c) {
     for (m = 0; m < c->modalities; m++) fm__text_add(t, "%s%d", m ? "," : "", c->features[m]);
     fm__text_add(t, "],\"classes\":%d,\"patches\":%d,\"dim\":%d,\"heads\":%d,\"experts\":%d,\"top_k\":%d,\"hidden\":%d,"
                  "\"dropout\":%.9g,\"gate_loss_weight\":%.9g,\"no_attention_residual\":%d,\"layernorm_eps\":%.9g,"
-                 "\"gate\":%d,\"confidence\":%d,\"imputation\":%d}",
+                 "\"gate\":%d,\"confidence\":%d,\"imputation\":%d,\"impute_keep\":%.9g}",
                  c->classes, c->patches, c->dim, c->heads, c->experts, c->top_k, c->hidden, (double)c->dropout,
                  (double)c->gate_loss_weight, c->no_attention_residual, (double)c->layernorm_eps, (int)c->gate,
-                 (int)c->confidence, (int)c->imputation);
+                 (int)c->confidence, (int)c->imputation, (double)c->impute_keep);
 }
 
 static void fm__train_state_json(fm__text *t, const fm_train_state *s) {
@@ -6526,6 +6769,12 @@ static int fm__checkpoint_config(fm__safetensors_in *f, fm_model_desc *d) {
             return fm__file_wrong(f, "config: %s is missing or not a finite number", floats[i]);
         *float_fields[i] = (float)v;
     }
+    for (i = 0; i < count; i++) /* absent in version 1 files before the second imputation stage: 0, the default */
+        if (strcmp(fields[i].key, "impute_keep") == 0) {
+            if (!fm__json_field_number(fields, count, "impute_keep", 0, 0, 0.0, 1.0, &v))
+                return fm__file_wrong(f, "config: impute_keep is not a number in [0, 1]");
+            d->impute_keep = (float)v;
+        }
     if (d->modalities < 1 || d->modalities > FLEXMOE_MODEL_MAX_MODALITIES) return fm__file_wrong(f, "config: modalities is %d", d->modalities);
     for (i = 0; i < d->modalities; i++) {
         if (!fm__json_field_number(fields, count, "features", i, 1, 1, 1 << 24, &v))

@@ -25,7 +25,7 @@
 
 typedef struct train_options {
     const char *data, *save, *resume, *eval, *export_problem;
-    float missing_rate, lr;
+    float missing_rate, lr, impute_keep;
     int epochs, batch_size, warmup, json, seed_given, report_routing;
     fm_gate_kind gate;
     fm_conf_mode confidence;
@@ -46,8 +46,11 @@ static void usage(FILE *out) {
             "  --gate G            noisy (Flex-MoE's noisy top-k, default) or confidence (ConfSMoE's)\n"
             "  --confidence C      with --gate confidence: token (default) or expert-mean\n"
             "  --imputation I      a missing view's tokens: bank (Flex-MoE's learned bank, default), zero,\n"
-            "                      or sampled-mean (ConfSMoE's first stage: the view's features imputed as\n"
-            "                      the mean of 10 observed training samples' drawn at random, encoded)\n"
+            "                      sampled-mean (ConfSMoE's first stage: the view's features imputed as\n"
+            "                      the mean of 10 observed training samples' drawn at random, encoded),\n"
+            "                      or two-stage (ConfSMoE's both: sampled-mean, then after the experts the\n"
+            "                      view's tokens attend over the observed views' expert outputs)\n"
+            "  --impute-keep F     with two-stage: the fraction of attention weights kept (default 0.25)\n"
             "  --seed N            split, missingness, initialisation, shuffles, dropout (default 1;\n"
             "                      with --resume or --eval: the checkpoint's)\n"
             "  --save FILE         a checkpoint (safetensors) after every epoch, replaced atomically\n"
@@ -106,8 +109,15 @@ static int parse_args(int argc, char **argv, train_options *o) {
         } else if (strcmp(flag, "--confidence") == 0 && value && (!strcmp(value, "token") || !strcmp(value, "expert-mean"))) {
             o->confidence = strcmp(value, "token") ? FM_CONF_EXPERT_MEAN : FM_CONF_TOKEN;
         } else if (strcmp(flag, "--imputation") == 0 && value &&
-                   (!strcmp(value, "bank") || !strcmp(value, "zero") || !strcmp(value, "sampled-mean"))) {
-            o->imputation = !strcmp(value, "bank") ? FM_IMPUTE_BANK : !strcmp(value, "zero") ? FM_IMPUTE_ZERO : FM_IMPUTE_FEATURES;
+                   (!strcmp(value, "bank") || !strcmp(value, "zero") || !strcmp(value, "sampled-mean") ||
+                    !strcmp(value, "two-stage"))) {
+            o->imputation = !strcmp(value, "bank")           ? FM_IMPUTE_BANK
+                            : !strcmp(value, "zero")         ? FM_IMPUTE_ZERO
+                            : !strcmp(value, "sampled-mean") ? FM_IMPUTE_FEATURES
+                                                             : FM_IMPUTE_TWO_STAGE;
+        } else if (strcmp(flag, "--impute-keep") == 0) {
+            if (!parse_number(flag, value, 1e-6, 1.0, &v)) return 0;
+            o->impute_keep = (float)v;
         } else if (strcmp(flag, "--missing-rate") == 0) {
             if (!parse_number(flag, value, 0.0, 1.0, &v)) return 0;
             o->missing_rate = (float)v;
@@ -135,6 +145,10 @@ static int parse_args(int argc, char **argv, train_options *o) {
     }
     if (o->confidence != FM_CONF_TOKEN && o->gate != FM_GATE_CONFIDENCE) {
         fprintf(stderr, "flexmoe_train: --confidence needs --gate confidence\n");
+        return 0;
+    }
+    if (o->impute_keep != 0.0f && o->imputation != FM_IMPUTE_TWO_STAGE) {
+        fprintf(stderr, "flexmoe_train: --impute-keep needs --imputation two-stage\n");
         return 0;
     }
     if (o->export_problem && (o->gate != FM_GATE_NOISY_TOPK || o->imputation != FM_IMPUTE_BANK)) {
@@ -429,7 +443,7 @@ static fm_status create_model(const train_options *o, const fm_dataset *ds, fm_m
     int v;
     memset(&desc, 0, sizeof desc);
     desc.modalities = ds->views, desc.classes = ds->classes;
-    desc.gate = o->gate, desc.confidence = o->confidence, desc.imputation = o->imputation;
+    desc.gate = o->gate, desc.confidence = o->confidence, desc.imputation = o->imputation, desc.impute_keep = o->impute_keep;
     for (v = 0; v < ds->views; v++) desc.features[v] = ds->features[v];
     if ((status = fm_model_create(&desc, o->batch_size, model)) != FM_OK || (status = fm_model_init(model, o->seed)) != FM_OK)
         fprintf(stderr, "flexmoe_train: cannot create the model: %s\n", fm_status_str(status));
@@ -447,7 +461,7 @@ static fm_status prepare_data(const train_options *o, fm_dataset *ds, int32_t **
     if (status != FM_OK || (status = fm_dataset_drop_views(ds, o->missing_rate, o->seed)) != FM_OK ||
         (status = fm_dataset_split(ds, o->seed, *order, train, validation)) != FM_OK ||
         (status = fm_dataset_standardize(ds, *order, *train)) != FM_OK ||
-        (o->imputation == FM_IMPUTE_FEATURES && (status = fm_dataset_impute(ds, *order, *train, 10, o->seed)) != FM_OK))
+        ((o->imputation == FM_IMPUTE_FEATURES || o->imputation == FM_IMPUTE_TWO_STAGE) && (status = fm_dataset_impute(ds, *order, *train, 10, o->seed)) != FM_OK))
         fprintf(stderr, "flexmoe_train: cannot prepare the data (%s)\n", why(status));
     return status;
 }
@@ -520,9 +534,10 @@ int main(int argc, char **argv) {
         printf("{\"impl\": \"flexmoe\", \"data\": ");
         print_json_string(o.data ? o.data : "synthetic");
         printf(", \"gate\": \"%s\", \"imputation\": \"%s\"", model.config.gate == FM_GATE_CONFIDENCE ? "confidence" : "noisy",
-               model.config.imputation == FM_IMPUTE_ZERO       ? "zero"
-               : model.config.imputation == FM_IMPUTE_FEATURES ? "sampled-mean"
-                                                              : "bank");
+               model.config.imputation == FM_IMPUTE_ZERO        ? "zero"
+               : model.config.imputation == FM_IMPUTE_FEATURES  ? "sampled-mean"
+               : model.config.imputation == FM_IMPUTE_TWO_STAGE ? "two-stage"
+                                                                : "bank");
         printf(", \"missing_rate\": %g, \"seed\": %llu, \"epochs\": %d, "
                "\"best_epoch\": %d, \"validation_accuracy\": %.6f, \"test_accuracy\": %.6f, \"test_macro_f1\": %.6f, "
                "\"test_macro_auc\": %.6f, \"train_samples_per_second\": %.2f, \"seconds\": %.2f",

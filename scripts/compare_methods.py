@@ -1,21 +1,25 @@
 #!/usr/bin/python3
-"""The method comparison of the ConfSMoE issue: Flex-MoE, Flex-MoE with zero imputation and ConfSMoE's
-confidence gate, trained by flexmoe_train over missing rates and seeds, with their test metrics and
-how evenly each routes the tokens to the experts.
+"""The method comparison of the ConfSMoE issue: Flex-MoE, Flex-MoE with zero imputation and ConfSMoE
+(and two ablations of it), trained by flexmoe_train over missing rates and seeds, with their test
+metrics and how evenly each routes the tokens to the experts.
 
     scripts/compare_methods.py [--data DIR] [--train PATH] [--rates 0.0 0.3 0.5 0.7] [--seeds 1 2 3]
                                [--epochs N] [--jobs J] [--out DIR] [--timeout SECONDS]
-                               [--methods flexmoe zero confsmoe confsmoe-gate]
+                               [--methods flexmoe zero confsmoe confsmoe-stage1 confsmoe-gate] [--keep]
 
 The methods (--methods takes their keys):
-  flexmoe        Flex-MoE                          --gate noisy --imputation bank
-  zero           Zero imputation                   --gate noisy --imputation zero
-  confsmoe       ConfSMoE (stage 1 only)           --gate confidence --imputation sampled-mean
-  confsmoe-gate  ConfSMoE gate (bank imputation)   --gate confidence --imputation bank
-ConfSMoE's second imputation stage (attention over the observed modalities' expert outputs) is not
-implemented yet: "ConfSMoE (stage 1 only)" is its confidence gate with its first stage (a missing
-view's features imputed as the mean of 10 observed training samples'); "ConfSMoE gate (bank
-imputation)" is its gate on Flex-MoE's learned missing-modality bank.
+  flexmoe          Flex-MoE                          --gate noisy --imputation bank
+  zero             Zero imputation                   --gate noisy --imputation zero
+  confsmoe         ConfSMoE                          --gate confidence --imputation two-stage
+  confsmoe-stage1  ConfSMoE, stage 1 only            --gate confidence --imputation sampled-mean
+  confsmoe-gate    ConfSMoE gate, bank imputation    --gate confidence --imputation bank
+ConfSMoE is its confidence gate with both imputation stages: a missing view's features imputed as the
+mean of 10 observed training samples', then its tokens attending over the observed views' expert
+outputs. The ablations drop the second stage, or put the gate on Flex-MoE's learned bank.
+
+--keep keeps the runs of the methods not run now from an existing OUT/results.json (each matched to
+its method by the gate and imputation its JSON line reports), so that one method can be rerun and the
+tables and plots still show every method.
 
 Each run is
   TRAIN --data DIR --missing-rate P --seed S --json --report-routing <method flags> [--epochs N]
@@ -42,6 +46,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +59,11 @@ HEATMAP = os.path.join(REPO, "scripts", "routing_heatmap.py")
 METHODS = {
     "flexmoe": ("Flex-MoE", ["--gate", "noisy", "--imputation", "bank"], {"gate": "noisy", "imputation": "bank"}),
     "zero": ("Zero imputation", ["--gate", "noisy", "--imputation", "zero"], {"gate": "noisy", "imputation": "zero"}),
-    "confsmoe": ("ConfSMoE (stage 1 only)", ["--gate", "confidence", "--imputation", "sampled-mean"],
-                 {"gate": "confidence", "imputation": "sampled-mean"}),
-    "confsmoe-gate": ("ConfSMoE gate (bank imputation)", ["--gate", "confidence", "--imputation", "bank"],
+    "confsmoe": ("ConfSMoE", ["--gate", "confidence", "--imputation", "two-stage"],
+                 {"gate": "confidence", "imputation": "two-stage"}),
+    "confsmoe-stage1": ("ConfSMoE, stage 1 only", ["--gate", "confidence", "--imputation", "sampled-mean"],
+                        {"gate": "confidence", "imputation": "sampled-mean"}),
+    "confsmoe-gate": ("ConfSMoE gate, bank imputation", ["--gate", "confidence", "--imputation", "bank"],
                       {"gate": "confidence", "imputation": "bank"}),
 }
 METRICS = (("test_accuracy", "accuracy"), ("test_macro_f1", "macro-F1"), ("test_macro_auc", "AUC"))
@@ -133,7 +140,7 @@ class Grid:
         self.runs = []
         for rate in args.rates:
             for seed in args.seeds:
-                for method in args.methods:
+                for method in args.run_methods:
                     command = [args.train, "--data", args.data, "--missing-rate", f"{rate:g}", "--seed", str(seed),
                                "--json", "--report-routing"] + METHODS[method][1] + extra
                     if args.epochs:
@@ -370,7 +377,10 @@ def heatmaps(args, rows):
         if row is None or "error" in row:
             problems.append(f"{name}: the run of seed {seed} failed")
             continue
-        command = [HEATMAP, os.path.join(args.out, row["output"]), "--out", os.path.join(args.out, name),
+        # from the row itself: a kept run's log may since have been replaced by another method's
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(row, f)
+        command = [HEATMAP, f.name, "--out", os.path.join(args.out, name),
                    "--title", f"{METHODS[method][0]}: routing share per modality combination"]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -378,6 +388,8 @@ def heatmaps(args, rows):
             problems.append(f"{name}: cannot run {shlex.join(command)}: {e}")
             failed = True
             continue
+        finally:
+            os.remove(f.name)
         if done.returncode != 0:
             problems.append(f"{name}: {shlex.join(command)} failed: {done.stderr.strip()[-500:]}")
             failed = True
@@ -387,6 +399,22 @@ def heatmaps(args, rows):
 
 
 # ---- command line --------------------------------------------------------------------------------
+
+def kept_runs(path, run_methods):
+    """The successful rows of an earlier results.json whose gate and imputation match a method not run
+    now, each given that method's key and name; and that run's context."""
+    with open(path) as f:
+        earlier = json.load(f)
+    rows = []
+    for row in earlier["rows"]:
+        if "error" in row:
+            continue
+        method = next((key for key, (_, _, expect) in METHODS.items()
+                       if all(row.get(k) == v for k, v in expect.items())), None)
+        if method and method not in run_methods:
+            rows.append(dict(row, method=method, method_name=METHODS[method][0]))
+    return rows, earlier["context"]
+
 
 def host_cpu():
     cpu = platform.processor() or platform.machine()
@@ -411,6 +439,8 @@ def main(argv):
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="which methods (default all: " + " ".join(METHODS) + ")")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one run may take (default 7200; 0: none)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other methods' runs from an existing OUT/results.json (above)")
     args = parser.parse_args(argv)
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error("--rates must lie in [0, 1]")
@@ -424,8 +454,15 @@ def main(argv):
         parser.error("--timeout must be >= 0")
     args.rates = sorted(dict.fromkeys(args.rates))
     args.seeds = list(dict.fromkeys(args.seeds))
-    args.methods = [m for m in METHODS if m in args.methods]  # the table's order
+    args.run_methods = [m for m in METHODS if m in args.methods]  # the table's order
     args.train, args.data, args.out = os.path.abspath(args.train), os.path.abspath(args.data), os.path.abspath(args.out)
+    kept_rows, kept_context = [], None
+    if args.keep:
+        try:
+            kept_rows, kept_context = kept_runs(os.path.join(args.out, "results.json"), args.run_methods)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--keep: cannot read {os.path.join(args.out, 'results.json')}: {e}")
+    args.methods = [m for m in METHODS if m in args.run_methods or any(r["method"] == m for r in kept_rows)]
     if not (os.path.isfile(args.train) and os.access(args.train, os.X_OK)):
         parser.error(f"--train {args.train} is not an executable file (scripts/demo.sh builds "
                      "build/release/examples/flexmoe_train)")
@@ -467,10 +504,13 @@ def main(argv):
         "jobs": args.jobs,
         "seconds": round(time.perf_counter() - grid.start, 1),
     }
+    if kept_context:
+        context["kept"] = {"methods": sorted({r["method"] for r in kept_rows}, key=list(METHODS).index),
+                           "from": kept_context}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"context": context,
                    "methods": {m: {"name": METHODS[m][0], "flags": METHODS[m][1]} for m in args.methods},
-                   "rows": grid.rows, "failures": grid.failures}, f, indent=1)
+                   "rows": kept_rows + grid.rows, "failures": grid.failures}, f, indent=1)
         f.write("\n")
 
     names = ["accuracy_vs_missing.png", "load_cv_vs_missing.png"] + \
@@ -478,13 +518,14 @@ def main(argv):
     for name in names:  # not an earlier run's
         with contextlib.suppress(OSError):
             os.remove(os.path.join(args.out, name))
-    images, problems = plots(args, grid.rows)
+    rows = kept_rows + grid.rows
+    images, problems = plots(args, rows)
     heat_failed = False
-    if any("error" not in r for r in grid.rows):
-        more, heat_problems, heat_failed = heatmaps(args, grid.rows)
+    if any("error" not in r for r in rows):
+        more, heat_problems, heat_failed = heatmaps(args, rows)
         images += more
         problems += heat_problems
-    text = markdown(args, context, grid.rows, grid.failures, images)
+    text = markdown(args, context, rows, grid.failures, images)
     with open(os.path.join(args.out, "methods.md"), "w") as f:
         f.write(text)
     print(text, end="")

@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """PyTorch reference of the Flex-MoE model (one transformer layer with a sparse MoE; ConfSMoE's
-confidence gate, zero imputation and imputed features as options), llm.c style:
+confidence gate, zero imputation, imputed features and ConfSMoE's two-stage imputation as options),
+llm.c style:
 a C test writes the parameters and a batch into a safetensors file, this script runs the forward
 and the backward in float64 (float32 with --float32), dropout off unless the batch gives its masks,
 and writes the logits, the losses, a few activations and every parameter's gradient into another
@@ -19,9 +20,13 @@ attention_residual, noise_epsilon and layernorm_eps, all required, and optionall
 first value, Flex-MoE's model; any other value is rejected):
     gate             "noisy" (FastMoE's noisy top-k gate) or "confidence" (ConfSMoE's gate)
     confidence_mode  "token" or "expert_mean" (the latter with gate "confidence" only)
-    imputation       "bank" (the missing-modality bank), "zero" (zero tokens) or "features"
+    imputation       "bank" (the missing-modality bank), "zero" (zero tokens), "features"
                      (ConfSMoE's stage-1 imputation: the batch carries imputed features for the
-                     missing modalities, encoded like observed ones)
+                     missing modalities, encoded like observed ones) or "two_stage" (ConfSMoE's
+                     two stages: "features", then stage 2 in the SMoE block, see Model)
+and the optional number (absent = its default; any other value is rejected; accepted with every
+imputation, used by "two_stage" only)
+    impute_keep      in (0, 1], default 0.25: the fraction of stage 2's attention weights kept
 Parameters (F32, dense weights stored [in, out]: y = x @ W + b, except the probes):
     encoder.{m}.weight [P_m, d], encoder.{m}.bias [d]     P_m = ceil(F_m / patches)
     bank [2^M - 1, M, patches, d]                          tokens of a missing modality
@@ -36,10 +41,14 @@ Parameters (F32, dense weights stored [in, out]: y = x @ W + b, except the probe
     moe.confidence.norm.{weight,bias} [d],
     moe.probe.weight [E, C, d], moe.probe.bias [E, C]      (expert e's probe: nn.Linear(d, C)
                                                            layout, logits = W_e h + b_e)
+    moe.impute.q.weight [d, d], moe.impute.kv.weight [d, 2d]  (imputation "two_stage" only, all
+        (K's columns then V's; no biases),                    four: stage 2's attention and its
+    moe.impute.norm.{weight,bias} [d]                         LayerNorm)
     head.weight [M * d, C], head.bias [C]
 A parameter of another gate or imputation is rejected, as is a missing one.
 And the batch: input.features.{m} F32 [B, F_m] (rows of samples missing m are ignored, except with
-imputation "features": there they are m's imputed features, read, and must be finite),
+imputation "features" or "two_stage": there they are m's imputed features, read, and must be
+finite),
 input.observed I32 [B, M] (0/1), input.labels I32 [B], and optionally input.class_weights F32 [C],
 input.gate_noise F32 [M, B * patches, E] (the noisy gate's N(0, 1) draws; present = training gate;
 ignored by the confidence gate), input.combination I32 [B] (checked against the index computed
@@ -56,11 +65,11 @@ Model. A sample's combination index c numbers its set of observed modalities in 
 by size M, M-1, ..., 1, each size in lexicographic order (0 = all modalities). Each observed
 modality's features, zero-padded to patches * P_m, become patches rows of P_m values, encoded by
 its linear encoder into patches tokens; a missing modality takes bank[c, m] (imputation "bank"),
-zeros (imputation "zero") or, with imputation "features", the tokens of its input.features.{m} row
-computed exactly as an observed modality's (zero-padded into patches, encoder.{m}, so the encoder's
-gradient has the missing rows' terms too); the observed mask still marks it missing for everything
-else (c, the S-Router's targets, the token groups). The M * patches tokens plus the position
-embedding go through pre-LN
+zeros (imputation "zero") or, with imputation "features" or "two_stage" (its stage 1), the tokens
+of its input.features.{m} row computed exactly as an observed modality's (zero-padded into
+patches, encoder.{m}, so the encoder's gradient has the missing rows' terms too); the observed
+mask still marks it missing for everything else (c, the S-Router's targets, the token groups, and
+stage 2). The M * patches tokens plus the position embedding go through pre-LN
 multi-head attention (with the residual when attention_residual), then each modality's chunk of
 tokens x through x + SMoE(u), u = LayerNorm(x; moe.norm) (each branch times its dropout mask when
 given).
@@ -85,6 +94,26 @@ and the gate loss is the S-Router term alone: the cross-entropy of the clean log
 over the tokens of samples missing a modality (no balance term), so the router learns from it
 only (the top-k selection has no gradient) and no probe gradient reaches the experts;
 noise_epsilon and input.gate_noise are unused.
+Imputation "two_stage", stage 2 (ConfSMoE's cross-modal imputation in the SMoE block, after the
+SMoE's output y and before its dropout mask and residual, with either gate): chunk m's row
+r = b * patches + p has y[m, r] (the noisy gate's gate-weighted sum of its k expert outputs, or the
+confidence gate's LayerNorm(u + sum c h)) and the expert outputs
+h[m, r, i] = GELU(u W1[e_i] + b1[e_i]) W2[e_i] + b2[e_i], i = 0..k-1 in the routing order (best
+first, as out.indices). For each sample b whose observed set O_b is not every modality:
+    slots j = 0..n_b-1, n_b = |O_b| * patches * k: (m', p', i) for m' in O_b ascending, p' = 0..
+          patches-1, i = 0..k-1 (m' outermost, i innermost); K_j = h_j Wk, V_j = h_j Wv, [Wk | Wv] =
+          moe.impute.kv.weight (missing modalities' slots are never keys),
+    for each missing modality m of b and patch p, row r = b * patches + p:
+      q = (mean over i of h[m, r, i]) moe.impute.q.weight   (the token's own slots),
+      a = softmax over j of (q . K_j) / sqrt(d),
+      kept = the count = ceil(impute_keep * n_b) (clamped to [1, n_b]) largest a_j, ties toward
+             the lower j; a constant for the gradient, which flows through the kept a_j (and the
+             softmax into every score) only; the others are zeroed, not renormalised,
+      z[m, r] = sum over kept j of a_j V_j,
+      y'[m, r] = LayerNorm(y[m, r] + z[m, r]; moe.impute.norm.weight, .bias);
+every other row keeps y' = y (samples with every modality observed are untouched), and the chunk
+is x + y' (times its dropout mask). The gradient reaches h from the queries, the keys and the
+values (and y), so the experts, the gate, the LayerNorms, the attention and the encoders.
 Every LayerNorm has eps = layernorm_eps and GELU is erf's. Mean-pooling each chunk and a linear
 head give the logits; loss = cross-entropy (class-weighted when given) + gate_loss_weight * the sum
 of the chunks' gate losses (+ confidence_loss + probe_loss with gate "confidence").
@@ -92,9 +121,12 @@ of the chunks' gate losses (+ confidence_loss + probe_loss with gate "confidence
 Output (F64, or F32 with --float32): out.logits [B, C], out.loss, out.task_loss, out.gate_loss,
 out.confidence_loss, out.probe_loss [] (the last two 0 with gate "noisy"), act.tokens,
 act.attention, act.moe [B, M * patches, d] (the tokens after the embedding, the attention and the
-SMoE), act.pooled [B, M * d], out.indices I32 [M, B * patches, k] (each chunk's experts, best
-first: by noisy logit, or by clean logit with gate "confidence") and grad.<name> for every
-parameter of the input (zeros where it gets no gradient);
+SMoE), act.pooled [B, M * d], act.impute [M, B * patches, d] (stage 2's z in the rows of missing
+modalities, rows as input.dropout.moe; 0 elsewhere, and everywhere without imputation
+"two_stage"), out.impute_margin [] (impute_margin: how close stage 2's kept sets are to changing;
+1 without "two_stage"), out.indices I32 [M, B * patches, k] (each chunk's experts, best first: by
+noisy logit, or by clean logit with gate "confidence") and grad.<name> for every parameter of the input
+(zeros where it gets no gradient);
 __metadata__ holds the input's "config" and the "dtype"."""
 import argparse
 import contextlib
@@ -196,7 +228,7 @@ def write_safetensors(path, tensors, metadata):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The model's configuration: every key of __metadata__["config"], the last three optional."""
+    """The model's configuration: every key of __metadata__["config"], the last four optional."""
     modalities: int          # M
     features: tuple          # F_m per modality
     patches: int             # tokens per modality
@@ -212,7 +244,8 @@ class Config:
     layernorm_eps: float
     gate: str = "noisy"                 # "noisy" or "confidence"
     confidence_mode: str = "token"      # "token" or "expert_mean" (gate "confidence")
-    imputation: str = "bank"            # "bank", "zero" or "features"
+    imputation: str = "bank"            # "bank", "zero", "features" or "two_stage"
+    impute_keep: float = 0.25           # in (0, 1]: stage 2's kept fraction (imputation "two_stage")
 
     def patch_width(self, m):
         """P_m: the features of one patch of modality m."""
@@ -222,7 +255,11 @@ class Config:
 POSITIVE_INTS = ("modalities", "patches", "dim", "heads", "experts", "top_k", "hidden", "classes")
 NON_NEGATIVE_NUMBERS = ("gate_loss_weight", "noise_epsilon", "layernorm_eps")
 CHOICES = {"gate": ("noisy", "confidence"), "confidence_mode": ("token", "expert_mean"),
-           "imputation": ("bank", "zero", "features")}  # the optional keys, their default first
+           "imputation": ("bank", "zero", "features", "two_stage")}  # the optional keys, their default first
+# The optional numbers: name -> (default, the check of a given value, what it expects).
+OPTIONAL_NUMBERS = {"impute_keep": (0.25, lambda v: 0 < v <= 1, "a number in (0, 1]")}
+# The imputations that encode the batch's imputed features of missing modalities (stage 1).
+FEATURE_IMPUTATIONS = ("features", "two_stage")
 
 
 def is_positive_int(value):
@@ -241,7 +278,7 @@ def parse_config(metadata):
     if not isinstance(raw, dict):
         raise InputError("config is not a JSON object")
     keys = [field.name for field in dataclasses.fields(Config)]
-    missing = [k for k in keys if k not in raw and k not in CHOICES]
+    missing = [k for k in keys if k not in raw and k not in CHOICES and k not in OPTIONAL_NUMBERS]
     unknown = sorted(set(raw) - set(keys))
     if missing or unknown:
         raise InputError(f"config: missing keys {missing}, unknown keys {unknown}")
@@ -269,9 +306,15 @@ def parse_config(metadata):
     for key, values in CHOICES.items():
         if key in raw and (not isinstance(raw[key], str) or raw[key] not in values):
             raise bad(key, " or ".join(f'"{v}"' for v in values))
+    numbers = {}
+    for key, (default, valid, expected) in OPTIONAL_NUMBERS.items():
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise bad(key, expected)
+        numbers[key] = float(value)
     if raw.get("confidence_mode", "token") != "token" and raw.get("gate", "noisy") != "confidence":
         raise bad("confidence_mode", '"token" with gate "noisy" ("expert_mean" needs gate "confidence")')
-    return Config(**dict(raw, features=tuple(features)))
+    return Config(**dict(raw, features=tuple(features), **numbers))
 
 
 def all_parameter_shapes(cfg):
@@ -283,6 +326,7 @@ def all_parameter_shapes(cfg):
         shapes[f"encoder.{m}.weight"] = ((cfg.patch_width(m), d), None)
         shapes[f"encoder.{m}.bias"] = ((d,), None)
     bank, noisy, confidence = ("imputation", "bank"), ("gate", "noisy"), ("gate", "confidence")
+    two_stage = ("imputation", "two_stage")
     shapes.update({
         "bank": ((2 ** M - 1, M, cfg.patches, d), bank),
         "position": ((M * cfg.patches, d), None),
@@ -296,6 +340,8 @@ def all_parameter_shapes(cfg):
         "moe.confidence.w": ((E, d), confidence), "moe.confidence.b": ((E,), confidence),
         "moe.confidence.norm.weight": ((d,), confidence), "moe.confidence.norm.bias": ((d,), confidence),
         "moe.probe.weight": ((E, C, d), confidence), "moe.probe.bias": ((E, C), confidence),
+        "moe.impute.q.weight": ((d, d), two_stage), "moe.impute.kv.weight": ((d, 2 * d), two_stage),
+        "moe.impute.norm.weight": ((d,), two_stage), "moe.impute.norm.bias": ((d,), two_stage),
         "head.weight": ((M * d, C), None), "head.bias": ((C,), None),
     })
     return shapes
@@ -422,7 +468,7 @@ def check_finite(tensors, names):
 
 
 def check_imputed_features(cfg, tensors):
-    """With imputation "features": every value of the rows of missing modalities (the imputed
+    """With imputation "features" or "two_stage": every value of the rows of missing modalities (the imputed
     features, encoded like observed ones) finite."""
     observed = tensors["input.observed"].bool()
     for m in range(cfg.modalities):
@@ -432,7 +478,7 @@ def check_imputed_features(cfg, tensors):
             entry = bad[0].tolist()
             raise InputError(f"tensor '{name}': entry {entry} (sample {entry[0]}, missing modality {m}) is "
                              f"{tensors[name][tuple(entry)].item()}, expected a finite value: imputation "
-                             '"features" encodes the imputed features of missing modalities')
+                             f'"{cfg.imputation}" encodes the imputed features of missing modalities')
 
 
 def load_problem(path, dtype):
@@ -448,7 +494,7 @@ def load_problem(path, dtype):
     check_tensors(tensors, input_specs(cfg, observed.shape[0]), parameter_notes(cfg))
     combination = check_batch_values(cfg, tensors)
     check_finite(tensors, DROPOUT_MASKS)
-    if cfg.imputation == "features":
+    if cfg.imputation in FEATURE_IMPUTATIONS:
         check_imputed_features(cfg, tensors)
 
     def optional(name):
@@ -468,17 +514,17 @@ def load_problem(path, dtype):
 def embed(cfg, p, batch):
     """[B, M * patches, d]: each modality's patches encoded (when missing: its bank tokens, zeros
     with imputation "zero", or its imputed features encoded like observed ones with imputation
-    "features"), plus the position embedding."""
+    "features" or "two_stage"), plus the position embedding."""
     blocks = []
     for m, features in enumerate(batch.features):
         observed = batch.observed[:, m]
-        if cfg.imputation != "features":
+        if cfg.imputation not in FEATURE_IMPUTATIONS:
             # Rows of missing modalities may hold anything (NaN included): zeroed, so no 0 * NaN in dW.
             features = torch.where(observed[:, None], features, torch.zeros_like(features))
         width = cfg.patch_width(m)
         patches = F.pad(features, (0, cfg.patches * width - features.shape[1])).view(-1, cfg.patches, width)
         tokens = patches @ p[f"encoder.{m}.weight"] + p[f"encoder.{m}.bias"]
-        if cfg.imputation == "features":
+        if cfg.imputation in FEATURE_IMPUTATIONS:
             blocks.append(tokens)  # every row encoded, the imputed ones as the observed
         else:
             missing = p["bank"][batch.combination, m] if cfg.imputation == "bank" else torch.zeros_like(tokens)
@@ -508,16 +554,21 @@ def attention(cfg, p, x, mask):
     return x + a if cfg.attention_residual else a
 
 
-def experts(p, u, indices, gates):
-    """sum_i gates[:, i] * expert_{indices[:, i]}(u), each expert GELU(u W1 + b1) W2 + b2 run on its
-    own rows only."""
+def experts(p, u, indices, gates, slot_outputs=False):
+    """(y, h): y = sum_i gates[:, i] * expert_{indices[:, i]}(u), each expert GELU(u W1 + b1) W2 + b2
+    run on its own rows only; with slot_outputs h [rows, k, d] the expert outputs (expert_outputs's),
+    else None."""
     y = torch.zeros_like(u)
+    h = u.new_zeros(indices.shape + (u.shape[1],)) if slot_outputs else None
     for e in range(p["moe.w1"].shape[0]):
         rows, slots = (indices == e).nonzero(as_tuple=True)
         if rows.numel():
-            h = F.gelu(u[rows] @ p["moe.w1"][e] + p["moe.b1"][e])
-            y = y.index_add(0, rows, gates[rows, slots, None] * (h @ p["moe.w2"][e] + p["moe.b2"][e]))
-    return y
+            hidden = F.gelu(u[rows] @ p["moe.w1"][e] + p["moe.b1"][e])
+            out = hidden @ p["moe.w2"][e] + p["moe.b2"][e]
+            y = y.index_add(0, rows, gates[rows, slots, None] * out)
+            if slot_outputs:
+                h = h.index_put((rows, slots), out)
+    return y, h
 
 
 def sum_by_group(group, per_row):
@@ -551,11 +602,12 @@ def router_cross_entropy(logits, combination):
     return F.cross_entropy(logits[rows], combination[rows] % logits.shape[1])
 
 
-def smoe(cfg, p, u, combination, noise):
+def smoe(cfg, p, u, combination, noise, slot_outputs=False):
     """The SMoE on rows u [rows, d] with FastMoE's noisy top-k gate (the inference gate when noise
     is None). Returns y [rows, d], the gate loss (S-Router cross-entropy + the G-Router's cv^2 of
-    importance and load in each token group: 0 = full-modality samples, 1 = the others) and the
-    top min(k + 1, E) experts of each row, best first (the first k are the routing)."""
+    importance and load in each token group: 0 = full-modality samples, 1 = the others), the
+    top min(k + 1, E) experts of each row, best first (the first k are the routing), and with
+    slot_outputs the expert outputs h [rows, k, d] in the routing order (else None)."""
     k, E = cfg.top_k, cfg.experts
     clean = u @ p["moe.gate.weight"]
     if noise is None:
@@ -566,7 +618,7 @@ def smoe(cfg, p, u, combination, noise):
     top_values, top_indices = noisy.topk(min(k + 1, E), dim=1)
     gates = top_values[:, :k].softmax(dim=1)
     indices = top_indices[:, :k]
-    y = experts(p, u, indices, gates)
+    y, h = experts(p, u, indices, gates, slot_outputs)
 
     group = (combination > 0).long()
     importance = torch.zeros(2, E, dtype=u.dtype).index_put(
@@ -576,7 +628,7 @@ def smoe(cfg, p, u, combination, noise):
     else:
         load = sum_by_group(group, F.one_hot(indices, E).sum(dim=1).to(u.dtype))
     balance = sum(cv_squared(importance[g]) + cv_squared(load[g]) for g in range(2))
-    return y, router_cross_entropy(noisy, combination) + balance, top_indices
+    return y, router_cross_entropy(noisy, combination) + balance, top_indices, h
 
 
 def expert_outputs(p, u, indices):
@@ -594,11 +646,12 @@ def expert_outputs(p, u, indices):
 def confidence_combine(cfg, p, u, indices, labels, frozen=None):
     """ConfSMoE's combination on every row of the batch at once (all chunks: the expert means span
     them): u [rows, d] the SMoE's inputs, indices [rows, k] their experts, labels [rows] their
-    samples' labels. Returns y [rows, d], the confidence loss and the probe loss.
+    samples' labels. Returns y [rows, d], the confidence loss, the probe loss and the expert
+    outputs h [rows, k, d].
     frozen (a dict; None: none) is for the finite differences of a loss with stop-gradients: when
-    empty, the detached terms (the probe's input h and the targets) are recorded into it; when
-    filled, they are taken from it instead of computed, so that the loss's derivative is the
-    gradient that backward gives."""
+    it has no record of them, the detached terms (the probe's input h and the targets) are recorded
+    into it; when it has, they are taken from it instead of computed, so that the loss's derivative
+    is the gradient that backward gives."""
     d, E, eps = cfg.dim, cfg.experts, cfg.layernorm_eps
     h = expert_outputs(p, u, indices)
     n = F.layer_norm(h, (d,), None, None, eps)
@@ -613,59 +666,164 @@ def confidence_combine(cfg, p, u, indices, labels, frozen=None):
         confidence = token_confidence
     y = F.layer_norm(u + (confidence[..., None] * h).sum(dim=1), (d,),
                      p["moe.confidence.norm.weight"], p["moe.confidence.norm.bias"], eps)
-    probe_input = frozen["probe_input"] if frozen else h.detach()           # no probe gradient into h
+    recorded = frozen is not None and "target" in frozen
+    probe_input = frozen["probe_input"] if recorded else h.detach()         # no probe gradient into h
     probe_logits = (p["moe.probe.weight"][indices] @ probe_input[..., None]).squeeze(-1) + p["moe.probe.bias"][indices]
     log_p = probe_logits.log_softmax(dim=-1).gather(-1, labels[:, None, None].expand(-1, indices.shape[1], 1))
     log_p = log_p.squeeze(-1)                                               # [rows, k]: log p_s[label]
-    target = frozen["target"] if frozen else log_p.exp().detach()           # no gradient through the target
-    if frozen is not None and not frozen:
+    target = frozen["target"] if recorded else log_p.exp().detach()         # no gradient through the target
+    if frozen is not None and not recorded:
         frozen.update(probe_input=probe_input.detach().clone(), target=target.clone())
     confidence_loss = ((confidence - target) ** 2).mean()
-    return y, confidence_loss, -log_p.mean()
+    return y, confidence_loss, -log_p.mean(), h
+
+
+def chunk(x, m, patches):
+    """Modality m's chunk of the tokens x [B, M * patches, d] as rows [B * patches, d] (row
+    b * patches + p)."""
+    return x[:, m * patches:(m + 1) * patches].reshape(-1, x.shape[2])
+
+
+def smoe_layer(cfg, p, x, batch, frozen=None):
+    """The SMoE of every modality's chunk of x [B, M * patches, d] (the attention's output), before
+    its dropout mask and residual: (y [M, B * patches, d], h, gate_losses (one per chunk), ranking
+    [M, B * patches, min(k + 1, E)] (best first; the first k are the routing), confidence_loss,
+    probe_loss (None with gate "noisy")). h [M, B * patches, k, d] are the expert outputs in the
+    routing order with imputation "two_stage" (stage 2's input), None otherwise.
+    frozen: confidence_combine's."""
+    B, P, d, k = batch.observed.shape[0], cfg.patches, cfg.dim, cfg.top_k
+    row_combination = batch.combination.repeat_interleave(P)
+    ys, hs, gate_losses, rankings = [], [], [], []
+    confidence_loss = probe_loss = h = None
+    if cfg.gate == "noisy":
+        for m in range(cfg.modalities):
+            u = F.layer_norm(chunk(x, m, P), (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
+            noise = None if batch.gate_noise is None else batch.gate_noise[m]
+            y, gate_loss, ranking, chunk_h = smoe(cfg, p, u, row_combination, noise, cfg.imputation == "two_stage")
+            if chunk_h is not None:
+                hs.append(chunk_h)
+            ys.append(y)
+            gate_losses.append(gate_loss)
+            rankings.append(ranking)
+        ys, h = torch.stack(ys), torch.stack(hs) if hs else None
+    else:
+        # ConfSMoE: every chunk routed by its clean logits, then combined together (rows m * B * P +
+        # b * P + p, the C model's one layer call over all chunks).
+        us = []
+        for m in range(cfg.modalities):
+            us.append(F.layer_norm(chunk(x, m, P), (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps))
+            clean = us[-1] @ p["moe.gate.weight"]
+            rankings.append(clean.topk(min(k + 1, cfg.experts), dim=1)[1])
+            gate_losses.append(router_cross_entropy(clean, row_combination))
+        ys, confidence_loss, probe_loss, h = confidence_combine(
+            cfg, p, torch.cat(us), torch.cat([r[:, :k] for r in rankings]),
+            batch.labels.repeat_interleave(P).repeat(cfg.modalities), frozen)
+        ys = ys.view(cfg.modalities, B * P, d)
+        h = h.view(cfg.modalities, B * P, k, d) if cfg.imputation == "two_stage" else None
+    return ys, h, gate_losses, torch.stack(rankings), confidence_loss, probe_loss
+
+
+def impute_margin(weights, kept):
+    """How far the kept sets are from changing, over the rows that drop a weight: the smallest
+    relative gap between the weights just kept and those just dropped, at most 1 (1 when no row
+    drops any). Exactly equal weights come from identical keys (zero-padded patches encode alike),
+    which are interchangeable: when the cut falls inside such a group, the gaps are those around the
+    group. A float32 model keeps what this reference keeps when the margin is well above float32's
+    rounding of the weights."""
+    margin = 1.0
+    for row, row_kept in zip(weights.detach().tolist(), kept.tolist()):
+        if all(row_kept):
+            continue
+        cut = min(w for w, k in zip(row, row_kept) if k)
+        if max(w for w, k in zip(row, row_kept) if not k) < cut:
+            above, below = cut, max(w for w, k in zip(row, row_kept) if not k)
+        else:  # the cut inside a group of equal weights: the group's distance from its neighbours
+            above = min((w for w in row if w > cut), default=None)
+            below = max((w for w in row if w < cut), default=None)
+            margin = min(margin, (above - cut) / above if above is not None else 1.0)
+            above = cut
+        if below is not None:
+            margin = min(margin, (above - below) / above)
+    return margin
+
+
+def impute_stage_two(cfg, p, y, h, observed, frozen=None, margins=None):
+    """ConfSMoE's stage 2 (imputation "two_stage"): y [M, B * patches, d] the SMoE's outputs, h
+    [M, B * patches, k, d] their expert outputs in the routing order, observed [B, M] the mask.
+    Returns (y' [M, B * patches, d], z [M, B * patches, d]): for each missing modality m of a sample
+    b and patch p, z the kept part of the attention of the query (the mean of the token's own k
+    expert outputs) @ moe.impute.q.weight over the keys and values h @ moe.impute.kv.weight of b's
+    observed modalities' slots (m', p', i nested in that order), the ceil(impute_keep * n_b)
+    largest weights kept (ties toward the lower slot), not renormalised, and y' = LayerNorm(y + z;
+    moe.impute.norm); y' = y and z = 0 in every other row.
+    frozen (a dict; None: none): the finite differences' record of the kept sets, as
+    confidence_combine's: recorded into it when it has none, taken from it when it has.
+    margins (a list; None: none) receives each sample's impute_margin."""
+    M, rows, k, d = h.shape
+    B = observed.shape[0]
+    P = rows // B
+    recorded = frozen is not None and "impute_kept" in frozen
+    kept_sets = frozen["impute_kept"] if recorded else {}
+    w_query = p["moe.impute.q.weight"]
+    w_key, w_value = p["moe.impute.kv.weight"].split(d, dim=1)
+    chunks, row_indices, zs = [], [], []
+    for b, row in enumerate(observed.tolist()):
+        present = [m for m in range(M) if row[m]]
+        absent = [m for m in range(M) if not row[m]]
+        if not absent:
+            continue
+        block = slice(b * P, (b + 1) * P)
+        slots = h[present, block].reshape(-1, d)                   # [n_b, d]: (m', p', i), i innermost
+        queries = h[absent, block].mean(dim=2).reshape(-1, d) @ w_query   # [|absent| * P, d]: (m, p)
+        weights = (queries @ (slots @ w_key).T / math.sqrt(d)).softmax(dim=-1)
+        if recorded:
+            kept = kept_sets[b]
+        else:
+            count = min(max(math.ceil(cfg.impute_keep * slots.shape[0]), 1), slots.shape[0])
+            best = weights.detach().sort(dim=-1, descending=True, stable=True).indices[:, :count]
+            kept = torch.zeros(weights.shape, dtype=torch.bool).scatter(1, best, True)
+            kept_sets[b] = kept
+        if margins is not None:
+            margins.append(impute_margin(weights, kept))
+        zs.append((weights * kept) @ (slots @ w_value))
+        chunks += [m for m in absent for _ in range(P)]
+        row_indices += list(range(b * P, (b + 1) * P)) * len(absent)
+    if frozen is not None and not recorded:
+        frozen["impute_kept"] = kept_sets
+    if not zs:
+        return y, torch.zeros_like(y)
+    where = (torch.tensor(chunks), torch.tensor(row_indices))
+    z = torch.cat(zs)
+    imputed = F.layer_norm(y[where] + z, (d,), p["moe.impute.norm.weight"], p["moe.impute.norm.bias"],
+                           cfg.layernorm_eps)
+    return y.index_put(where, imputed), torch.zeros_like(y).index_put(where, z)
 
 
 def forward(cfg, p, batch, frozen=None):
     """The model on a batch: (outputs, ranking), outputs the named tensors of the output file
     except the gradients, ranking [M, B * patches, min(k + 1, E)] each chunk's experts, best first
     (by noisy logit, or by clean logit with gate "confidence"; the first k are the routing).
-    frozen: confidence_combine's (the finite differences' record of the detached terms)."""
+    frozen: confidence_combine's and impute_stage_two's (the finite differences' record of the
+    detached terms and of the kept sets)."""
     B, P, d = batch.observed.shape[0], cfg.patches, cfg.dim
     tokens = embed(cfg, p, batch)
     x = attention(cfg, p, tokens, batch.dropout_attention)
-    row_combination = batch.combination.repeat_interleave(P)
-    chunks, gate_losses, rankings = [], [], []
-    if cfg.gate == "noisy":
-        for m in range(cfg.modalities):
-            t = x[:, m * P:(m + 1) * P].reshape(B * P, d)
-            u = F.layer_norm(t, (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps)
-            noise = None if batch.gate_noise is None else batch.gate_noise[m]
-            y, gate_loss, ranking = smoe(cfg, p, u, row_combination, noise)
-            mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
-            chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
-            gate_losses.append(gate_loss)
-            rankings.append(ranking)
+    ys, h, gate_losses, ranking, confidence_loss, probe_loss = smoe_layer(cfg, p, x, batch, frozen)
+    if cfg.imputation == "two_stage":
+        margins = []
+        ys, imputed = impute_stage_two(cfg, p, ys, h, batch.observed, frozen, margins)
+        margin = min(margins, default=1.0)
     else:
-        # ConfSMoE: every chunk routed by its clean logits, then combined together (rows m * B * P +
-        # b * P + p, the C model's one layer call over all chunks).
-        ts, us = [], []
-        for m in range(cfg.modalities):
-            ts.append(x[:, m * P:(m + 1) * P].reshape(B * P, d))
-            us.append(F.layer_norm(ts[-1], (d,), p["moe.norm.weight"], p["moe.norm.bias"], cfg.layernorm_eps))
-            clean = us[-1] @ p["moe.gate.weight"]
-            rankings.append(clean.topk(min(cfg.top_k + 1, cfg.experts), dim=1)[1])
-            gate_losses.append(router_cross_entropy(clean, row_combination))
-        ys, confidence_loss, probe_loss = confidence_combine(
-            cfg, p, torch.cat(us), torch.cat([r[:, :cfg.top_k] for r in rankings]),
-            batch.labels.repeat_interleave(P).repeat(cfg.modalities), frozen)
-        for m, (t, y) in enumerate(zip(ts, ys.split(B * P))):
-            mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
-            chunks.append((t + apply_dropout(y, mask)).view(B, P, d))
+        imputed, margin = torch.zeros_like(ys), 1.0
+    chunks = []
+    for m in range(cfg.modalities):
+        mask = None if batch.dropout_moe is None else batch.dropout_moe[m]
+        chunks.append((chunk(x, m, P) + apply_dropout(ys[m], mask)).view(B, P, d))
     moe = torch.cat(chunks, dim=1)
     pooled = moe.view(B, cfg.modalities, P, d).mean(dim=2).reshape(B, cfg.modalities * d)
     logits = pooled @ p["head.weight"] + p["head.bias"]
     task_loss = F.cross_entropy(logits, batch.labels, weight=batch.class_weights)
     gate_loss = sum(gate_losses)
-    ranking = torch.stack(rankings)
     loss = task_loss + cfg.gate_loss_weight * gate_loss
     if cfg.gate == "confidence":
         loss = loss + confidence_loss + probe_loss
@@ -676,7 +834,8 @@ def forward(cfg, p, batch, frozen=None):
         "out.task_loss": task_loss, "out.gate_loss": gate_loss,
         "out.confidence_loss": confidence_loss, "out.probe_loss": probe_loss,
         "act.tokens": tokens, "act.attention": x, "act.moe": moe, "act.pooled": pooled,
-        "out.indices": ranking[..., :cfg.top_k].int(),
+        "act.impute": imputed, "out.indices": ranking[..., :cfg.top_k].int(),
+        "out.impute_margin": torch.tensor(margin, dtype=logits.dtype),
     }
     return outputs, ranking
 
@@ -712,7 +871,17 @@ CONFIDENCE_CONFIGS = {
 }
 # The noisy gate with ConfSMoE's stage-1 imputation (imputed features of the missing modalities).
 FEATURES_CONFIG = dict(SELFTEST_CONFIG, imputation="features", gate_loss_weight=0.3)
-# One full sample, two with one modality missing, two with one observed (combinations 0, 2, 5, 6, 1).
+# ConfSMoE's two stages with either gate, each checked by finite differences (impute_keep 0.3: a count
+# ceil(0.3 * n_b) that rounds up, 20 of 64 and 10 of 32 keys; the default 0.25 with the other gate).
+TWO_STAGE_CONFIGS = {
+    "noisy gate, two_stage imputation":
+        dict(SELFTEST_CONFIG, imputation="two_stage", impute_keep=0.3, gate_loss_weight=0.3),
+    "confidence gate, token, two_stage imputation":
+        dict(SELFTEST_CONFIG, gate="confidence", confidence_mode="token", imputation="two_stage",
+             gate_loss_weight=0.3),
+}
+# One full sample, two with one modality missing, two with one observed (combinations 0, 2, 5, 6, 1):
+# stage 2 has samples with two observed modalities (64 keys) and with one (32 keys).
 SELFTEST_OBSERVED = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]]
 FD_STEP = 1e-6
 FD_TOLERANCE = 1e-6      # of each tensor's largest gradient
@@ -720,15 +889,17 @@ FD_ENTRIES = 6           # perturbed entries per parameter
 SELFTEST_DROPOUT = 0.5   # the rate p of the selftest's dropout masks
 # Scaled by 1/sqrt(fan-in) in the selftest's problem (the others are N(0, 0.25)).
 DENSE_WEIGHTS = ("attention.q.weight", "attention.kv.weight", "attention.out.weight", "moe.gate.weight",
-                 "moe.noise.weight", "moe.w1", "moe.w2", "head.weight")
+                 "moe.noise.weight", "moe.w1", "moe.w2", "head.weight", "moe.impute.q.weight",
+                 "moe.impute.kv.weight")
 # Likewise, their fan-in in their last dimension ([out, in] or [E, out, in] layouts).
 DENSE_WEIGHTS_OUT_IN = ("moe.confidence.w", "moe.probe.weight")
 
 
 def selftest_problem(generator, training, dropout=False, config=None):
     """Random F32 parameters and a batch of config (default SELFTEST_CONFIG) as name -> tensor: NaN
-    features where a modality is missing (random imputed ones with imputation "features"), class weights, the combination indices, when training gate
-    noise and, with dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
+    features where a modality is missing (random imputed ones with imputation "features" or
+    "two_stage"), class weights, the combination indices, when training gate noise and, with
+    dropout, both dropout masks (0 or 1/(1-p), p = SELFTEST_DROPOUT)."""
     cfg = parse_config({"config": json.dumps(config or SELFTEST_CONFIG)})
 
     def normal(*shape, scale=1.0):
@@ -741,14 +912,14 @@ def selftest_problem(generator, training, dropout=False, config=None):
     for name in DENSE_WEIGHTS_OUT_IN:
         if name in tensors:
             tensors[name] *= 2.0 * tensors[name].shape[-1] ** -0.5
-    for name in ("attention.norm.weight", "moe.norm.weight", "moe.confidence.norm.weight"):
+    for name in ("attention.norm.weight", "moe.norm.weight", "moe.confidence.norm.weight", "moe.impute.norm.weight"):
         if name in tensors:
             tensors[name] += 1.0
     observed = torch.tensor(SELFTEST_OBSERVED, dtype=torch.int32)
     B = observed.shape[0]
     for m, width in enumerate(cfg.features):
         features = normal(B, width)
-        if cfg.imputation != "features":
+        if cfg.imputation not in FEATURE_IMPUTATIONS:
             features[observed[:, m] == 0] = math.nan
         tensors[f"input.features.{m}"] = features
     tensors["input.observed"] = observed
@@ -833,12 +1004,15 @@ def check_safetensors(tmp):
 
 def check_output_file(cfg, tensors, dtype):
     """Every output name with its shape and dtype, all finite (the missing rows of the input hold
-    NaN, except with imputation "features")."""
+    NaN, except with imputation "features" or "two_stage"); act.impute 0 in every row without
+    imputation "two_stage", and with it 0 exactly in the rows of observed modalities and nonzero in
+    every row of a missing one."""
     B, M, P, d, k = len(SELFTEST_OBSERVED), cfg.modalities, cfg.patches, cfg.dim, cfg.top_k
     expected = {"out.logits": (B, cfg.classes), "out.loss": (), "out.task_loss": (), "out.gate_loss": (),
                 "out.confidence_loss": (), "out.probe_loss": (),
                 "act.tokens": (B, M * P, d), "act.attention": (B, M * P, d), "act.moe": (B, M * P, d),
-                "act.pooled": (B, M * d), "out.indices": (M, B * P, k)}
+                "act.pooled": (B, M * d), "act.impute": (M, B * P, d), "out.indices": (M, B * P, k),
+                "out.impute_margin": ()}
     expected.update({"grad." + name: shape for name, shape in parameter_shapes(cfg).items()})
     failures = []
     if set(tensors) != set(expected):
@@ -851,6 +1025,14 @@ def check_output_file(cfg, tensors, dtype):
                             f"expected {DTYPE_NAMES[want]} {list(expected[name])}")
         elif not torch.isfinite(tensor).all():
             failures.append(f"'{name}' is not finite")
+    if tuple(tensors.get("act.impute", torch.empty(0)).shape) == expected["act.impute"]:
+        observed = torch.tensor(SELFTEST_OBSERVED, dtype=torch.bool).T.repeat_interleave(P, dim=1)  # [M, B * P]
+        if cfg.imputation != "two_stage":
+            observed = torch.ones_like(observed)
+        nonzero = tensors["act.impute"].abs().amax(dim=-1) > 0
+        if nonzero[observed].any() or not nonzero[~observed].all():
+            failures.append("'act.impute' is not 0 exactly in the rows of observed modalities (every row "
+                            "without imputation \"two_stage\") and nonzero in those of missing ones")
     return failures
 
 
@@ -859,8 +1041,8 @@ def finite_difference_check(in_path, outputs, generator):
     gradient among them) against the written gradients, within FD_TOLERANCE of each tensor's
     largest gradient; perturbations that change any chunk's top-(k+1) ranking (a kink of the loss)
     are skipped, and every parameter must keep at least one entry. The confidence gate's detached
-    terms (the probe's input, the targets) are held at their unperturbed values, as backward
-    treats them as constants."""
+    terms (the probe's input, the targets) and stage 2's kept sets (imputation "two_stage") are held
+    at their unperturbed values, as backward treats them as constants."""
     cfg, _, params, batch = load_problem(in_path, torch.float64)
     with torch.no_grad():
         frozen = {}
@@ -942,6 +1124,8 @@ def check_model(tmp, generator, training, dropout=False, config=None):
         compared = ("out.loss", "out.logits", "act.moe", "grad.moe.w1")
         if cfg.gate == "confidence":
             compared += ("out.confidence_loss", "out.probe_loss", "grad.moe.confidence.w", "grad.moe.probe.weight")
+        if cfg.imputation == "two_stage":
+            compared += ("act.impute", "grad.moe.impute.q.weight", "grad.moe.impute.kv.weight")
         for name in compared:
             difference = (single[name].double() - outputs[name]).abs().max() / outputs[name].abs().max()
             if difference > 1e-4:
@@ -1214,10 +1398,187 @@ def check_features(tmp, generator):
                       "the gate loss from the mask's combinations")
 
 
+def two_stage_by_token(cfg, p, y, h, observed):
+    """Stage 2 one missing token at a time with the formulas written out, from the SMoE's outputs
+    y [M, B * patches, d] and their expert outputs h [M, B * patches, k, d] (routing order): an
+    independent reading of the documentation against impute_stage_two's batched one. Returns
+    (y', z), both [M, B * patches, d]."""
+    M, rows, k, d = h.shape
+    B = observed.shape[0]
+    P, eps = rows // B, cfg.layernorm_eps
+    w_key, w_value = p["moe.impute.kv.weight"][:, :d], p["moe.impute.kv.weight"][:, d:]
+    imputed, z = y.clone(), torch.zeros_like(y)
+    for b in range(B):
+        present = [m for m in range(M) if observed[b, m]]
+        keys, values = [], []
+        for m in present:
+            for patch in range(P):
+                for i in range(k):
+                    keys.append(h[m, b * P + patch, i] @ w_key)
+                    values.append(h[m, b * P + patch, i] @ w_value)
+        n = len(keys)
+        count = min(max(math.ceil(cfg.impute_keep * n), 1), n)
+        for m in (m for m in range(M) if m not in present):
+            for patch in range(P):
+                row = b * P + patch
+                query = (sum(h[m, row, i] for i in range(k)) / k) @ p["moe.impute.q.weight"]
+                scores = [(query @ key).item() / math.sqrt(d) for key in keys]
+                exps = [math.exp(score - max(scores)) for score in scores]
+                weights = [e / sum(exps) for e in exps]
+                kept = sorted(range(n), key=lambda j: (-weights[j], j))[:count]
+                z[m, row] = sum(weights[j] * values[j] for j in kept)
+                v = y[m, row] + z[m, row]
+                v = (v - v.mean()) / torch.sqrt(((v - v.mean()) ** 2).mean() + eps)
+                imputed[m, row] = v * p["moe.impute.norm.weight"] + p["moe.impute.norm.bias"]
+    return imputed, z
+
+
+def dense_attention(cfg, p, h, observed, largest_only=False):
+    """z [M, B * patches, d] of stage 2 with every key kept (plain attention: softmax(q K^T /
+    sqrt(d)) V), or with the largest weight alone (largest_only), for impute_keep 1 and tiny."""
+    M, rows, k, d = h.shape
+    B = observed.shape[0]
+    P = rows // B
+    z = torch.zeros(M, rows, d, dtype=h.dtype)
+    for b in range(B):
+        present, absent = observed[b].nonzero().flatten(), (~observed[b]).nonzero().flatten()
+        slots = h[present, b * P:(b + 1) * P].reshape(-1, d)
+        keys, values = slots @ p["moe.impute.kv.weight"][:, :d], slots @ p["moe.impute.kv.weight"][:, d:]
+        for m in absent.tolist():
+            queries = h[m, b * P:(b + 1) * P].mean(dim=1) @ p["moe.impute.q.weight"]
+            weights = torch.softmax(queries @ keys.T / math.sqrt(d), dim=1)
+            if largest_only:
+                best, j = weights.max(dim=1)
+                z[m, b * P:(b + 1) * P] = best[:, None] * values[j]
+            else:
+                z[m, b * P:(b + 1) * P] = weights @ values
+    return z
+
+
+def tie_failures(cfg, generator):
+    """impute_stage_two against two_stage_by_token where the kept set's cut falls inside groups of
+    exactly tied weights (so the slot order and the tie-break toward the lower slot decide which
+    values are summed): random y and h of the selftest's batch shape with h[..., 0] in {0, 1, 2} and
+    moe.impute.kv.weight's key columns e_0 (K_j = (h_j0, 0, ..., 0): three exact score values)."""
+    M, B, P, k, d = cfg.modalities, len(SELFTEST_OBSERVED), cfg.patches, cfg.top_k, cfg.dim
+    observed = torch.tensor(SELFTEST_OBSERVED, dtype=torch.bool)
+    y = torch.randn(M, B * P, d, generator=generator, dtype=torch.float64)
+    h = torch.randn(M, B * P, k, d, generator=generator, dtype=torch.float64)
+    h[..., 0] = torch.randint(3, (M, B * P, k), generator=generator).double()
+    w_key = torch.zeros(d, d, dtype=torch.float64)
+    w_key[0, 0] = 1.0
+    p = {"moe.impute.q.weight": torch.randn(d, d, generator=generator, dtype=torch.float64),
+         "moe.impute.kv.weight": torch.cat([w_key, torch.randn(d, d, generator=generator, dtype=torch.float64)], dim=1),
+         "moe.impute.norm.weight": torch.rand(d, generator=generator, dtype=torch.float64) + 0.5,
+         "moe.impute.norm.bias": torch.randn(d, generator=generator, dtype=torch.float64)}
+    failures, cut_in_ties = [], 0
+    for b in range(B):  # the setup: exact ties at the cut of some queries
+        present, absent = observed[b].nonzero().flatten(), (~observed[b]).nonzero().flatten()
+        if len(absent):
+            slots = h[present, b * P:(b + 1) * P].reshape(-1, d)
+            queries = h[absent, b * P:(b + 1) * P].mean(dim=2).reshape(-1, d) @ p["moe.impute.q.weight"]
+            weights = (queries @ (slots @ w_key).T / math.sqrt(d)).softmax(dim=-1)
+            count = math.ceil(cfg.impute_keep * slots.shape[0])
+            ranked = weights.sort(dim=-1, descending=True).values
+            cut_in_ties += (ranked[:, count - 1] == ranked[:, count]).sum().item()
+            if len(set(weights[0].tolist())) > 3:
+                failures.append(f"ties: sample {b}'s weights of three score values are not three values")
+    if cut_in_ties < 10:
+        failures.append(f"ties: the cut falls inside a group of tied weights for {cut_in_ties} queries only")
+    got, expected = impute_stage_two(cfg, p, y, h, observed), two_stage_by_token(cfg, p, y, h, observed)
+    for name, g, e in zip(("y'", "z"), got, expected):
+        error = (g - e).abs().max().item() / e.abs().max().item()
+        if error > 1e-12:
+            failures.append(f"ties: {name} differs from the per-token stage 2 by {error:.3g}")
+    return failures
+
+
+def check_two_stage(tmp, generator):
+    """Imputation "two_stage", with either gate (training, dropout masks): act.impute and act.moe
+    against two_stage_by_token from the same SMoE outputs and expert outputs (recomputed from
+    act.attention); impute_keep 1 gives plain attention over every key and a tiny impute_keep the
+    largest weight's value alone (and 0.25/0.3 neither); with every modality observed, the outputs
+    of imputation "features" exactly and zero moe.impute gradients; stage 2 changes the logits of a
+    batch with missing modalities; impute_keep changes nothing with imputation "bank"; and
+    tie_failures."""
+    failures = []
+
+    def relative(got, expected):
+        return (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-300)
+
+    for label, config in TWO_STAGE_CONFIGS.items():
+        cfg = parse_config({"config": json.dumps(config)})
+        B = len(SELFTEST_OBSERVED)
+        tensors = selftest_problem(generator, training=True, dropout=True, config=config)
+        stage_one = {n: t for n, t in tensors.items() if not n.startswith("moe.impute.")}
+        complete = dict(tensors, **{"input.observed": torch.ones_like(tensors["input.observed"]),
+                                    "input.combination": torch.zeros_like(tensors["input.combination"])})
+        runs, cli_failed = {}, False
+        for name, (inputs, variant) in {
+                "two_stage": (tensors, config),
+                "impute_keep 1": (tensors, dict(config, impute_keep=1.0)),
+                "impute_keep 1e-6": (tensors, dict(config, impute_keep=1e-6)),
+                "features": (stage_one, dict(config, imputation="features")),
+                "all observed": (complete, config),
+                "all observed, features": ({n: t for n, t in complete.items() if not n.startswith("moe.impute.")},
+                                           dict(config, imputation="features"))}.items():
+            runs[name], failure = cli_outputs(tmp, inputs, variant)
+            if failure:
+                failures.append(f"{label}, {name}: {failure}")
+                cli_failed = True
+        if cli_failed:
+            continue
+        outputs = runs["two_stage"]
+        in_path = os.path.join(tmp, "cli.in.safetensors")
+        write_safetensors(in_path, tensors, {"config": json.dumps(config)})
+        _, _, params, batch = load_problem(in_path, torch.float64)
+        with torch.no_grad():
+            y, h = smoe_layer(cfg, params, outputs["act.attention"], batch)[:2]
+            imputed, z = two_stage_by_token(cfg, params, y, h, batch.observed)
+            expected_moe = outputs["act.attention"] + chunk_major(batch.dropout_moe * imputed, B)
+            for name, got, expected in (("act.impute", outputs["act.impute"], z), ("act.moe", outputs["act.moe"], expected_moe)):
+                error = relative(got, expected)
+                if error > 1e-12:
+                    failures.append(f"{label}: '{name}' differs from the per-token stage 2 by {error:.3g}")
+            for name, expected in (("impute_keep 1", dense_attention(cfg, params, h, batch.observed)),
+                                   ("impute_keep 1e-6", dense_attention(cfg, params, h, batch.observed, True))):
+                if not torch.equal(runs[name]["act.attention"], outputs["act.attention"]):
+                    failures.append(f"{label}, {name}: act.attention changed")
+                    continue
+                error = relative(runs[name]["act.impute"], expected)
+                distinct = relative(outputs["act.impute"], expected)
+                if error > 1e-12 or distinct < 1e-3:
+                    failures.append(f"{label}, {name}: act.impute is off its {'largest key alone' if '6' in name else 'plain attention'} "
+                                    f"by {error:.3g} (impute_keep {cfg.impute_keep}: by {distinct:.3g}, expected more)")
+
+        plain, reference = runs["all observed"], runs["all observed, features"]
+        differing = [n for n in reference if not torch.equal(plain[n], reference[n])]
+        if differing:
+            failures.append(f"{label}, every modality observed: {differing} differ from imputation \"features\"")
+        nonzero = [n for n in plain if (n.startswith("grad.moe.impute.") or n == "act.impute") and plain[n].abs().max() != 0]
+        if nonzero or set(plain) - set(reference) != {"grad.moe.impute." + n for n in ("q.weight", "kv.weight", "norm.weight", "norm.bias")}:
+            failures.append(f"{label}, every modality observed: {nonzero} not zero, or output names "
+                            f"{sorted(set(plain) - set(reference))} beyond imputation \"features\"'s")
+        if relative(outputs["out.logits"], runs["features"]["out.logits"]) < 1e-3:
+            failures.append(f"{label}: stage 2 leaves the logits of imputation \"features\"")
+        failures += [f"{label}: {f}" for f in tie_failures(cfg, generator)]
+
+    tensors = selftest_problem(generator, training=True, dropout=True)
+    plain, failure = cli_outputs(tmp, tensors, SELFTEST_CONFIG)
+    keep, failure_keep = cli_outputs(tmp, tensors, dict(SELFTEST_CONFIG, impute_keep=1))
+    if failure or failure_keep or set(plain) != set(keep) or any(not torch.equal(plain[n], keep[n]) for n in plain):
+        failures.append(f"impute_keep 1 with imputation \"bank\": refused or changes the outputs {failure or failure_keep or ''}")
+    return failures, ("both gates: act.impute and act.moe as stage 2 token by token (1e-12); impute_keep 1 is "
+                      "plain attention, 1e-6 the largest weight alone; every modality observed: \"features\"'s "
+                      "outputs exactly, zero moe.impute gradients; impute_keep accepted and unused with \"bank\"; the "
+                      "kept set's cut inside exact ties as token by token (slot order, ties to the lower slot)")
+
+
 def check_errors(tmp, generator):
     """Malformed inputs: exit status 1 and a message naming the tensor or the config key."""
     confidence = dict(SELFTEST_CONFIG, gate="confidence")
     features = dict(SELFTEST_CONFIG, imputation="features")
+    two_stage = dict(SELFTEST_CONFIG, imputation="two_stage")
     cases = [  # (name in the message, config, corruption of its problem)
         ("moe.w2", SELFTEST_CONFIG, lambda t: t.pop("moe.w2")),
         ("position", SELFTEST_CONFIG,
@@ -1245,6 +1606,21 @@ def check_errors(tmp, generator):
         ("confidence_mode", dict(SELFTEST_CONFIG, confidence_mode="expert_mean"), None),
         ("imputation", dict(SELFTEST_CONFIG, imputation="mean"), None),
         ("imputation", dict(SELFTEST_CONFIG, imputation=None), None),
+        ("impute_keep", dict(two_stage, impute_keep=0), None),
+        ("impute_keep", dict(two_stage, impute_keep=1.5), None),
+        ("impute_keep", dict(two_stage, impute_keep="x"), None),
+        ("impute_keep", dict(SELFTEST_CONFIG, impute_keep=-0.25), None),
+        ("impute_keep", dict(two_stage, impute_keep=math.nan), None),
+        ("impute_keep", dict(two_stage, impute_keep=True), None),
+        ("moe.impute.q.weight", features, lambda t: t.update({"moe.impute.q.weight": torch.zeros(16, 16)})),
+        ("moe.impute.norm.bias", dict(confidence, imputation="features"),
+         lambda t: t.update({"moe.impute.norm.bias": torch.zeros(16)})),
+        ("moe.impute.kv.weight", two_stage, lambda t: t.pop("moe.impute.kv.weight")),
+        ("moe.impute.norm.weight", dict(confidence, imputation="two_stage"), lambda t: t.pop("moe.impute.norm.weight")),
+        ("moe.impute.kv.weight", two_stage, lambda t: t.update({"moe.impute.kv.weight": torch.zeros(16, 16)})),
+        ("bank", two_stage, lambda t: t.update(bank=torch.zeros(7, 3, 16, 16))),
+        # Sample 2 misses modalities 0 and 2: its imputed rows are read in stage 1 of "two_stage" too.
+        ("input.features.2", two_stage, lambda t: t["input.features.2"][2, 7].fill_(math.nan)),
     ]
     failures = []
     for name, config, corrupt in cases:
@@ -1261,8 +1637,9 @@ def check_errors(tmp, generator):
             failures.append(f"bad '{name}': exit status {status}, message {stderr.strip()!r}")
     return failures, ("missing tensor, wrong shape (a parameter, a dropout mask), no observed modality, wrong "
                       "combination, infinite dropout factor, a parameter of another gate or imputation (the "
-                      "bank with \"features\" too) or one missing, a non-finite imputed feature, an unknown gate, "
-                      "confidence_mode or imputation: status 1, tensor or key named")
+                      "bank with \"features\" too, moe.impute.* without \"two_stage\") or one missing, a "
+                      "non-finite imputed feature (\"two_stage\" too), an unknown gate, confidence_mode or "
+                      "imputation, impute_keep outside (0, 1] or not a number: status 1, tensor or key named")
 
 
 def selftest(seed):
@@ -1282,8 +1659,12 @@ def selftest(seed):
                            + check_model(tmp, generator, training=True, dropout=True, config=config))
         results.append(("noisy gate, features imputation, training, dropout",)
                        + check_model(tmp, generator, training=True, dropout=True, config=FEATURES_CONFIG))
+        for label, config in TWO_STAGE_CONFIGS.items():
+            results.append((label + ", training, dropout",)
+                           + check_model(tmp, generator, training=True, dropout=True, config=config))
         results.append(("confidence gate",) + check_confidence(tmp, generator))
         results.append(("features imputation",) + check_features(tmp, generator))
+        results.append(("two_stage imputation",) + check_two_stage(tmp, generator))
         results.append(("errors",) + check_errors(tmp, generator))
     failed = [name for name, failures, _ in results if failures]
     for name, failures, detail in results:

@@ -424,6 +424,15 @@ int main(void) {
                  "a ConfSMoE model's checkpoint: %s", last_message);
         fm_model_destroy(&loaded);
         fm_model_destroy(&a);
+        /* ConfSMoE's two imputation stages: the stage's tensors and its kept fraction */
+        d.imputation = FM_IMPUTE_TWO_STAGE, d.impute_keep = 0.3f;
+        FM_CHECK(fm_model_create(&d, 8, &a) == FM_OK && fm_model_init(&a, 7) == FM_OK &&
+                     fm_model_tensor(&a, "moe.impute.kv.weight") && fm_model_save(&a, good) == FM_OK &&
+                     fm_model_load(good, 8, &loaded) == FM_OK && same_model(&a, &loaded) &&
+                     loaded.config.imputation == FM_IMPUTE_TWO_STAGE && loaded.config.impute_keep == 0.3f,
+                 "a two-stage ConfSMoE model's checkpoint: %s", last_message);
+        fm_model_destroy(&loaded);
+        fm_model_destroy(&a);
     }
     make_model(&a, 1);
     FM_CHECK(fm_model_save(&a, "/nonexistent/dir/x.safetensors") == FM_ERR_IO && strstr(last_message, "cannot create"),
