@@ -1059,8 +1059,9 @@ fm_status fm_dataset_drop_views(fm_dataset *dataset, float rate, uint64_t seed);
 /* ConfSMoE's first stage of imputation: each missing view of each sample gets the mean of `draws`
  * rows drawn (with replacement, a seeded stream of (seed, sample, view, draw)) from the rows of
  * pool (count indices, the training split) that observe that view; observed stays 0, so the model
- * still knows the view is missing (it reads these values with FM_IMPUTE_FEATURES). A view that
- * no pool row observes is FM_ERR_INVALID_ARGUMENT (its name in the message). */
+ * still knows the view is missing (it reads these values with FM_IMPUTE_FEATURES and
+ * FM_IMPUTE_TWO_STAGE). A view that no pool row observes is FM_ERR_INVALID_ARGUMENT (its name in
+ * the message). */
 fm_status fm_dataset_impute(fm_dataset *dataset, const int32_t *pool, int count, int draws, uint64_t seed);
 
 /* A seeded shuffle split into train, validation and test: the first 70 %, the next 15 %, the

@@ -248,7 +248,7 @@ def successes(rows, method, rate):
 def markdown(args, context, rows, failures, images):
     epochs = plural(args.epochs, "epoch") if args.epochs else "the trainer's default epochs"
     lines = [
-        "# Flex-MoE against zero imputation and ConfSMoE's confidence gate",
+        "# Flex-MoE against zero imputation and ConfSMoE",
         "",
         f"Data `{os.path.relpath(args.data, REPO)}`, missing rates "
         f"{' '.join(f'{r:g}' for r in args.rates)}, seeds {' '.join(map(str, args.seeds))}, {epochs}, each run "
@@ -261,10 +261,10 @@ def markdown(args, context, rows, failures, images):
         lines.append(f"| {METHODS[method][0]} | `{' '.join(METHODS[method][1])}` |")
     lines += [
         "",
-        "ConfSMoE's second imputation stage (attention over the observed modalities' expert outputs) is not "
-        "implemented yet: \"ConfSMoE (stage 1 only)\" is its confidence gate with its first stage (a missing view's "
-        "features imputed as the mean of 10 observed training samples'); \"ConfSMoE gate (bank imputation)\" is "
-        "its gate on Flex-MoE's learned missing-modality bank.",
+        "ConfSMoE is its confidence gate (no balancing loss) with both imputation stages: a missing view's "
+        "features imputed as the mean of 10 observed training samples', then, after the experts, its tokens "
+        "attending over the observed views' expert outputs (the top quarter of the weights kept). The ablations "
+        "drop the second stage, or put the gate on Flex-MoE's learned missing-modality bank.",
         "",
         "Test metrics, and where the trained model routes the training samples' tokens "
         "(`--report-routing`): mean ± sample standard deviation over the seeds "
@@ -441,6 +441,8 @@ def main(argv):
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one run may take (default 7200; 0: none)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the other methods' runs from an existing OUT/results.json (above)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: redraw the tables and plots from OUT/results.json")
     args = parser.parse_args(argv)
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error("--rates must lie in [0, 1]")
@@ -456,6 +458,8 @@ def main(argv):
     args.seeds = list(dict.fromkeys(args.seeds))
     args.run_methods = [m for m in METHODS if m in args.methods]  # the table's order
     args.train, args.data, args.out = os.path.abspath(args.train), os.path.abspath(args.data), os.path.abspath(args.out)
+    if args.report:
+        return report_only(args, parser)
     kept_rows, kept_context = [], None
     if args.keep:
         try:
@@ -486,9 +490,10 @@ def main(argv):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     grid = Grid(args, env, extra)
-    log(f"{PROG}: {plural(len(grid.runs), 'run')} ({plural(len(args.methods), 'method')} x missing rates "
+    kept = len(args.methods) - len(args.run_methods)
+    log(f"{PROG}: {plural(len(grid.runs), 'run')} ({plural(len(args.run_methods), 'method')} x missing rates "
         f"{' '.join(f'{r:g}' for r in args.rates)} x seeds {' '.join(map(str, args.seeds))}), {args.jobs} at a time, "
-        f"logs in {os.path.join(args.out, 'logs')}")
+        f"logs in {os.path.join(args.out, 'logs')}" + (f"; {plural(kept, 'method')} kept from the earlier results" if kept else ""))
     try:
         grid.run()
     except KeyboardInterrupt:
@@ -513,28 +518,51 @@ def main(argv):
                    "rows": kept_rows + grid.rows, "failures": grid.failures}, f, indent=1)
         f.write("\n")
 
+    heat_failed = write_report(args, context, kept_rows + grid.rows, grid.failures)
+    log(f"{PROG}: wrote {os.path.join(args.out, 'results.json')}"
+        + (f"; {len(grid.failures)} of {len(grid.runs)} runs failed" if grid.failures else ""))
+    return 1 if grid.failures or heat_failed else 0
+
+
+def report_only(args, parser):
+    """--report: the tables and plots of OUT/results.json, its rates, seeds and methods."""
+    path = os.path.join(args.out, "results.json")
+    try:
+        rows, context = kept_runs(path, [])
+        with open(path) as f:
+            failures = json.load(f).get("failures", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"--report: cannot read {path}: {e}")
+    if not rows:
+        parser.error(f"--report: {path} holds no successful run")
+    args.rates = sorted({r["missing_rate"] for r in rows})
+    args.seeds = sorted({r["seed"] for r in rows})
+    args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    args.epochs = next((r["epochs"] for r in rows if isinstance(r.get("epochs"), int)), args.epochs)
+    return 1 if write_report(args, context, rows, failures) else 0
+
+
+def write_report(args, context, rows, failures):
+    """methods.md and the plots and heat maps; prints methods.md. Returns whether a heat map failed."""
     names = ["accuracy_vs_missing.png", "load_cv_vs_missing.png"] + \
             [f"heatmap_{m}_{max(args.rates):g}.png" for m in args.methods]
     for name in names:  # not an earlier run's
         with contextlib.suppress(OSError):
             os.remove(os.path.join(args.out, name))
-    rows = kept_rows + grid.rows
     images, problems = plots(args, rows)
     heat_failed = False
     if any("error" not in r for r in rows):
         more, heat_problems, heat_failed = heatmaps(args, rows)
         images += more
         problems += heat_problems
-    text = markdown(args, context, rows, grid.failures, images)
+    text = markdown(args, context, rows, failures, images)
     with open(os.path.join(args.out, "methods.md"), "w") as f:
         f.write(text)
     print(text, end="")
     for problem in problems:
         log(f"{PROG}: not drawn: {problem}")
-    log(f"{PROG}: wrote {os.path.join(args.out, 'results.json')}, methods.md"
-        + "".join(", " + name for name, _ in images)
-        + (f"; {len(grid.failures)} of {len(grid.runs)} runs failed" if grid.failures else ""))
-    return 1 if grid.failures or heat_failed else 0
+    log(f"{PROG}: wrote {os.path.join(args.out, 'methods.md')}" + "".join(", " + name for name, _ in images))
+    return heat_failed
 
 
 if __name__ == "__main__":
