@@ -69,5 +69,14 @@ check "a foreign file: exit status 1 and a message" test $rc -eq 1 -a -s "$dir/e
 rc=$?
 cat "$dir/err"
 check "a checkpoint of other data: exit status 1, the message says so" test $rc -eq 1 -a -n "$(grep 'does not fit' "$dir/err")"
-echo "train_cli: $((10 - failures)) passed, $failures failed"
+# ConfSMoE with both imputation stages: its choices survive a save, --eval reads them back
+confsmoe=$("$bin" --epochs 2 --warmup 1 --gate confidence --imputation two-stage --impute-keep 0.5 \
+  --save "$dir/confsmoe.safetensors" --json | scores)
+check "ConfSMoE (two-stage): the result line says so" test "$(field "$confsmoe" imputation)" = two-stage
+check "ConfSMoE (two-stage): --eval of its checkpoint gives its test accuracy" \
+  test "$(field "$("$bin" --eval "$dir/confsmoe.safetensors" --json | scores)" test_accuracy)" = "$(field "$confsmoe" test_accuracy)"
+"$bin" --impute-keep 0.5 2>"$dir/err" >/dev/null
+rc=$?
+check "--impute-keep without two-stage: exit status 2 and a message" test $rc -eq 2 -a -n "$(grep 'needs --imputation two-stage' "$dir/err")"
+echo "train_cli: $((13 - failures)) passed, $failures failed"
 [ $failures -eq 0 ]
