@@ -148,6 +148,15 @@ const char *fm_isa_name(fm_isa isa);
 /* The inverse of fm_isa_name (case-sensitive); FM_ERR_UNKNOWN_ISA for anything else. */
 fm_status fm_isa_from_name(const char *name, fm_isa *isa);
 
+/* The threads of flexmoe's parallel loops, when the implementation file is compiled with OpenMP
+ * (-fopenmp); 1 otherwise. threads = 0 (the default) follows OpenMP's own count (OMP_NUM_THREADS,
+ * else one per core); a positive count overrides it for every later call (process-global, meant
+ * for start-up or between calls). Returns the count in effect. Results are the same bit for bit
+ * at every count: work is split into items that each compute their own outputs in a fixed order,
+ * and every sum over items runs in item order. */
+int fm_set_threads(int threads);
+int fm_threads(void);
+
 /* 64-byte aligned memory through the installed allocator; NULL on failure or size 0. */
 void *fm_alloc(size_t size);
 void fm_free(void *ptr);
@@ -1225,11 +1234,49 @@ fm_status fm_safetensors_write(const char *path, const fm_safetensor *tensors, i
 #define FM__RESTRICT restrict
 #endif
 
+/* Parallel loops over independent items: static for items of equal cost, dynamic (taken one at a
+ * time) for items of uneven cost, such as the experts' tiles under a skewed mix. */
 #ifdef _OPENMP
-#define FM__OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#include <omp.h>
+static int fm__threads_requested;
+static int fm__thread_count(void) { return fm__threads_requested > 0 ? fm__threads_requested : omp_get_max_threads(); }
+#define FM__OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(fm__thread_count())")
+#define FM__OMP_PARALLEL_FOR_DYNAMIC _Pragma("omp parallel for schedule(dynamic) num_threads(fm__thread_count())")
+#define FM__PRAGMA(text) _Pragma(#text)
+/* ... on `threads` threads (1: no parallel region's cost for small work) */
+#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads))
 #else
+static int fm__thread_count(void) { return 1; }
 #define FM__OMP_PARALLEL_FOR
+#define FM__OMP_PARALLEL_FOR_DYNAMIC
+#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
 #endif
+
+/* An elementwise pass over n elements in spans of FM__SPAN (even: the dropout draws serve pairs),
+ * the spans in parallel: `body` sees begin and count. */
+#define FM__SPAN 16384
+#define FM__FOR_SPANS(n, begin, count, body)                                                       \
+    do {                                                                                           \
+        const long fm__spans = (long)(((n) + FM__SPAN - 1) / FM__SPAN);                            \
+        long fm__span;                                                                             \
+        FM__OMP_PARALLEL_FOR                                                                       \
+        for (fm__span = 0; fm__span < fm__spans; fm__span++) {                                     \
+            const size_t begin = (size_t)fm__span * FM__SPAN;                                      \
+            const size_t count = (n) - begin < FM__SPAN ? (n) - begin : FM__SPAN;                  \
+            body;                                                                                  \
+        }                                                                                          \
+    } while (0)
+
+int fm_set_threads(int threads) {
+#ifdef _OPENMP
+    fm__threads_requested = threads > 0 ? threads : 0;
+#else
+    (void)threads;
+#endif
+    return fm__thread_count();
+}
+
+int fm_threads(void) { return fm__thread_count(); }
 
 /* ==== 11. Status strings, allocator, logger ================================================*/
 
@@ -2317,8 +2364,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
                                  const fm_gate_gradients *g) {
     fm__gate_job job;
     fm_status status;
-    float draws[FLEXMOE_GATE_MAX_EXPERTS]; /* a token's noise, drawn once (4 KiB) */
-    int t, e, i, E, k, ld_dg, ld_dn, ld_dc, ld_dr;
+    int t, E, k, ld_dg, ld_dn, ld_dc, ld_dr;
     if (!g) return FM_ERR_NULL_POINTER;
     if ((status = fm__gate_job_from(desc, tensors, 0, &job)) != FM_OK) return status;
     E = job.experts;
@@ -2332,7 +2378,10 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
     if ((status = fm__check_matrix(g->d_clean_logits, job.tokens, E, ld_dc)) != FM_OK) return status;
     if (job.training && (status = fm__check_matrix(g->d_noise_logits, job.tokens, E, ld_dr)) != FM_OK) return status;
     if ((status = fm__check_gate_contents(&job, 1)) != FM_OK) return status;
+    FM__OMP_PARALLEL_FOR /* the tokens are independent */
     for (t = 0; t < job.tokens; t++) {
+        float draws[FLEXMOE_GATE_MAX_EXPERTS]; /* the token's noise, drawn once (4 KiB) */
+        int e, i;
         const float *clean = job.clean + (size_t)t * job.ld_clean;
         const float *raw = job.training ? job.noise + (size_t)t * job.ld_noise : NULL;
         const int32_t *idx = job.indices + (size_t)t * job.ld_indices;
@@ -2465,6 +2514,10 @@ float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
 
 /* Depth of the B blocks that fm__gemm_strided packs on the stack: 32 x FM_GEMM_PANEL floats, 8 KiB. */
 #define FM__STRIDED_DEPTH 32
+/* Rows of a strided product's work item (a multiple of the micro-kernel's 6 rows), and the
+ * multiply-adds below which a product stays on one thread. */
+#define FM__STRIDED_ROWS 96
+#define FM__PARALLEL_MIN_MACS 4194304.0
 
 /* C[rows x cols] (+)= A . B for operands at any strides, a(i, p) = a[i * a_row + p * a_depth]
  * and b(p, j) = b[p * b_row + j * b_col], on the packed-panel micro-kernels: B goes through a
@@ -2474,10 +2527,19 @@ float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
 static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int depth, int cols, const float *a,
                              ptrdiff_t a_row, ptrdiff_t a_depth, const float *b, ptrdiff_t b_row, ptrdiff_t b_col,
                              int accumulate, float *c, ptrdiff_t ldc) {
-    FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
-    int c0, k0, p, j;
-    for (c0 = 0; c0 < cols; c0 += FM_GEMM_PANEL) {
+    /* items of (row block x column panel): each element of c sums its depth in the same order
+     * whatever the split, so the result does not depend on the threads */
+    const int panels = (cols + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL, row_blocks = (rows + FM__STRIDED_ROWS - 1) / FM__STRIDED_ROWS;
+    const int threads = (double)rows * depth * cols >= FM__PARALLEL_MIN_MACS ? fm__thread_count() : 1;
+    int item;
+    (void)threads;
+    FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
+    for (item = 0; item < panels * row_blocks; item++) {
+        FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
+        const int c0 = item % panels * FM_GEMM_PANEL, r0 = item / panels * FM__STRIDED_ROWS;
         const int n = cols - c0 < FM_GEMM_PANEL ? cols - c0 : FM_GEMM_PANEL;
+        const int m = rows - r0 < FM__STRIDED_ROWS ? rows - r0 : FM__STRIDED_ROWS;
+        int k0, p, j;
         for (k0 = 0; k0 < depth; k0 += FM__STRIDED_DEPTH) {
             const int kd = depth - k0 < FM__STRIDED_DEPTH ? depth - k0 : FM__STRIDED_DEPTH;
             for (p = 0; p < kd; p++) {
@@ -2486,8 +2548,8 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
                 for (j = 0; j < n; j++) row[j] = bp[j * b_col];
                 for (; j < FM_GEMM_PANEL; j++) row[j] = 0.0f;
             }
-            kernels->gemm_panel(rows, kd, a + (ptrdiff_t)k0 * a_depth, a_row, a_depth, panel, NULL,
-                                accumulate || k0 > 0, c + c0, ldc, n);
+            kernels->gemm_panel(m, kd, a + (ptrdiff_t)r0 * a_row + (ptrdiff_t)k0 * a_depth, a_row, a_depth, panel, NULL,
+                                accumulate || k0 > 0, c + (ptrdiff_t)r0 * ldc + c0, ldc, n);
         }
     }
 }
@@ -2668,7 +2730,7 @@ static fm_status fm__layernorm_eps(float eps, float *effective) {
 
 /* Columns per parallel chunk of the dgamma / dbeta sums: 1 KiB of each output, which stays in
  * L1 while the rows stream past. */
-#define FM__COL_CHUNK 256
+#define FM__COL_CHUNK 32
 
 /* dgamma / dbeta (either may be NULL) over all rows, columns in parallel. Each column is summed
  * over the rows by one kernel call in row order, so the result does not depend on the threads. */
@@ -3588,11 +3650,46 @@ static void fm__transpose_packed(const fm__kernel_table *kernels, int experts, i
                                  const float *packed, float *transposed) {
     const size_t per_expert = fm_packed_weight_floats(in_features, out_features),
                  per_transposed = fm_packed_weight_floats(out_features, in_features);
-    int e, q;
-    for (e = 0; e < experts; e++)
-        for (q = 0; q < fm__gemm_panels(in_features); q++)
-            kernels->gemm_transpose_block(packed + e * per_expert, in_features, q * FM_GEMM_PANEL, 0, out_features,
-                                          transposed + e * per_transposed + (size_t)q * out_features * FM_GEMM_PANEL);
+    const int panels = fm__gemm_panels(in_features);
+    int item;
+    FM__OMP_PARALLEL_FOR
+    for (item = 0; item < experts * panels; item++) {
+        const int e = item / panels, q = item % panels;
+        kernels->gemm_transpose_block(packed + e * per_expert, in_features, q * FM_GEMM_PANEL, 0, out_features,
+                                      transposed + e * per_transposed + (size_t)q * out_features * FM_GEMM_PANEL);
+    }
+}
+
+/* Input rows of a weight gradient per work item (a multiple of the micro-kernel's 6 rows). */
+#define FM__DW_IN_BLOCK 48
+
+/* Every expert's dW = x_e^T dy_e (packed, in x out) and db = the sum of dy_e's rows, each
+ * optional: items (expert, input block, output panel) for dW and (expert) for db, taken
+ * dynamically; each sums its expert's rows in row order, so no item depends on another. An
+ * expert without rows gets zeros. */
+static void fm__ffn_weight_grads(const fm__kernel_table *kernels, int experts, const int32_t *offsets, int in_features,
+                                 int out_features, const float *x, int ldx, const float *dy, int lddy, float *dw,
+                                 float *db) {
+    const size_t per_expert = fm_packed_weight_floats(in_features, out_features);
+    const int panels = fm__gemm_panels(out_features), blocks = (in_features + FM__DW_IN_BLOCK - 1) / FM__DW_IN_BLOCK;
+    const int items = dw ? experts * blocks * panels : 0;
+    int item;
+    FM__OMP_PARALLEL_FOR_DYNAMIC
+    for (item = 0; item < items + (db ? experts : 0); item++) {
+        if (item < items) {
+            const int e = item / (blocks * panels), b = item / panels % blocks, p = item % panels;
+            const int first = offsets[e], count = offsets[e + 1] - first, i0 = b * FM__DW_IN_BLOCK;
+            const int n = in_features - i0 < FM__DW_IN_BLOCK ? in_features - i0 : FM__DW_IN_BLOCK;
+            fm__gemm_dw_panel(kernels, count, n, out_features, p, count ? x + (size_t)first * ldx + i0 : x, ldx,
+                              count ? dy + (size_t)first * lddy : dy, lddy,
+                              dw + e * per_expert + ((size_t)p * in_features + i0) * FM_GEMM_PANEL, 0);
+        } else {
+            const int e = item - items;
+            fm__gemm_db_rows(kernels, offsets[e + 1] - offsets[e], out_features,
+                             offsets[e + 1] > offsets[e] ? dy + (size_t)offsets[e] * lddy : dy, lddy,
+                             db + (size_t)e * out_features, 0);
+        }
+    }
 }
 
 /* fm_expert_ffn_backward, with the experts' W1^T and W2^T (fm__transpose_packed) when the caller
@@ -3604,7 +3701,7 @@ static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const i
                                          float *d_hidden, int lddh) {
     static const fm_expert_ffn_grads none = {NULL, NULL, NULL, NULL};
     const fm__kernel_table *kernels;
-    int rows, e;
+    int rows;
     fm_status status;
     if (!grads) grads = &none;
     if ((status = fm__check_ffn(desc, offsets, params, &rows)) != FM_OK) return status;
@@ -3617,52 +3714,53 @@ static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const i
         if (dx && (status = fm__check_matrix(dx, rows, desc->dim, lddx)) != FM_OK) return status;
     }
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
-    /* An expert's block of rows at a time through both layers backward, as the forward goes: the
-     * block's dH (rows x hidden) stays in L2 from the second layer's dx through the GELU
-     * derivative to the first layer's dW and dx, and the weight gradients add up over the blocks
-     * in row order. */
-    FM__OMP_PARALLEL_FOR
-    for (e = 0; e < desc->experts; e++) {
-        const int D = desc->dim, H = desc->hidden, first = offsets[e], count = offsets[e + 1] - first;
-        const size_t w1_floats = fm_packed_weight_floats(D, H), w2_floats = fm_packed_weight_floats(H, D);
-        const float *w1 = params->w1 + e * w1_floats, *w2 = params->w2 + e * w2_floats;
-        float *gw1 = grads->w1 ? grads->w1 + e * w1_floats : NULL, *gw2 = grads->w2 ? grads->w2 + e * w2_floats : NULL;
-        float *gb1 = grads->b1 ? grads->b1 + (size_t)e * H : NULL, *gb2 = grads->b2 ? grads->b2 + (size_t)e * D : NULL;
-        int r0, p, i;
-        if (count == 0) { /* an expert without rows gets zero gradients */
-            if (gw1) memset(gw1, 0, w1_floats * sizeof(float));
-            if (gw2) memset(gw2, 0, w2_floats * sizeof(float));
-            if (gb1) memset(gb1, 0, (size_t)H * sizeof(float));
-            if (gb2) memset(gb2, 0, (size_t)D * sizeof(float));
-            continue;
+    /* Four parallel passes, each over items that write their own outputs: row blocks for the rows'
+     * products, (expert x input block x output panel) for the weight gradients, so that one hot
+     * expert's gradients are split over every thread, each summing its expert's rows in order. */
+    {
+        const int D = desc->dim, H = desc->hidden, E = desc->experts;
+        const int chunks = rows > 0 ? fm__row_chunks(offsets[0], rows, FM__FFN_ROW_BLOCK) : 0;
+        const float *h = hidden ? hidden : d_hidden;
+        const int ld_h = hidden ? ldh : lddh;
+        int chunk;
+        if (!hidden) /* h for dW2 goes into the scratch first; dH overwrites it after */
+            FM__OMP_PARALLEL_FOR
+            for (chunk = 0; chunk < chunks; chunk++) {
+                const int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
+                int r;
+                for (r = r0; r < end; r++)
+                    kernels->gelu_row(H, desc->gelu, pre + (size_t)r * ldp, NULL, d_hidden + (size_t)r * lddh);
+            }
+        if (grads->w2 || grads->b2)
+            fm__ffn_weight_grads(kernels, E, offsets, H, D, h, ld_h, dy, lddy, grads->w2, grads->b2);
+        FM__OMP_PARALLEL_FOR_DYNAMIC
+        for (chunk = 0; chunk < chunks; chunk++) { /* dH = (dy W2^T) GELU'(pre), then dx = dH W1^T */
+            int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, e = 0, i;
+            const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
+            while (r0 < end) { /* the chunk's rows, split where they change expert */
+                int m;
+                float *dh_r;
+                while (offsets[e + 1] <= r0) e++;
+                m = (offsets[e + 1] < end ? offsets[e + 1] : end) - r0;
+                dh_r = d_hidden + (size_t)r0 * lddh;
+                if (w2_t)
+                    fm__gemm_rows(kernels, m, D, H, dy + (size_t)r0 * lddy, lddy, w2_t + e * fm_packed_weight_floats(D, H),
+                                  NULL, dh_r, lddh, desc->gelu, NULL, 0);
+                else fm__gemm_dx_rows(kernels, m, H, D, dy + (size_t)r0 * lddy, lddy, params->w2 + e * fm_packed_weight_floats(H, D),
+                                      dh_r, lddh);
+                for (i = 0; i < m; i++)
+                    kernels->gelu_row(H, desc->gelu, pre + (size_t)(r0 + i) * ldp, dh_r + (size_t)i * lddh, dh_r + (size_t)i * lddh);
+                if (dx && w1_t)
+                    fm__gemm_rows(kernels, m, H, D, dh_r, lddh, w1_t + e * fm_packed_weight_floats(H, D), NULL,
+                                  dx + (size_t)r0 * lddx, lddx, desc->gelu, NULL, 0);
+                else if (dx)
+                    fm__gemm_dx_rows(kernels, m, D, H, dh_r, lddh, params->w1 + e * fm_packed_weight_floats(D, H),
+                                     dx + (size_t)r0 * lddx, lddx);
+                r0 += m;
+            }
         }
-        for (r0 = 0; r0 < count; r0 += FM__FFN_ROW_BLOCK) {
-            const int m = count - r0 < FM__FFN_ROW_BLOCK ? count - r0 : FM__FFN_ROW_BLOCK, r = first + r0, more = r0 > 0;
-            const float *dy_r = dy + (size_t)r * lddy, *pre_r = pre + (size_t)r * ldp;
-            float *dh_r = d_hidden + (size_t)r * lddh;
-            const float *h_r = hidden ? hidden + (size_t)r * ldh : dh_r;
-            const int ld_h = hidden ? ldh : lddh;
-            if (!hidden) /* h for dW2 goes into the scratch first; dH overwrites it after */
-                for (i = 0; i < m; i++) kernels->gelu_row(H, desc->gelu, pre_r + (size_t)i * ldp, NULL, dh_r + (size_t)i * lddh);
-            for (p = 0; gw2 && p < fm__gemm_panels(D); p++)
-                fm__gemm_dw_panel(kernels, m, H, D, p, h_r, ld_h, dy_r, lddy, gw2 + (size_t)p * H * FM_GEMM_PANEL, more);
-            if (gb2) fm__gemm_db_rows(kernels, m, D, dy_r, lddy, gb2, more);
-            if (w2_t)
-                fm__gemm_rows(kernels, m, D, H, dy_r, lddy, w2_t + e * fm_packed_weight_floats(D, H), NULL, dh_r, lddh,
-                              desc->gelu, NULL, 0);
-            else fm__gemm_dx_rows(kernels, m, H, D, dy_r, lddy, w2, dh_r, lddh);
-            for (i = 0; i < m; i++)
-                kernels->gelu_row(H, desc->gelu, pre_r + (size_t)i * ldp, dh_r + (size_t)i * lddh, dh_r + (size_t)i * lddh);
-            for (p = 0; gw1 && p < fm__gemm_panels(H); p++)
-                fm__gemm_dw_panel(kernels, m, D, H, p, x + (size_t)r * ldx, ldx, dh_r, lddh,
-                                  gw1 + (size_t)p * D * FM_GEMM_PANEL, more);
-            if (gb1) fm__gemm_db_rows(kernels, m, H, dh_r, lddh, gb1, more);
-            if (dx && w1_t)
-                fm__gemm_rows(kernels, m, H, D, dh_r, lddh, w1_t + e * fm_packed_weight_floats(H, D), NULL,
-                              dx + (size_t)r * lddx, lddx, desc->gelu, NULL, 0);
-            else if (dx)
-                fm__gemm_dx_rows(kernels, m, D, H, dh_r, lddh, w1, dx + (size_t)r * lddx, lddx);
-        }
+        if (grads->w1 || grads->b1)
+            fm__ffn_weight_grads(kernels, E, offsets, D, H, x, ldx, d_hidden, lddh, grads->w1, grads->b1);
     }
     return FM_OK;
 }
@@ -4518,7 +4616,7 @@ static size_t fm__model_state_layout(const fm_model *model, int S, fm__model_sta
     FM__TAKE(s->d_tmp, R * d, float);
     FM__TAKE(s->d_q, R * d, float);
     FM__TAKE(s->d_kv, R * 2 * d, float);
-    FM__TAKE(s->d_probs, (size_t)N * N, float);
+    FM__TAKE(s->d_probs, (size_t)S * heads * N * N, float);
     FM__TAKE(s->d_context, R * d, float);
     FM__TAKE(s->d_chunk, R * d, float);
     FM__TAKE(s->d_pooled, (size_t)S * M * d, float);
@@ -4683,19 +4781,23 @@ static void fm__linear_backward(const fm__kernel_table *kernels, int rows, int i
 static void fm__dropout_draw(const fm_model_batch *b, int purpose, float p, size_t n, uint8_t *keep) {
     const uint64_t base = fm__stream(b->seed, b->step, purpose, 0);
     const uint32_t threshold = (uint32_t)ceil((double)p * 16777216.0); /* u < p exactly when the 24 bits < threshold */
-    size_t i;
-    for (i = 0; i < n; i += 2) {
-        const uint64_t h = fm__mix64(base ^ (i / 2 + 1) * 0xD6E8FEB86659FD93ull);
-        keep[i] = (uint32_t)(h >> 40) >= threshold;
-        if (i + 1 < n) keep[i + 1] = (uint32_t)(h >> 8 & 0xFFFFFFu) >= threshold;
-    }
+    FM__FOR_SPANS(n, begin, count, {
+        size_t i;
+        for (i = begin; i < begin + count; i += 2) {
+            const uint64_t h = fm__mix64(base ^ (i / 2 + 1) * 0xD6E8FEB86659FD93ull);
+            keep[i] = (uint32_t)(h >> 40) >= threshold;
+            if (i + 1 < n) keep[i + 1] = (uint32_t)(h >> 8 & 0xFFFFFFu) >= threshold;
+        }
+    });
 }
 
 /* v *= the kept elements' factor 1 / (1 - p), the others 0 (the values, then their gradients). */
 static void fm__dropout_apply(const uint8_t *keep, float p, size_t n, float *v) {
     const float scale = 1.0f / (1.0f - p);
-    size_t i;
-    for (i = 0; i < n; i++) v[i] *= keep[i] ? scale : 0.0f;
+    FM__FOR_SPANS(n, begin, count, {
+        size_t i;
+        for (i = begin; i < begin + count; i++) v[i] *= keep[i] ? scale : 0.0f;
+    });
 }
 
 static fm_status fm__model_check_batch(const char *caller, const fm_model *model, const fm_model_batch *b) {
@@ -4824,7 +4926,9 @@ fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t 
     correction2 = 1.0 - pow((double)d.beta2, (double)step);
     hyper[0] = d.beta1, hyper[1] = d.beta2, hyper[2] = (float)(d.lr / correction1), hyper[3] = (float)sqrt(correction2);
     hyper[4] = d.eps, hyper[5] = d.weight_decay;
-    kernels->adam(model->param_floats, hyper, model->params, model->grads, model->adam_m, model->adam_v);
+    FM__FOR_SPANS(model->param_floats, begin, count,
+                  kernels->adam(count, hyper, model->params + begin, model->grads + begin, model->adam_m + begin,
+                                model->adam_v + begin));
     return FM_OK;
 }
 
@@ -5024,7 +5128,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     fm__model_state *s;
     const fm_model_desc *c;
     fm_status status;
-    int S, M, P, N, d, heads, dh, C, i, m, h, j;
+    int S, M, P, N, d, heads, dh, C, i, m, j, item;
     size_t R;
     float scale;
     double task = 0.0, gate = 0.0, confidence = 0.0, probe_loss = 0.0, weight_sum = 0.0;
@@ -5086,15 +5190,17 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
                        s->q, d);
     fm__linear_forward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),
                        NULL, 0, s->kv, 2 * d);
-    for (i = 0; i < S; i++)
-        for (h = 0; h < heads; h++) {
-            const float *q = s->q + (size_t)i * N * d + h * dh, *k = s->kv + (size_t)i * N * 2 * d + h * dh;
-            float *probs = s->probs + ((size_t)i * heads + h) * N * N;
-            fm__gemm_strided(kernels, N, dh, N, q, d, 1, k, 1, 2 * d, 0, probs, N);
-            for (j = 0; j < N * N; j++) probs[j] *= scale;
-            if ((status = fm_softmax_forward(N, N, probs, N, probs, N)) != FM_OK) return status;
-            fm__gemm_strided(kernels, N, N, dh, probs, N, 1, k + d, 2 * d, 1, 0, s->context + (size_t)i * N * d + h * dh, d);
-        }
+    FM__OMP_PARALLEL_FOR_DYNAMIC
+    for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
+        const int i = item / heads, h = item % heads;
+        const float *q = s->q + (size_t)i * N * d + h * dh, *k = s->kv + (size_t)i * N * 2 * d + h * dh;
+        float *probs = s->probs + (size_t)item * N * N;
+        int j;
+        fm__gemm_strided(kernels, N, dh, N, q, d, 1, k, 1, 2 * d, 0, probs, N);
+        for (j = 0; j < N * N; j++) probs[j] *= scale;
+        kernels->softmax_forward(N, N, probs, N, probs, N);
+        fm__gemm_strided(kernels, N, N, dh, probs, N, 1, k + d, 2 * d, 1, 0, s->context + (size_t)i * N * d + h * dh, d);
+    }
     fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                        fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
     memcpy(s->x1, s->attention, R * d * sizeof(float));
@@ -5172,7 +5278,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     fm__model_state *s;
     const fm_model_desc *c;
     fm_status status;
-    int S, M, P, N, d, heads, dh, C, i, m, h, j;
+    int S, M, P, N, d, heads, dh, C, i, m, j, item;
     size_t R, chunk_rows;
     float *g, scale;
     if ((status = fm__model_check_batch(caller, model, b)) != FM_OK) return status;
@@ -5246,19 +5352,22 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     fm__linear_backward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                         s->d_tmp, d, s->d_context, d, 0, fm__model_param(model, g, "attention.out.weight"),
                         fm__model_param(model, g, "attention.out.bias"), 0);
-    for (i = 0; i < S; i++)
-        for (h = 0; h < heads; h++) {
-            const size_t row0 = (size_t)i * N;
-            const float *q = s->q + row0 * d + h * dh, *k = s->kv + row0 * 2 * d + h * dh, *v = k + d;
-            const float *probs = s->probs + ((size_t)i * heads + h) * N * N, *dctx = s->d_context + row0 * d + h * dh;
-            float *dq = s->d_q + row0 * d + h * dh, *dk = s->d_kv + row0 * 2 * d + h * dh, *dv = dk + d;
-            fm__gemm_strided(kernels, N, dh, N, dctx, d, 1, v, 1, 2 * d, 0, s->d_probs, N);
-            fm__gemm_strided(kernels, N, N, dh, probs, 1, N, dctx, d, 1, 0, dv, 2 * d);
-            if ((status = fm_softmax_backward(N, N, probs, N, s->d_probs, N, s->d_probs, N)) != FM_OK) return status;
-            for (j = 0; j < N * N; j++) s->d_probs[j] *= scale;
-            fm__gemm_strided(kernels, N, N, dh, s->d_probs, N, 1, k, 2 * d, 1, 0, dq, d);
-            fm__gemm_strided(kernels, N, N, dh, s->d_probs, 1, N, q, d, 1, 0, dk, 2 * d);
-        }
+    FM__OMP_PARALLEL_FOR_DYNAMIC
+    for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
+        const int i = item / heads, h = item % heads;
+        const size_t row0 = (size_t)i * N;
+        const float *q = s->q + row0 * d + h * dh, *k = s->kv + row0 * 2 * d + h * dh, *v = k + d;
+        const float *probs = s->probs + (size_t)item * N * N, *dctx = s->d_context + row0 * d + h * dh;
+        float *dq = s->d_q + row0 * d + h * dh, *dk = s->d_kv + row0 * 2 * d + h * dh, *dv = dk + d;
+        float *d_probs = s->d_probs + (size_t)item * N * N;
+        int j;
+        fm__gemm_strided(kernels, N, dh, N, dctx, d, 1, v, 1, 2 * d, 0, d_probs, N);
+        fm__gemm_strided(kernels, N, N, dh, probs, 1, N, dctx, d, 1, 0, dv, 2 * d);
+        kernels->softmax_backward(N, N, probs, N, d_probs, N, d_probs, N);
+        for (j = 0; j < N * N; j++) d_probs[j] *= scale;
+        fm__gemm_strided(kernels, N, N, dh, d_probs, N, 1, k, 2 * d, 1, 0, dq, d);
+        fm__gemm_strided(kernels, N, N, dh, d_probs, 1, N, q, d, 1, 0, dk, 2 * d);
+    }
     fm__linear_backward(kernels, (int)R, d, d, s->ln1, d, fm__model_param(model, model->params, "attention.q.weight"), s->d_q, d,
                         s->d_tmp, d, 0, fm__model_param(model, g, "attention.q.weight"), NULL, 0);
     fm__linear_backward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <new>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -37,6 +38,27 @@ struct AlignedAllocator {
     bool operator!=(const AlignedAllocator &) const { return false; }
 };
 using Floats = std::vector<float, AlignedAllocator<float>>;
+
+// flexmoe's threads for one benchmark (0: leave the process-wide setting), restored after it.
+struct ThreadScope {
+    explicit ThreadScope(int threads) : set(threads > 0) {
+        if (set) fm_set_threads(threads);
+    }
+    ~ThreadScope() {
+        if (set) fm_set_threads(0);
+    }
+    ThreadScope(const ThreadScope &) = delete;
+    ThreadScope &operator=(const ThreadScope &) = delete;
+    bool set;
+};
+
+// The thread counts of the scaling benchmarks: 1, 2 and every hardware thread of the machine.
+inline std::vector<int> thread_counts() {
+    std::vector<int> counts = {1, 2};
+    const int all = int(std::thread::hardware_concurrency());
+    if (all > 2) counts.push_back(all);
+    return counts;
+}
 
 // Normal(0, scale) floats from a fixed seed: every impl sees the same data.
 inline Floats normal_floats(size_t n, float scale, uint64_t seed) {

@@ -226,9 +226,11 @@ void flexmoe_forward(benchmark::State &state, std::string mix, int M, int T) {
     counters(state, l, l.forward_flops());
 }
 
-void flexmoe_train(benchmark::State &state, std::string mix, int M, int T) {
+// threads 0: as set process-wide (one, bench_main's OpenMP setting); else fm_set_threads for this run
+void flexmoe_train(benchmark::State &state, std::string mix, int M, int T, int threads) {
     Layer &l = layer_of(mix, M, T);
-    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f};
+    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f, nullptr};
+    const fmbench::ThreadScope scope(threads);
     l.batch.training = 1;
     for (auto _ : state) {
         if (fm_moe_forward(&l.desc, &l.params, &l.batch, l.y.data(), 0, l.saved, l.workspace, nullptr) != FM_OK ||
@@ -362,7 +364,7 @@ void torch_forward(benchmark::State &state, std::string mix, int M, int T) {
 void torch_train(benchmark::State &state, std::string mix, int M, int T) {
     Layer &l = layer_of(mix, M, T);
     fmbench::TorchMoe &torch = l.torch_peer();
-    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f};
+    const fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f, nullptr};
     fmbench::Floats y_torch(l.y.size()), dx_torch(l.dx.size()), g_gate(l.g_gate.size()), g_w1(l.w1.size());
     fmbench::Floats g_w1_mine(l.w1.size());
     float gate_loss = 0.0f;
@@ -404,13 +406,19 @@ const bool registered = [] {
 #endif
                 benchmark::RegisterBenchmark(("moe_layer/openblas" + tail).c_str(), openblas_experts, mix, M, T);
                 benchmark::RegisterBenchmark(("moe_layer/peak" + tail).c_str(), peak, mix, M, T, false);
-                benchmark::RegisterBenchmark(("moe_layer_train/flexmoe" + tail).c_str(), flexmoe_train, mix, M, T);
+                benchmark::RegisterBenchmark(("moe_layer_train/flexmoe" + tail).c_str(), flexmoe_train, mix, M, T, 0);
 #ifdef FLEXMOE_BENCH_TORCH
                 benchmark::RegisterBenchmark(("moe_layer_train/torch" + tail).c_str(), torch_train, mix, M, T);
 #endif
                 benchmark::RegisterBenchmark(("moe_layer_train/peak" + tail).c_str(), peak, mix, M, T, true);
                 benchmark::RegisterBenchmark(("routing/flexmoe" + tail).c_str(), flexmoe_routing, mix, M, T);
             }
+    // the scaling study: forward + backward at 1, 2 and every thread of the machine
+    for (const char *mix : kMixes)
+        for (int threads : fmbench::thread_counts())
+            benchmark::RegisterBenchmark(("moe_layer_train/flexmoe_t" + std::to_string(threads) + "/" + mix + "/6/4096").c_str(),
+                                         flexmoe_train, mix, 6, 4096, threads)
+                ->UseRealTime();
     return true;
 }();
 

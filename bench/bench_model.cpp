@@ -98,8 +98,9 @@ void report(benchmark::State &state, const Problem &p) {
                                                     benchmark::Counter::kIsRate);
 }
 
-void flexmoe_step(benchmark::State &state, int M, int samples) {
+void flexmoe_step(benchmark::State &state, int M, int samples, int threads) {
     Problem p(M, samples);
+    const fmbench::ThreadScope scope(threads);
     if (!p.ok()) return state.SkipWithError("fm_model_create failed");
     for (auto _ : state)
         if (fm_model_forward(&p.model, &p.batch, nullptr, nullptr) != FM_OK || fm_model_backward(&p.model, &p.batch) != FM_OK)
@@ -187,12 +188,16 @@ const bool registered = [] {
     for (int M : {3, 4, 6})
         for (int samples : {16}) {
             const std::string tail = "/" + std::to_string(M) + "/" + std::to_string(samples);
-            benchmark::RegisterBenchmark(("model_step/flexmoe" + tail).c_str(), flexmoe_step, M, samples);
+            benchmark::RegisterBenchmark(("model_step/flexmoe" + tail).c_str(), flexmoe_step, M, samples, 0);
 #ifdef FLEXMOE_BENCH_TORCH
             benchmark::RegisterBenchmark(("model_step/torch" + tail).c_str(), torch_step, M, samples);
 #endif
             benchmark::RegisterBenchmark(("model_step/peak" + tail).c_str(), peak, M, samples);
         }
+    for (int threads : fmbench::thread_counts()) // the scaling study
+        benchmark::RegisterBenchmark(("model_step/flexmoe_t" + std::to_string(threads) + "/6/16").c_str(), flexmoe_step, 6, 16,
+                                     threads)
+            ->UseRealTime();
     return true;
 }();
 

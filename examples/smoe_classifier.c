@@ -64,7 +64,7 @@ int main(void) {
 
     fm_moe_params params = {p[0], p[1], p[2], p[3], p[4], p[5], {0}};
     fm_moe_grads grads = {g[0], g[1], g[2], g[3], g[4], g[5], {0}};
-    fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f};
+    fm_moe_loss_weights weights = {0.01f, 0.0f, 0.0f, NULL};
     for (int step = 0; step < STEPS; step++) {
         const int first = step * BATCH % N;
         fm_moe_batch batch = {0};

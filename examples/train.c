@@ -26,7 +26,7 @@
 typedef struct train_options {
     const char *data, *save, *resume, *eval, *export_problem;
     float missing_rate, lr, impute_keep;
-    int epochs, batch_size, warmup, json, seed_given, report_routing;
+    int epochs, batch_size, warmup, json, seed_given, report_routing, threads;
     fm_gate_kind gate;
     fm_conf_mode confidence;
     fm_imputation imputation;
@@ -63,8 +63,9 @@ static void usage(FILE *out) {
             "                      expert's load, its CV and entropy, each combination's shares\n"
             "                      (with --json: a \"routing\" object; scripts/routing_heatmap.py draws it)\n"
             "  --json              one machine-readable result line on stdout, no progress\n"
-            "  --help              this text\n"
-            "Threads: one for now; --threads arrives with the threaded kernels.\n");
+            "  --threads T         threads of the kernels (default: OpenMP's, OMP_NUM_THREADS or one per core;\n"
+            "                      1 when built without OpenMP); the results do not depend on it\n"
+            "  --help              this text\n");
 }
 
 static int parse_number(const char *flag, const char *text, double lo, double hi, double *out) {
@@ -136,6 +137,9 @@ static int parse_args(int argc, char **argv, train_options *o) {
         } else if (strcmp(flag, "--seed") == 0) {
             if (!parse_number(flag, value, 0, 4294967295.0, &v)) return 0;
             o->seed = (uint64_t)v, o->seed_given = 1;
+        } else if (strcmp(flag, "--threads") == 0) {
+            if (!parse_number(flag, value, 1, 1024, &v)) return 0;
+            o->threads = (int)v;
         } else {
             fprintf(stderr, "flexmoe_train: unknown option, or a missing or unknown value: %s %s (try --help)\n", flag,
                     value ? value : "");
@@ -491,6 +495,7 @@ int main(int argc, char **argv) {
     memset(&model, 0, sizeof model);
     memset(&result, 0, sizeof result);
     if (!parse_args(argc, argv, &o)) return 2;
+    fm_set_threads(o.threads);
     if ((o.resume || o.eval) && load_checkpoint(&o, &model) != FM_OK) goto done;
     if (prepare_data(&o, &ds, &order, &train, &validation) != FM_OK) goto done;
     if (o.resume || o.eval ? !check_fits(&model, &ds, o.resume ? o.resume : o.eval) : create_model(&o, &ds, &model) != FM_OK)
@@ -545,6 +550,7 @@ int main(int argc, char **argv) {
                result.best_epoch, result.best_validation.accuracy, test.accuracy, test.macro_f1, test.macro_auc,
                state.training_seconds > 0 ? (double)state.samples_trained / state.training_seconds : 0.0,
                now() - state.start);
+        printf(", \"threads\": %d", fm_threads());
         if (o.report_routing && !report_routing(&model, &ds, order, train, 1)) {
             fprintf(stderr, "flexmoe_train: cannot compute the routing report\n");
             goto done;

@@ -9,7 +9,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(build-essential clang meson ninja-build pkg-config libbenchmark-dev
+packages=(build-essential clang libomp-dev meson ninja-build pkg-config libbenchmark-dev
           gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
 if [ "${1:-}" = "--bench" ] || [ "${1:-}" = "--all" ]; then packages+=(libdnnl-dev libopenblas-dev libxsmm-dev libtorch-dev python3-torch libsleef-dev python3-matplotlib); fi
 

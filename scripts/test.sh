@@ -67,7 +67,7 @@ run_tests() {
   fi
 }
 
-tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_layer test_model test_data test_train test_checkpoint test_robustness test_cxx)
+tests=(test_api test_softmax test_topk test_gate test_confsmoe test_dispatch test_gemm test_ffn test_layer test_model test_data test_train test_checkpoint test_robustness test_threads test_cxx)
 
 # ---- native build, every supported path -------------------------------------------------------
 run build configure build/release -Dbench=enabled
@@ -135,6 +135,12 @@ run build-openmp-confsmoe gcc -fopenmp "${strict[@]}" -Itests tests/test_confsmo
 run_tests test_confsmoe-openmp OMP_NUM_THREADS=2 -- build/test_confsmoe-openmp
 run build-openmp-gemm gcc -fopenmp "${strict[@]}" -Itests tests/test_gemm.c tests/flexmoe_impl.c -o build/test_gemm-openmp -lm
 run_tests test_gemm-openmp OMP_NUM_THREADS=2 -- build/test_gemm-openmp
+# the threaded paths under ThreadSanitizer: clang with LLVM's OpenMP and its TSan tool (archer), at
+# 3 threads on 2 cores, so the items interleave
+run build-tsan clang -fsanitize=thread -fopenmp -std=c99 -O1 -g -I. -Itests -DFM_TEST_SOURCE_ROOT="\"$PWD\"" \
+    tests/test_threads.c tests/flexmoe_impl.c -o build/test_threads-tsan -lm
+run_tests test_threads-tsan OMP_NUM_THREADS=3 OMP_TOOL_LIBRARIES=/usr/lib/llvm-14/lib/libarcher.so \
+    TSAN_OPTIONS=halt_on_error=1:exitcode=66 -- build/test_threads-tsan
 for cxx in g++ clang++; do
   run "cxx-$cxx" sh -c "$cxx -std=c++17 -Wall -Wextra -pedantic -Werror -O2 -I. tests/test_cxx.cpp -o build/cxx-$cxx -lm && ./build/cxx-$cxx"
 done

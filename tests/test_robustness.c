@@ -833,7 +833,7 @@ static void layer_setup(void) {
 }
 static fm_status layer_call(fm_gate_kind gate, int training, int backward) {
     const fm_moe_desc d = layer_desc(gate);
-    const fm_moe_loss_weights weights = {0.01f, 1.0f, 1.0f};
+    const fm_moe_loss_weights weights = {0.01f, 1.0f, 1.0f, NULL};
     fm_moe_params p;
     fm_moe_grads g;
     fm_moe_batch b;
