@@ -42,8 +42,12 @@
  *   - nothing read or written outside the buffers its shapes describe, padding lanes of a
  *     vector never becoming results whatever the inputs (NaN, +-Inf, huge values).
  *
- * Threads: when the implementation file is compiled with OpenMP, row-parallel kernels split
- * their rows across threads; rows are independent, so results do not depend on the thread count.
+ * Threads: when the implementation file is compiled with OpenMP (-fopenmp), every call splits its
+ * work into items that each compute their own outputs: row blocks, (expert x input block x output
+ * panel) tiles of the experts' weight gradients taken dynamically (so one hot expert of a skewed
+ * mix is spread over every thread), (sample x head) in the attention, spans of the optimiser.
+ * No item depends on how the others are scheduled, and sums over items run in item order, so
+ * results are the same bit for bit at any thread count (fm_set_threads; OMP_NUM_THREADS).
  * Kernels may run on any number of threads at once. The ISA choice is process-global and lazy;
  * fm_set_isa() may switch it while kernels run elsewhere (each call runs on one path or returns
  * an error); fm_setup() installs hooks and is meant for start-up, before other threads call in.
@@ -1235,7 +1239,9 @@ fm_status fm_safetensors_write(const char *path, const fm_safetensor *tensors, i
 #endif
 
 /* Parallel loops over independent items: static for items of equal cost, dynamic (taken one at a
- * time) for items of uneven cost, such as the experts' tiles under a skewed mix. */
+ * time) for items of uneven cost, such as the experts' tiles under a skewed mix. Products below
+ * this many multiply-adds stay on one thread (a parallel region costs microseconds). */
+#define FM__PARALLEL_MIN_MACS 4194304.0
 #ifdef _OPENMP
 #include <omp.h>
 static int fm__threads_requested;
@@ -1244,9 +1250,13 @@ static int fm__thread_count(void) { return fm__threads_requested > 0 ? fm__threa
 #define FM__OMP_PARALLEL_FOR_DYNAMIC _Pragma("omp parallel for schedule(dynamic) num_threads(fm__thread_count())")
 #define FM__PRAGMA(text) _Pragma(#text)
 /* ... on `threads` threads (1: no parallel region's cost for small work) */
-#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads))
+#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1))
+/* Threads for work of `macs` multiply-adds: 1 below FM__PARALLEL_MIN_MACS or inside another
+ * parallel loop (whose items are the parallelism). */
+static int fm__threads_for(double macs) { return macs >= FM__PARALLEL_MIN_MACS && !omp_in_parallel() ? fm__thread_count() : 1; }
 #else
 static int fm__thread_count(void) { return 1; }
+static int fm__threads_for(double macs) { return (void)macs, 1; }
 #define FM__OMP_PARALLEL_FOR
 #define FM__OMP_PARALLEL_FOR_DYNAMIC
 #define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
@@ -2514,10 +2524,8 @@ float fm_gate_noise(uint64_t seed, uint64_t token, int expert) {
 
 /* Depth of the B blocks that fm__gemm_strided packs on the stack: 32 x FM_GEMM_PANEL floats, 8 KiB. */
 #define FM__STRIDED_DEPTH 32
-/* Rows of a strided product's work item (a multiple of the micro-kernel's 6 rows), and the
- * multiply-adds below which a product stays on one thread. */
+/* The most rows of a strided product's work item (a multiple of the micro-kernel's 6 rows). */
 #define FM__STRIDED_ROWS 96
-#define FM__PARALLEL_MIN_MACS 4194304.0
 
 /* C[rows x cols] (+)= A . B for operands at any strides, a(i, p) = a[i * a_row + p * a_depth]
  * and b(p, j) = b[p * b_row + j * b_col], on the packed-panel micro-kernels: B goes through a
@@ -2529,16 +2537,22 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
                              int accumulate, float *c, ptrdiff_t ldc) {
     /* items of (row block x column panel): each element of c sums its depth in the same order
      * whatever the split, so the result does not depend on the threads */
-    const int panels = (cols + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL, row_blocks = (rows + FM__STRIDED_ROWS - 1) / FM__STRIDED_ROWS;
-    const int threads = (double)rows * depth * cols >= FM__PARALLEL_MIN_MACS ? fm__thread_count() : 1;
+    const int panels = (cols + FM_GEMM_PANEL - 1) / FM_GEMM_PANEL;
+    const int threads = fm__threads_for((double)rows * depth * cols);
+    /* row blocks of at most FM__STRIDED_ROWS, at least four items a thread where the rows allow,
+     * blocks of equal size (multiples of 6) so that no item is the odd long one */
+    const int wanted = (rows + FM__STRIDED_ROWS - 1) / FM__STRIDED_ROWS,
+              spread = (4 * threads + panels - 1) / panels, most = (rows + 5) / 6;
+    const int blocks = wanted > spread ? wanted : spread < most ? spread : most > 0 ? most : 1;
+    const int block_rows = ((rows + blocks - 1) / blocks + 5) / 6 * 6, row_blocks = rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
     int item;
     (void)threads;
     FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
     for (item = 0; item < panels * row_blocks; item++) {
         FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
-        const int c0 = item % panels * FM_GEMM_PANEL, r0 = item / panels * FM__STRIDED_ROWS;
+        const int c0 = item % panels * FM_GEMM_PANEL, r0 = item / panels * block_rows;
         const int n = cols - c0 < FM_GEMM_PANEL ? cols - c0 : FM_GEMM_PANEL;
-        const int m = rows - r0 < FM__STRIDED_ROWS ? rows - r0 : FM__STRIDED_ROWS;
+        const int m = rows - r0 < block_rows ? rows - r0 : block_rows;
         int k0, p, j;
         for (k0 = 0; k0 < depth; k0 += FM__STRIDED_DEPTH) {
             const int kd = depth - k0 < FM__STRIDED_DEPTH ? depth - k0 : FM__STRIDED_DEPTH;
@@ -4048,32 +4062,46 @@ static const float *fm__moe_routing_logits(const fm__moe_config *c, const fm_moe
 
 /* The gate-loss terms, and with d_* given their gradients scaled by `weight`. */
 /* The S-Router term, summed over the token groups that have tokens with a target: each group's
- * mean cross-entropy, by fm_router_cross_entropy over that group's targets alone (the others'
- * are hidden, as -2 - target, for the call and restored after; -1 is "no target"). d_routing (optional) receives the
- * sum of the groups' gradients; scratch (T x E, needed with d_routing) takes each call's. */
+ * mean cross-entropy over its tokens with a target (-1: none). One pass over the tokens, the
+ * losses summed in double in token order per group; d_routing (optional) receives the sum of the
+ * groups' gradients, softmax(logits) - onehot(target) over the group's count, row chunks in
+ * parallel (scratch is unused). */
 static void fm__moe_router_ce(const fm__moe_config *c, int T, const float *logits, const fm__moe_views *v, float *value,
                               float *d_routing, float *scratch) {
+    const fm__kernel_table *kernels = fm__active_kernels();
     const int E = c->experts;
-    int g, t, any;
+    double sums[FLEXMOE_GATE_MAX_GROUPS] = {0.0};
+    int counts[FLEXMOE_GATE_MAX_GROUPS] = {0};
+    int g, t, e;
+    (void)scratch;
+    for (t = 0; t < T; t++) counts[v->group[t]] += v->targets[t] >= 0;
+    for (t = 0; t < T; t++)
+        if (v->targets[t] >= 0) { /* log-sum-exp in double: finite however small p[target] is */
+            const float *l = logits + (size_t)t * E;
+            double max = l[0], sum = 0.0;
+            for (e = 1; e < E; e++) max = l[e] > max ? l[e] : max;
+            for (e = 0; e < E; e++) sum += exp(l[e] - max);
+            sums[v->group[t]] += max + log(sum) - l[v->targets[t]];
+        }
     *value = 0.0f;
-    if (d_routing) memset(d_routing, 0, (size_t)T * E * sizeof(float));
-    for (g = 0; g < c->groups; g++) {
-        float group_value = 0.0f;
-        for (t = 0, any = 0; t < T; t++) {
-            if (v->group[t] != g && v->targets[t] >= 0) v->targets[t] = -2 - v->targets[t];
-            any |= v->group[t] == g && v->targets[t] >= 0;
-        }
-        if (any) {
-            fm_router_cross_entropy(T, E, logits, E, v->targets, &group_value, d_routing ? scratch : NULL, E);
-            *value += group_value;
-            if (d_routing)
-                for (t = 0; t < T; t++)
-                    if (v->group[t] == g && v->targets[t] >= 0)
-                        memcpy(d_routing + (size_t)t * E, scratch + (size_t)t * E, (size_t)E * sizeof(float));
-        }
-        for (t = 0; t < T; t++)
-            if (v->targets[t] < -1) v->targets[t] = -2 - v->targets[t];
-    }
+    for (g = 0; g < c->groups; g++)
+        if (counts[g]) *value += (float)(sums[g] / counts[g]);
+    if (d_routing)
+        FM__FOR_ROW_CHUNKS(T, r0, n, {
+            int r;
+            int j;
+            kernels->softmax_forward(n, E, logits + (size_t)r0 * E, E, d_routing + (size_t)r0 * E, E);
+            for (r = r0; r < r0 + n; r++) {
+                float *d = d_routing + (size_t)r * E;
+                const float count = (float)counts[v->group[r]];
+                if (v->targets[r] < 0) {
+                    memset(d, 0, (size_t)E * sizeof(float));
+                    continue;
+                }
+                for (j = 0; j < E; j++) d[j] /= count;
+                d[v->targets[r]] -= 1.0f / count;
+            }
+        });
 }
 
 static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v,
