@@ -1147,6 +1147,18 @@ def cli_outputs(tmp, tensors, config):
     return read_safetensors(out_path)[0], None
 
 
+def cli_runs(tmp, variants, prefix, failures):
+    """cli_outputs of each variant, a name -> (tensors, config) dict: the outputs by name, or None
+    when a run failed (each failure appended to failures, after prefix)."""
+    runs, failed = {}, False
+    for name, (tensors, config) in variants.items():
+        runs[name], failure = cli_outputs(tmp, tensors, config)
+        if failure:
+            failures.append(f"{prefix}{name}: {failure}")
+            failed = True
+    return None if failed else runs
+
+
 def chunk_major(mask, batch_size):
     """The SMoE's dropout mask [M, B * patches, d] in the token layout [B, M * patches, d]."""
     M, rows, d = mask.shape
@@ -1162,12 +1174,9 @@ def dropout_failures(tmp, tensors, config, generator):
     sparse = {name: (torch.rand(specs[name][1], generator=generator) >= 0.1).float() for name in DROPOUT_MASKS}
     inputs = {"no masks": {}, "masks of ones": {name: torch.ones(specs[name][1]) for name in DROPOUT_MASKS}}
     inputs.update({name: {name: mask} for name, mask in sparse.items()})
-    runs, failures = {}, []
-    for label, masks in inputs.items():
-        runs[label], failure = cli_outputs(tmp, dict(tensors, **masks), config)
-        if failure:
-            failures.append(f"{label}: {failure}")
-    if failures:
+    failures = []
+    runs = cli_runs(tmp, {label: (dict(tensors, **masks), config) for label, masks in inputs.items()}, "", failures)
+    if runs is None:
         return failures
     plain = runs["no masks"]
     failures += [f"masks of ones change '{name}'"
@@ -1341,18 +1350,13 @@ def check_features(tmp, generator):
         tensors = selftest_problem(generator, training=True, dropout=True, config=config)
         complete = dict(tensors, **{"input.observed": torch.ones_like(tensors["input.observed"]),
                                     "input.combination": torch.zeros_like(tensors["input.combination"])})
-        runs, cli_failed = {}, False
-        for label, (inputs, variant) in {
-                "features": (tensors, config),
-                "all observed": (complete, dict(config, imputation="zero")),
-                "features, gate_loss_weight 0": (tensors, dict(config, gate_loss_weight=0.0)),
-                "all observed, gate_loss_weight 0": (complete, dict(config, imputation="zero", gate_loss_weight=0.0)),
-                "zero imputation": (tensors, dict(config, imputation="zero"))}.items():
-            runs[label], failure = cli_outputs(tmp, inputs, variant)
-            if failure:
-                failures.append(f"{gate} gate, {label}: {failure}")
-                cli_failed = True
-        if cli_failed:
+        runs = cli_runs(tmp, {
+            "features": (tensors, config),
+            "all observed": (complete, dict(config, imputation="zero")),
+            "features, gate_loss_weight 0": (tensors, dict(config, gate_loss_weight=0.0)),
+            "all observed, gate_loss_weight 0": (complete, dict(config, imputation="zero", gate_loss_weight=0.0)),
+            "zero imputation": (tensors, dict(config, imputation="zero"))}, f"{gate} gate, ", failures)
+        if runs is None:
             continue
         features, observed = runs["features"], runs["all observed"]
         if not torch.equal(features["act.tokens"], observed["act.tokens"]):
@@ -1513,20 +1517,15 @@ def check_two_stage(tmp, generator):
         stage_one = {n: t for n, t in tensors.items() if not n.startswith("moe.impute.")}
         complete = dict(tensors, **{"input.observed": torch.ones_like(tensors["input.observed"]),
                                     "input.combination": torch.zeros_like(tensors["input.combination"])})
-        runs, cli_failed = {}, False
-        for name, (inputs, variant) in {
-                "two_stage": (tensors, config),
-                "impute_keep 1": (tensors, dict(config, impute_keep=1.0)),
-                "impute_keep 1e-6": (tensors, dict(config, impute_keep=1e-6)),
-                "features": (stage_one, dict(config, imputation="features")),
-                "all observed": (complete, config),
-                "all observed, features": ({n: t for n, t in complete.items() if not n.startswith("moe.impute.")},
-                                           dict(config, imputation="features"))}.items():
-            runs[name], failure = cli_outputs(tmp, inputs, variant)
-            if failure:
-                failures.append(f"{label}, {name}: {failure}")
-                cli_failed = True
-        if cli_failed:
+        runs = cli_runs(tmp, {
+            "two_stage": (tensors, config),
+            "impute_keep 1": (tensors, dict(config, impute_keep=1.0)),
+            "impute_keep 1e-6": (tensors, dict(config, impute_keep=1e-6)),
+            "features": (stage_one, dict(config, imputation="features")),
+            "all observed": (complete, config),
+            "all observed, features": ({n: t for n, t in complete.items() if not n.startswith("moe.impute.")},
+                                       dict(config, imputation="features"))}, f"{label}, ", failures)
+        if runs is None:
             continue
         outputs = runs["two_stage"]
         in_path = os.path.join(tmp, "cli.in.safetensors")
