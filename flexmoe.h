@@ -161,6 +161,23 @@ fm_status fm_isa_from_name(const char *name, fm_isa *isa);
 int fm_set_threads(int threads);
 int fm_threads(void);
 
+#ifdef FLEXMOE_TRACE
+/* Work-item tracing for scheduling studies (scripts/schedule.py), compiled in only when the
+ * implementation is compiled with FLEXMOE_TRACE. Between fm_trace_start and fm_trace_stop every
+ * parallel loop records one event as each of its items starts (item >= 0) and one as the loop
+ * ends (item = -1); `loop` names the loop (a string the library owns), expert is the expert an
+ * item works for (-1: none; for "gemm_strided", whose row blocks are cut for the thread count, the
+ * product's rows). Events past `capacity` are counted but not kept. fm_trace_stop
+ * returns how many events there were. */
+typedef struct fm_trace_event {
+    const char *loop;
+    int line, item, expert, thread;
+    double seconds; /* since fm_trace_start */
+} fm_trace_event;
+void fm_trace_start(fm_trace_event *events, int capacity);
+int fm_trace_stop(void);
+#endif
+
 /* 64-byte aligned memory through the installed allocator; NULL on failure or size 0. */
 void *fm_alloc(size_t size);
 void fm_free(void *ptr);
@@ -1262,6 +1279,52 @@ static int fm__threads_for(double macs) { return (void)macs, 1; }
 #define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
 #endif
 
+/* FLEXMOE_TRACE: FM__TRACE_ITEM(loop, item, expert) first in a parallel loop's body,
+ * FM__TRACE_END(loop) after the loop. */
+#ifdef FLEXMOE_TRACE
+#include <time.h>
+static fm_trace_event *fm__trace_events;
+static int fm__trace_capacity, fm__trace_count, fm__tracing;
+static double fm__trace_origin;
+static double fm__trace_clock(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return (double)clock() / CLOCKS_PER_SEC;
+#endif
+}
+static void fm__trace(const char *loop, int line, int item, int expert) {
+    int at;
+    if (!fm__tracing) return;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    at = fm__trace_count++;
+    if (at < fm__trace_capacity) {
+        fm_trace_event *event = fm__trace_events + at;
+        event->loop = loop, event->line = line, event->item = item, event->expert = expert;
+#ifdef _OPENMP
+        event->thread = omp_get_thread_num();
+#else
+        event->thread = 0;
+#endif
+        event->seconds = fm__trace_clock() - fm__trace_origin;
+    }
+}
+void fm_trace_start(fm_trace_event *events, int capacity) {
+    fm__trace_events = events, fm__trace_capacity = events && capacity > 0 ? capacity : 0;
+    fm__trace_count = 0, fm__trace_origin = fm__trace_clock(), fm__tracing = 1;
+}
+int fm_trace_stop(void) { return fm__tracing = 0, fm__trace_count; }
+#define FM__TRACE_ITEM(loop, item, expert) fm__trace(loop, __LINE__, (int)(item), expert)
+#define FM__TRACE_END(loop) fm__trace(loop, __LINE__, -1, -1)
+#define FM__TRACE_THREADED 1 /* one thread runs the threads' work items too, to time them */
+#else
+#define FM__TRACE_ITEM(loop, item, expert) ((void)0)
+#define FM__TRACE_END(loop) ((void)0)
+#define FM__TRACE_THREADED 0
+#endif
+
 /* An elementwise pass over n elements in spans of FM__SPAN (even: the dropout draws serve pairs),
  * the spans in parallel: `body` sees begin and count. */
 #define FM__SPAN 16384
@@ -1273,8 +1336,10 @@ static int fm__threads_for(double macs) { return (void)macs, 1; }
         for (fm__span = 0; fm__span < fm__spans; fm__span++) {                                     \
             const size_t begin = (size_t)fm__span * FM__SPAN;                                      \
             const size_t count = (n) - begin < FM__SPAN ? (n) - begin : FM__SPAN;                  \
+            FM__TRACE_ITEM(__func__, fm__span, -1);                                                \
             body;                                                                                  \
         }                                                                                          \
+        FM__TRACE_END(__func__);                                                                   \
     } while (0)
 
 int fm_set_threads(int threads) {
@@ -2132,8 +2197,10 @@ static int fm__stream_output(int rows, int dim) {
         for (fm__chunk = 0; fm__chunk < fm__chunks; fm__chunk++) {                                \
             const int r0 = fm__chunk * FM__ROW_CHUNK;                                             \
             const int n = (rows) - r0 < FM__ROW_CHUNK ? (rows) - r0 : FM__ROW_CHUNK;              \
+            FM__TRACE_ITEM(__func__, fm__chunk, -1);                                              \
             call;                                                                                 \
         }                                                                                         \
+        FM__TRACE_END(__func__);                                                                  \
     } while (0)
 
 fm_status fm_softmax_forward(int rows, int cols, const float *x, int ldx, float *y, int ldy) {
@@ -2390,6 +2457,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
     if ((status = fm__check_gate_contents(&job, 1)) != FM_OK) return status;
     FM__OMP_PARALLEL_FOR /* the tokens are independent */
     for (t = 0; t < job.tokens; t++) {
+        FM__TRACE_ITEM("noisy_gate_backward", t, -1);
         float draws[FLEXMOE_GATE_MAX_EXPERTS]; /* the token's noise, drawn once (4 KiB) */
         int e, i;
         const float *clean = job.clean + (size_t)t * job.ld_clean;
@@ -2444,6 +2512,7 @@ fm_status fm_noisy_gate_backward(const fm_gate_desc *desc, const fm_gate_tensors
             d_noise[kth] = (float)((double)d_noise[kth] - below_kth * draws[kth] * fm__sigmoid(raw[kth]));
         }
     }
+    FM__TRACE_END("noisy_gate_backward");
     return FM_OK;
 }
 
@@ -2549,6 +2618,7 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
     (void)threads;
     FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
     for (item = 0; item < panels * row_blocks; item++) {
+        FM__TRACE_ITEM("gemm_strided", item, rows); /* its items depend on the threads: the sizes to re-cut them */
         FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
         const int c0 = item % panels * FM_GEMM_PANEL, r0 = item / panels * block_rows;
         const int n = cols - c0 < FM_GEMM_PANEL ? cols - c0 : FM_GEMM_PANEL;
@@ -2566,6 +2636,7 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
                                 accumulate || k0 > 0, c + (ptrdiff_t)r0 * ldc + c0, ldc, n);
         }
     }
+    FM__TRACE_END("gemm_strided");
 }
 
 /* The gate's logits with leading dimensions: clean = x W_gate, noise = x W_noise when wanted. */
@@ -2756,10 +2827,12 @@ static void fm__layernorm_param_grad(const fm__kernel_table *kernels, int rows, 
     if (!dgamma && !dbeta) return;
     FM__OMP_PARALLEL_FOR
     for (chunk = 0; chunk < chunks; chunk++) {
+        FM__TRACE_ITEM("layernorm_param_grad", chunk, -1);
         const int c0 = chunk * FM__COL_CHUNK, n = cols - c0 < FM__COL_CHUNK ? cols - c0 : FM__COL_CHUNK;
         kernels->layernorm_param_grad(rows, n, x + c0, ldx, mean, rstd, dy + c0, lddy,
                                       dgamma ? dgamma + c0 : NULL, dbeta ? dbeta + c0 : NULL);
     }
+    FM__TRACE_END("layernorm_param_grad");
 }
 
 fm_status fm_layernorm_forward(int rows, int cols, const float *x, int ldx, const float *gamma,
@@ -3390,6 +3463,7 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     FM__OMP_PARALLEL_FOR
     for (item = 0; item < experts * panels; item++) {
+        FM__TRACE_ITEM("grouped_gemm_forward", item, item / panels);
         const int e = item / panels, p = item % panels, first = offsets[e];
         fm__gemm_panel_blocked(kernels, offsets[e + 1] - first, in_features, x + (size_t)first * ldx, ldx,
                                packed_w + e * per_expert + (size_t)p * in_features * FM_GEMM_PANEL,
@@ -3397,6 +3471,7 @@ fm_status fm_grouped_gemm_forward(int experts, const int32_t *offsets, int in_fe
                                y + (size_t)first * ldy + p * FM_GEMM_PANEL, ldy, fm__panel_cols(out_features, p),
                                FM_GELU_ERF, NULL, 0);
     }
+    FM__TRACE_END("grouped_gemm_forward");
     return FM_OK;
 }
 
@@ -3517,6 +3592,7 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
         int chunk;
         FM__OMP_PARALLEL_FOR
         for (chunk = 0; chunk < chunks; chunk++) {
+            FM__TRACE_ITEM("grouped_gemm_backward.dx_rows", chunk, -1);
             /* the chunk's rows of experts with few rows, split where they change expert */
             int r = offsets[0] + chunk * FM__GEMM_GRAD_ROW_BLOCK, expert = 0;
             const int end = rows - r > FM__GEMM_GRAD_ROW_BLOCK ? r + FM__GEMM_GRAD_ROW_BLOCK : rows;
@@ -3530,30 +3606,38 @@ fm_status fm_grouped_gemm_backward(int experts, const int32_t *offsets, int in_f
                 r = stop;
             }
         }
+        FM__TRACE_END("grouped_gemm_backward.dx_rows");
         FM__OMP_PARALLEL_FOR
         for (item = 0; item < experts * dx_panels; item++) {
+            FM__TRACE_ITEM("grouped_gemm_backward.dx_panels", item, item / dx_panels);
             const int ex = item / dx_panels, q = item % dx_panels, first = offsets[ex], count = offsets[ex + 1] - first;
             if (count >= FM__GEMM_TRANSPOSE_MIN_ROWS)
                 fm__gemm_dx_panel(kernels, count, in_features, out_features, q, dy + (size_t)first * lddy, lddy,
                                   packed_w + ex * per_expert, dx + (size_t)first * lddx, lddx);
         }
+        FM__TRACE_END("grouped_gemm_backward.dx_panels");
     }
     if (d_packed_w) {
         FM__OMP_PARALLEL_FOR
         for (item = 0; item < experts * panels; item++) {
+            FM__TRACE_ITEM("grouped_gemm_backward.dw", item, item / panels);
             const int ex = item / panels, p = item % panels, first = offsets[ex], count = offsets[ex + 1] - first;
             /* x and dy may be NULL when no expert has rows: no offset is applied to them then */
             fm__gemm_dw_panel(kernels, count, in_features, out_features, p, count ? x + (size_t)first * ldx : x, ldx,
                               count ? dy + (size_t)first * lddy : dy, lddy,
                               d_packed_w + ex * per_expert + (size_t)p * in_features * FM_GEMM_PANEL, 0);
         }
+        FM__TRACE_END("grouped_gemm_backward.dw");
     }
     if (d_bias) {
         FM__OMP_PARALLEL_FOR
-        for (e = 0; e < experts; e++)
+        for (e = 0; e < experts; e++) {
+            FM__TRACE_ITEM("grouped_gemm_backward.db", e, e);
             fm__gemm_db_rows(kernels, offsets[e + 1] - offsets[e], out_features,
                              offsets[e + 1] > offsets[e] ? dy + (size_t)offsets[e] * lddy : dy, lddy,
                              d_bias + (size_t)e * out_features, 0);
+        }
+        FM__TRACE_END("grouped_gemm_backward.db");
     }
     return FM_OK;
 }
@@ -3632,6 +3716,7 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
     chunks = fm__row_chunks(offsets[0], rows, FM__FFN_ROW_BLOCK);
     FM__OMP_PARALLEL_FOR
     for (chunk = 0; chunk < chunks; chunk++) {
+        FM__TRACE_ITEM("expert_ffn_forward", chunk, -1);
         const size_t w1_floats = fm_packed_weight_floats(desc->dim, desc->hidden);
         const size_t w2_floats = fm_packed_weight_floats(desc->hidden, desc->dim);
         const int D = desc->dim, H = desc->hidden;
@@ -3654,6 +3739,7 @@ fm_status fm_expert_ffn_forward(const fm_expert_ffn_desc *desc, const int32_t *o
             r0 += m;
         }
     }
+    FM__TRACE_END("expert_ffn_forward");
     return FM_OK;
 }
 
@@ -3668,10 +3754,12 @@ static void fm__transpose_packed(const fm__kernel_table *kernels, int experts, i
     int item;
     FM__OMP_PARALLEL_FOR
     for (item = 0; item < experts * panels; item++) {
+        FM__TRACE_ITEM("transpose_packed", item, item / panels);
         const int e = item / panels, q = item % panels;
         kernels->gemm_transpose_block(packed + e * per_expert, in_features, q * FM_GEMM_PANEL, 0, out_features,
                                       transposed + e * per_transposed + (size_t)q * out_features * FM_GEMM_PANEL);
     }
+    FM__TRACE_END("transpose_packed");
 }
 
 /* Input rows of a weight gradient per work item (a multiple of the micro-kernel's 6 rows). */
@@ -3690,6 +3778,7 @@ static void fm__ffn_weight_grads(const fm__kernel_table *kernels, int experts, c
     int item;
     FM__OMP_PARALLEL_FOR_DYNAMIC
     for (item = 0; item < items + (db ? experts : 0); item++) {
+        FM__TRACE_ITEM("ffn_weight_grads", item, item < items ? item / (blocks * panels) : item - items);
         if (item < items) {
             const int e = item / (blocks * panels), b = item / panels % blocks, p = item % panels;
             const int first = offsets[e], count = offsets[e + 1] - first, i0 = b * FM__DW_IN_BLOCK;
@@ -3704,6 +3793,116 @@ static void fm__ffn_weight_grads(const fm__kernel_table *kernels, int experts, c
                              db + (size_t)e * out_features, 0);
         }
     }
+    FM__TRACE_END("ffn_weight_grads");
+}
+
+/* The operands of one expert FFN backward, as fm__expert_ffn_backward received them; h is what
+ * dW2 multiplies: the saved hidden rows, or d_hidden after GELU(pre) was written there. */
+typedef struct fm__ffn_backward_operands {
+    const fm_expert_ffn_desc *desc;
+    const int32_t *offsets;
+    const fm_expert_ffn_params *params;
+    const fm_expert_ffn_grads *grads;
+    const float *w1_t, *w2_t, *x, *pre, *h, *dy;
+    float *dx, *d_hidden;
+    int ldx, ldp, ld_h, lddy, lddx, lddh;
+} fm__ffn_backward_operands;
+
+/* Rows [r, r + m) of expert e: dH = (dy W2^T) GELU'(pre), then dx = dH W1^T. */
+static void fm__ffn_backward_rows(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o, int e, int r,
+                                  int m) {
+    const int D = o->desc->dim, H = o->desc->hidden;
+    float *dh_r = o->d_hidden + (size_t)r * o->lddh;
+    int i;
+    if (o->w2_t)
+        fm__gemm_rows(kernels, m, D, H, o->dy + (size_t)r * o->lddy, o->lddy, o->w2_t + e * fm_packed_weight_floats(D, H),
+                      NULL, dh_r, o->lddh, o->desc->gelu, NULL, 0);
+    else fm__gemm_dx_rows(kernels, m, H, D, o->dy + (size_t)r * o->lddy, o->lddy,
+                          o->params->w2 + e * fm_packed_weight_floats(H, D), dh_r, o->lddh);
+    for (i = 0; i < m; i++)
+        kernels->gelu_row(H, o->desc->gelu, o->pre + (size_t)(r + i) * o->ldp, dh_r + (size_t)i * o->lddh,
+                          dh_r + (size_t)i * o->lddh);
+    if (o->dx && o->w1_t)
+        fm__gemm_rows(kernels, m, H, D, dh_r, o->lddh, o->w1_t + e * fm_packed_weight_floats(H, D), NULL,
+                      o->dx + (size_t)r * o->lddx, o->lddx, o->desc->gelu, NULL, 0);
+    else if (o->dx)
+        fm__gemm_dx_rows(kernels, m, D, H, dh_r, o->lddh, o->params->w1 + e * fm_packed_weight_floats(D, H),
+                         o->dx + (size_t)r * o->lddx, o->lddx);
+}
+
+/* h = GELU(pre) into d_hidden for rows [r, r + m), when the forward did not keep the hidden rows. */
+static void fm__ffn_hidden_rows(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o, int r, int m) {
+    int i;
+    if (o->h == o->d_hidden)
+        for (i = r; i < r + m; i++)
+            kernels->gelu_row(o->desc->hidden, o->desc->gelu, o->pre + (size_t)i * o->ldp, NULL,
+                              o->d_hidden + (size_t)i * o->lddh);
+}
+
+/* One thread: an expert's block of rows at a time through both layers backward, as the forward
+ * goes, so the block's dH stays in L2 from the second layer's dx through the GELU derivative to
+ * the first layer's dW and dx (10 % of a model step over separate passes). The weight gradients
+ * add up over the blocks in row order; the blocks are multiples of the dW kernel's depth block,
+ * so the sums are the same bits as the threaded passes' single sweep over the rows. */
+static void fm__ffn_backward_fused(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o) {
+    const int D = o->desc->dim, H = o->desc->hidden;
+    const fm_expert_ffn_grads *g = o->grads;
+    int e, p;
+    for (e = 0; e < o->desc->experts; e++) {
+        const int first = o->offsets[e], count = o->offsets[e + 1] - first;
+        float *gw1 = g->w1 ? g->w1 + e * fm_packed_weight_floats(D, H) : NULL;
+        float *gw2 = g->w2 ? g->w2 + e * fm_packed_weight_floats(H, D) : NULL;
+        int r0 = 0;
+        do { /* at least once: an expert without rows gets zero gradients */
+            const int m = count - r0 < FM__FFN_ROW_BLOCK ? count - r0 : FM__FFN_ROW_BLOCK, r = first + r0, more = r0 > 0;
+            fm__ffn_hidden_rows(kernels, o, r, m);
+            for (p = 0; gw2 && p < fm__gemm_panels(D); p++)
+                fm__gemm_dw_panel(kernels, m, H, D, p, o->h + (size_t)r * o->ld_h, o->ld_h, o->dy + (size_t)r * o->lddy,
+                                  o->lddy, gw2 + (size_t)p * H * FM_GEMM_PANEL, more);
+            if (g->b2) fm__gemm_db_rows(kernels, m, D, o->dy + (size_t)r * o->lddy, o->lddy, g->b2 + (size_t)e * D, more);
+            fm__ffn_backward_rows(kernels, o, e, r, m);
+            for (p = 0; gw1 && p < fm__gemm_panels(H); p++)
+                fm__gemm_dw_panel(kernels, m, D, H, p, o->x + (size_t)r * o->ldx, o->ldx,
+                                  o->d_hidden + (size_t)r * o->lddh, o->lddh, gw1 + (size_t)p * D * FM_GEMM_PANEL, more);
+            if (g->b1)
+                fm__gemm_db_rows(kernels, m, H, o->d_hidden + (size_t)r * o->lddh, o->lddh, g->b1 + (size_t)e * H, more);
+            r0 += m;
+        } while (r0 < count);
+    }
+}
+
+/* Threads: four parallel passes, each over items that write their own outputs: row blocks for the
+ * rows' products, (expert x input block x output panel) for the weight gradients, so that one hot
+ * expert's gradients are split over every thread, each summing its expert's rows in order. */
+static void fm__ffn_backward_passes(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o, int rows) {
+    const int D = o->desc->dim, H = o->desc->hidden, E = o->desc->experts, first = o->offsets[0];
+    const int chunks = rows > first ? fm__row_chunks(first, rows, FM__FFN_ROW_BLOCK) : 0;
+    const fm_expert_ffn_grads *g = o->grads;
+    int chunk;
+    FM__OMP_PARALLEL_FOR
+    for (chunk = 0; chunk < chunks; chunk++) {
+        FM__TRACE_ITEM("ffn_backward.hidden", chunk, -1);
+        const int r0 = first + chunk * FM__FFN_ROW_BLOCK;
+        fm__ffn_hidden_rows(kernels, o, r0, rows - r0 > FM__FFN_ROW_BLOCK ? FM__FFN_ROW_BLOCK : rows - r0);
+    }
+    FM__TRACE_END("ffn_backward.hidden");
+    if (g->w2 || g->b2) fm__ffn_weight_grads(kernels, E, o->offsets, H, D, o->h, o->ld_h, o->dy, o->lddy, g->w2, g->b2);
+    FM__OMP_PARALLEL_FOR_DYNAMIC
+    for (chunk = 0; chunk < chunks; chunk++) {
+        FM__TRACE_ITEM("ffn_backward.rows", chunk, -1);
+        int r0 = first + chunk * FM__FFN_ROW_BLOCK, e = 0;
+        const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
+        while (r0 < end) { /* the chunk's rows, split where they change expert */
+            int m;
+            while (o->offsets[e + 1] <= r0) e++;
+            m = (o->offsets[e + 1] < end ? o->offsets[e + 1] : end) - r0;
+            fm__ffn_backward_rows(kernels, o, e, r0, m);
+            r0 += m;
+        }
+    }
+    FM__TRACE_END("ffn_backward.rows");
+    if (g->w1 || g->b1)
+        fm__ffn_weight_grads(kernels, E, o->offsets, D, H, o->x, o->ldx, o->d_hidden, o->lddh, g->w1, g->b1);
 }
 
 /* fm_expert_ffn_backward, with the experts' W1^T and W2^T (fm__transpose_packed) when the caller
@@ -3715,6 +3914,7 @@ static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const i
                                          float *d_hidden, int lddh) {
     static const fm_expert_ffn_grads none = {NULL, NULL, NULL, NULL};
     const fm__kernel_table *kernels;
+    fm__ffn_backward_operands o;
     int rows;
     fm_status status;
     if (!grads) grads = &none;
@@ -3728,54 +3928,13 @@ static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const i
         if (dx && (status = fm__check_matrix(dx, rows, desc->dim, lddx)) != FM_OK) return status;
     }
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
-    /* Four parallel passes, each over items that write their own outputs: row blocks for the rows'
-     * products, (expert x input block x output panel) for the weight gradients, so that one hot
-     * expert's gradients are split over every thread, each summing its expert's rows in order. */
-    {
-        const int D = desc->dim, H = desc->hidden, E = desc->experts;
-        const int chunks = rows > 0 ? fm__row_chunks(offsets[0], rows, FM__FFN_ROW_BLOCK) : 0;
-        const float *h = hidden ? hidden : d_hidden;
-        const int ld_h = hidden ? ldh : lddh;
-        int chunk;
-        if (!hidden) /* h for dW2 goes into the scratch first; dH overwrites it after */
-            FM__OMP_PARALLEL_FOR
-            for (chunk = 0; chunk < chunks; chunk++) {
-                const int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
-                int r;
-                for (r = r0; r < end; r++)
-                    kernels->gelu_row(H, desc->gelu, pre + (size_t)r * ldp, NULL, d_hidden + (size_t)r * lddh);
-            }
-        if (grads->w2 || grads->b2)
-            fm__ffn_weight_grads(kernels, E, offsets, H, D, h, ld_h, dy, lddy, grads->w2, grads->b2);
-        FM__OMP_PARALLEL_FOR_DYNAMIC
-        for (chunk = 0; chunk < chunks; chunk++) { /* dH = (dy W2^T) GELU'(pre), then dx = dH W1^T */
-            int r0 = offsets[0] + chunk * FM__FFN_ROW_BLOCK, e = 0, i;
-            const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
-            while (r0 < end) { /* the chunk's rows, split where they change expert */
-                int m;
-                float *dh_r;
-                while (offsets[e + 1] <= r0) e++;
-                m = (offsets[e + 1] < end ? offsets[e + 1] : end) - r0;
-                dh_r = d_hidden + (size_t)r0 * lddh;
-                if (w2_t)
-                    fm__gemm_rows(kernels, m, D, H, dy + (size_t)r0 * lddy, lddy, w2_t + e * fm_packed_weight_floats(D, H),
-                                  NULL, dh_r, lddh, desc->gelu, NULL, 0);
-                else fm__gemm_dx_rows(kernels, m, H, D, dy + (size_t)r0 * lddy, lddy, params->w2 + e * fm_packed_weight_floats(H, D),
-                                      dh_r, lddh);
-                for (i = 0; i < m; i++)
-                    kernels->gelu_row(H, desc->gelu, pre + (size_t)(r0 + i) * ldp, dh_r + (size_t)i * lddh, dh_r + (size_t)i * lddh);
-                if (dx && w1_t)
-                    fm__gemm_rows(kernels, m, H, D, dh_r, lddh, w1_t + e * fm_packed_weight_floats(H, D), NULL,
-                                  dx + (size_t)r0 * lddx, lddx, desc->gelu, NULL, 0);
-                else if (dx)
-                    fm__gemm_dx_rows(kernels, m, D, H, dh_r, lddh, params->w1 + e * fm_packed_weight_floats(D, H),
-                                     dx + (size_t)r0 * lddx, lddx);
-                r0 += m;
-            }
-        }
-        if (grads->w1 || grads->b1)
-            fm__ffn_weight_grads(kernels, E, offsets, D, H, x, ldx, d_hidden, lddh, grads->w1, grads->b1);
-    }
+    o.desc = desc, o.offsets = offsets, o.params = params, o.grads = grads;
+    o.w1_t = w1_t, o.w2_t = w2_t, o.x = x, o.pre = pre, o.dy = dy, o.dx = dx, o.d_hidden = d_hidden;
+    o.h = hidden ? hidden : d_hidden, o.ld_h = hidden ? ldh : lddh;
+    o.ldx = ldx, o.ldp = ldp, o.lddy = lddy, o.lddx = lddx, o.lddh = lddh;
+    if (FM__TRACE_THREADED || fm__threads_for(6.0 * (rows - offsets[0]) * desc->dim * desc->hidden) > 1)
+        fm__ffn_backward_passes(kernels, &o, rows);
+    else fm__ffn_backward_fused(kernels, &o);
     return FM_OK;
 }
 
@@ -4060,20 +4219,18 @@ static const float *fm__moe_routing_logits(const fm__moe_config *c, const fm_moe
     return c->gate == FM_GATE_NOISY_TOPK && batch->training ? v->noisy : v->clean;
 }
 
-/* The gate-loss terms, and with d_* given their gradients scaled by `weight`. */
 /* The S-Router term, summed over the token groups that have tokens with a target: each group's
  * mean cross-entropy over its tokens with a target (-1: none). One pass over the tokens, the
  * losses summed in double in token order per group; d_routing (optional) receives the sum of the
  * groups' gradients, softmax(logits) - onehot(target) over the group's count, row chunks in
- * parallel (scratch is unused). */
+ * parallel. */
 static void fm__moe_router_ce(const fm__moe_config *c, int T, const float *logits, const fm__moe_views *v, float *value,
-                              float *d_routing, float *scratch) {
+                              float *d_routing) {
     const fm__kernel_table *kernels = fm__active_kernels();
     const int E = c->experts;
     double sums[FLEXMOE_GATE_MAX_GROUPS] = {0.0};
     int counts[FLEXMOE_GATE_MAX_GROUPS] = {0};
     int g, t, e;
-    (void)scratch;
     for (t = 0; t < T; t++) counts[v->group[t]] += v->targets[t] >= 0;
     for (t = 0; t < T; t++)
         if (v->targets[t] >= 0) { /* log-sum-exp in double: finite however small p[target] is */
@@ -4104,14 +4261,15 @@ static void fm__moe_router_ce(const fm__moe_config *c, int T, const float *logit
         });
 }
 
+/* The gate-loss terms, and with d_* given their gradients scaled by `weight`. */
 static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch, const fm__moe_views *v,
                               float weight, float *router_ce, float *balance, float *d_routing, float *d_importance,
-                              float *d_load, float *scratch) {
+                              float *d_load) {
     const int E = c->experts, T = batch->tokens;
     float cv;
     size_t i;
     int g;
-    fm__moe_router_ce(c, T, fm__moe_routing_logits(c, batch, v), v, router_ce, d_routing, scratch);
+    fm__moe_router_ce(c, T, fm__moe_routing_logits(c, batch, v), v, router_ce, d_routing);
     *balance = 0.0f;
     if (c->gate != FM_GATE_CONFIDENCE)
         for (g = 0; g < c->groups; g++) {
@@ -4221,7 +4379,7 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
         if (stats->expert_dropped) memcpy(stats->expert_dropped, v.dropped, (size_t)E * sizeof(int32_t));
         if (stats->indices) memcpy(stats->indices, v.indices, (size_t)T * K * sizeof(int32_t));
         stats->rows = plan.rows, stats->dropped = plan.dropped;
-        fm__moe_gate_loss(&c, batch, &v, 0.0f, &stats->router_ce, &stats->balance, NULL, NULL, NULL, NULL);
+        fm__moe_gate_loss(&c, batch, &v, 0.0f, &stats->router_ce, &stats->balance, NULL, NULL, NULL);
         stats->gate_loss = stats->router_ce + stats->balance;
     }
     return FM_OK;
@@ -4314,7 +4472,7 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
     if (c.gate == FM_GATE_CONFIDENCE) fm__add_rows(kernels, T, D, v.dx_residual, D, dx, lddx);
     /* the gate: its loss, the gates' softmax, the logits */
     if (with_loss)
-        fm__moe_gate_loss(&c, batch, &v, weights->gate, &ce, &balance, v.d_routing, v.d_importance, v.d_load, v.d_clean);
+        fm__moe_gate_loss(&c, batch, &v, weights->gate, &ce, &balance, v.d_routing, v.d_importance, v.d_load);
     if (c.gate == FM_GATE_NOISY_TOPK) {
         const fm_gate_desc gd = fm__moe_gate_desc(&c, batch);
         const fm_gate_tensors gt = fm__moe_gate_tensors(&c, batch, &v);
@@ -5220,6 +5378,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
                        NULL, 0, s->kv, 2 * d);
     FM__OMP_PARALLEL_FOR_DYNAMIC
     for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
+        FM__TRACE_ITEM("attention_forward", item, -1);
         const int i = item / heads, h = item % heads;
         const float *q = s->q + (size_t)i * N * d + h * dh, *k = s->kv + (size_t)i * N * 2 * d + h * dh;
         float *probs = s->probs + (size_t)item * N * N;
@@ -5229,6 +5388,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
         kernels->softmax_forward(N, N, probs, N, probs, N);
         fm__gemm_strided(kernels, N, N, dh, probs, N, 1, k + d, 2 * d, 1, 0, s->context + (size_t)i * N * d + h * dh, d);
     }
+    FM__TRACE_END("attention_forward");
     fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                        fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
     memcpy(s->x1, s->attention, R * d * sizeof(float));
@@ -5382,6 +5542,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                         fm__model_param(model, g, "attention.out.bias"), 0);
     FM__OMP_PARALLEL_FOR_DYNAMIC
     for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
+        FM__TRACE_ITEM("attention_backward", item, -1);
         const int i = item / heads, h = item % heads;
         const size_t row0 = (size_t)i * N;
         const float *q = s->q + row0 * d + h * dh, *k = s->kv + row0 * 2 * d + h * dh, *v = k + d;
@@ -5396,6 +5557,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
         fm__gemm_strided(kernels, N, N, dh, d_probs, N, 1, k, 2 * d, 1, 0, dq, d);
         fm__gemm_strided(kernels, N, N, dh, d_probs, 1, N, q, d, 1, 0, dk, 2 * d);
     }
+    FM__TRACE_END("attention_backward");
     fm__linear_backward(kernels, (int)R, d, d, s->ln1, d, fm__model_param(model, model->params, "attention.q.weight"), s->d_q, d,
                         s->d_tmp, d, 0, fm__model_param(model, g, "attention.q.weight"), NULL, 0);
     fm__linear_backward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),

@@ -1,4 +1,5 @@
-/* The flexmoe implementation for the benchmark, compiled as C without OpenMP (bench/meson.build) so that every
- * kernel runs on one thread, like the single-threaded peers. */
+/* The flexmoe implementation for the benchmark programs, with OpenMP when the openmp option has it
+ * (bench/meson.build); bench_main holds it to one thread but for the scaling study's benchmarks.
+ * The schedule tracer compiles it again with FLEXMOE_TRACE. */
 #define FLEXMOE_IMPLEMENTATION
 #include "flexmoe.h"
