@@ -1146,7 +1146,9 @@ typedef struct fm_train_result {
  * resumed from a checkpoint saved by on_epoch (fm_model_save, fm_model_load) with the same
  * arguments. A run stopped by on_step within an epoch cannot be resumed bit for bit. A NaN or
  * infinite loss or gradient stops the run with FM_ERR_INVALID_ARGUMENT, a message naming the
- * step (and the tensor), and the weights from before that step. */
+ * step (and the tensor), and the weights from before that step. Everything the run allocates is
+ * taken before its first step: FM_ERR_OUT_OF_MEMORY leaves the model as it was, so the same call
+ * again, once memory is back, is the uninterrupted run. */
 fm_status fm_model_train(fm_model *model, const fm_dataset *dataset, const int32_t *train_rows, int train_count,
                          const int32_t *validation_rows, int validation_count, const fm_train_desc *desc,
                          fm_train_result *result);
@@ -2163,6 +2165,15 @@ fm_isa fm_active_isa(void) {
 
 /* ==== 14. Argument checking and public entry points ======================================= */
 
+/* Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte. */
+static int fm__overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes) {
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + b_bytes && y < x + a_bytes;
+}
+
+/* The bytes of a rows x cols matrix with leading dimension ld (a shape fm__check_matrix passed). */
+static size_t fm__matrix_bytes(int rows, int cols, int ld) { return ((size_t)(rows - 1) * ld + cols) * sizeof(float); }
+
 /* A rows x cols matrix with leading dimension ld: shapes positive, ld >= cols, each dimension
  * within FLEXMOE_MAX_DIM, extent addressable. */
 static fm_status fm__check_matrix(const void *data, int rows, int cols, int ld) {
@@ -2709,6 +2720,7 @@ fm_status fm_cv_squared(int n, const float *v, float *value, float *dv) {
     int i;
     if (n <= 0) return FM_ERR_INVALID_SHAPE;
     if (!v || !value) return FM_ERR_NULL_POINTER;
+    if (n > FLEXMOE_MAX_DIM) return FM_ERR_OVERFLOW;
     if (n == 1) {
         *value = 0.0f;
         if (dv) dv[0] = 0.0f;
@@ -3003,6 +3015,10 @@ fm_status fm_confsmoe_forward(const fm_confsmoe_desc *desc, const fm_confsmoe_pa
     if ((status = fm__confsmoe_check(desc, params, experts, labels, x, ldx, h, ldh, saved, &eps)) != FM_OK)
         return status;
     if ((status = fm__check_matrix(out, desc->tokens, desc->dim, ldout)) != FM_OK) return status;
+    if (fm__overlap(out, fm__matrix_bytes(desc->tokens, desc->dim, ldout), x, fm__matrix_bytes(desc->tokens, desc->dim, ldx)) ||
+        fm__overlap(out, fm__matrix_bytes(desc->tokens, desc->dim, ldout), h,
+                    fm__matrix_bytes(desc->tokens * desc->k, desc->dim, ldh)))
+        return FM_ERR_INVALID_ARGUMENT;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     T = desc->tokens, k = desc->k, d = desc->dim, C = desc->classes;
     slots = (size_t)T * k;
@@ -3063,6 +3079,8 @@ fm_status fm_confsmoe_backward(const fm_confsmoe_desc *desc, const fm_confsmoe_p
     if ((status = fm__check_matrix(dout, desc->tokens, desc->dim, lddout)) != FM_OK) return status;
     if ((status = fm__check_matrix(dx, desc->tokens, desc->dim, lddx)) != FM_OK) return status;
     if ((status = fm__check_matrix(dh, desc->tokens * desc->k, desc->dim, lddh)) != FM_OK) return status;
+    if (fm__overlap(dx, fm__matrix_bytes(desc->tokens, desc->dim, lddx), dout, fm__matrix_bytes(desc->tokens, desc->dim, lddout)))
+        return FM_ERR_INVALID_ARGUMENT;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (!grads) grads = &no_grads;
     T = desc->tokens, k = desc->k, E = desc->experts, d = desc->dim, C = desc->classes;
@@ -4134,12 +4152,6 @@ fm_status fm_moe_buffer_sizes(const fm_moe_desc *desc, int max_tokens, fm_moe_si
     return FM_OK;
 }
 
-/* Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte. */
-static int fm__overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes) {
-    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
-    return x < y + b_bytes && y < x + a_bytes;
-}
-
 /* Everything a forward or backward reads of the caller's, checked before anything is written. */
 static fm_status fm__moe_check_call(const char *caller, const fm__moe_config *c, const fm_moe_params *params,
                                     const fm_moe_batch *batch, const float *out, int ldout, const void *workspace) {
@@ -4266,7 +4278,7 @@ static void fm__moe_gate_loss(const fm__moe_config *c, const fm_moe_batch *batch
                               float weight, float *router_ce, float *balance, float *d_routing, float *d_importance,
                               float *d_load) {
     const int E = c->experts, T = batch->tokens;
-    float cv;
+    float cv = 0.0f; /* fm_cv_squared cannot fail here (E is a checked expert count) */
     size_t i;
     int g;
     fm__moe_router_ce(c, T, fm__moe_routing_logits(c, batch, v), v, router_ce, d_routing);
@@ -4838,10 +4850,8 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
         fm__log(FM_LOG_ERROR, "fm_model_create: max_samples must be 1 .. 2^20 (got %d)", max_samples);
         return FM_ERR_INVALID_SHAPE;
     }
-    model->config = fm__model_config(desc);
-    model->max_samples = max_samples;
     {
-        const fm_model_desc *c = &model->config;
+        const fm_model_desc config = fm__model_config(desc), *c = &config;
         const double rows = (double)max_samples * c->modalities * c->patches;
         if (rows * c->dim * 4 > (double)FLEXMOE_MAX_DIM || rows * c->modalities * c->patches * c->heads > (double)FLEXMOE_MAX_DIM ||
             (double)fm_combination_count(c->modalities) * c->modalities * c->patches * c->dim > (double)FLEXMOE_MAX_DIM ||
@@ -4851,6 +4861,8 @@ fm_status fm_model_create(const fm_model_desc *desc, int max_samples, fm_model *
             return FM_ERR_OVERFLOW;
         }
     }
+    model->config = fm__model_config(desc);
+    model->max_samples = max_samples;
     fm__model_layout(model);
     memset(&probe, 0, sizeof probe);
     memset(&probe.moe, 0, sizeof probe.moe);
@@ -4986,6 +4998,25 @@ static void fm__dropout_apply(const uint8_t *keep, float p, size_t n, float *v) 
     });
 }
 
+/* Class weights (NULL: all 1): finite, >= 0, not all zero. */
+static fm_status fm__check_class_weights(const char *caller, const float *weights, int classes) {
+    double sum = 0.0;
+    int c;
+    if (!weights) return FM_OK;
+    for (c = 0; c < classes; c++) {
+        if (!(weights[c] >= 0.0f) || weights[c] > 3e38f) {
+            fm__log(FM_LOG_ERROR, "%s: class weight %d must be finite and >= 0", caller, c);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+        sum += weights[c];
+    }
+    if (!(sum > 0.0)) {
+        fm__log(FM_LOG_ERROR, "%s: the class weights are all zero", caller);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    return FM_OK;
+}
+
 static fm_status fm__model_check_batch(const char *caller, const fm_model *model, const fm_model_batch *b) {
     const fm_model_desc *c;
     int s, m;
@@ -5021,21 +5052,7 @@ static fm_status fm__model_check_batch(const char *caller, const fm_model *model
             return FM_ERR_INVALID_ARGUMENT;
         }
     }
-    if (b->class_weights) {
-        double sum = 0.0;
-        for (s = 0; s < c->classes; s++) {
-            if (!(b->class_weights[s] >= 0.0f) || b->class_weights[s] > 3e38f) {
-                fm__log(FM_LOG_ERROR, "%s: class weight %d must be finite and >= 0", caller, s);
-                return FM_ERR_INVALID_ARGUMENT;
-            }
-            sum += b->class_weights[s];
-        }
-        if (!(sum > 0.0)) {
-            fm__log(FM_LOG_ERROR, "%s: the class weights are all zero", caller);
-            return FM_ERR_INVALID_ARGUMENT;
-        }
-    }
-    return FM_OK;
+    return fm__check_class_weights(caller, b->class_weights, c->classes);
 }
 
 static fm_moe_params fm__model_moe_params(const fm_model *model, float *arena) {
@@ -5071,6 +5088,24 @@ static fm_moe_batch fm__model_moe_batch(const fm_model *model, const fm_model_ba
     return mb;
 }
 
+/* Adam's hyperparameters with the defaults filled in, checked (a message names the caller). */
+static fm_status fm__adam_hyper(const char *caller, const fm_adam_desc *desc, int64_t step, fm_adam_desc *out) {
+    fm_adam_desc d = *desc;
+    if (d.lr == 0.0f) d.lr = 1e-3f;
+    if (d.beta1 == 0.0f) d.beta1 = 0.9f;
+    if (d.beta2 == 0.0f) d.beta2 = 0.999f;
+    if (d.eps == 0.0f) d.eps = 1e-8f;
+    if (!(d.lr > 0.0f && d.lr < 1e30f) || !(d.beta1 >= 0.0f && d.beta1 < 1.0f) || !(d.beta2 >= 0.0f && d.beta2 < 1.0f) ||
+        !(d.eps > 0.0f && d.eps < 1e30f) || !(d.weight_decay >= 0.0f && d.weight_decay < 1e30f) || step < 1) {
+        fm__log(FM_LOG_ERROR, "%s: lr %g and eps %g must be positive, betas %g and %g in [0, 1), "
+                "weight_decay %g >= 0 (all finite), step %lld >= 1", caller, (double)d.lr, (double)d.eps, (double)d.beta1,
+                (double)d.beta2, (double)d.weight_decay, (long long)step);
+        return FM_ERR_INVALID_ARGUMENT;
+    }
+    *out = d;
+    return FM_OK;
+}
+
 fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t step) {
     const fm__kernel_table *kernels;
     fm_adam_desc d;
@@ -5083,18 +5118,7 @@ fm_status fm_model_adam_step(fm_model *model, const fm_adam_desc *desc, int64_t 
         fm__log(FM_LOG_ERROR, "fm_model_adam_step: the model was not created (fm_model_create)");
         return FM_ERR_INVALID_ARGUMENT;
     }
-    d = *desc;
-    if (d.lr == 0.0f) d.lr = 1e-3f;
-    if (d.beta1 == 0.0f) d.beta1 = 0.9f;
-    if (d.beta2 == 0.0f) d.beta2 = 0.999f;
-    if (d.eps == 0.0f) d.eps = 1e-8f;
-    if (!(d.lr > 0.0f && d.lr < 1e30f) || !(d.beta1 >= 0.0f && d.beta1 < 1.0f) || !(d.beta2 >= 0.0f && d.beta2 < 1.0f) ||
-        !(d.eps > 0.0f && d.eps < 1e30f) || !(d.weight_decay >= 0.0f && d.weight_decay < 1e30f) || step < 1) {
-        fm__log(FM_LOG_ERROR, "fm_model_adam_step: lr %g and eps %g must be positive, betas %g and %g in [0, 1), "
-                "weight_decay %g >= 0 (all finite), step %lld >= 1", (double)d.lr, (double)d.eps, (double)d.beta1,
-                (double)d.beta2, (double)d.weight_decay, (long long)step);
-        return FM_ERR_INVALID_ARGUMENT;
-    }
+    if (fm__adam_hyper("fm_model_adam_step", desc, step, &d) != FM_OK) return FM_ERR_INVALID_ARGUMENT;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (!kernels->all_finite(model->param_floats, model->grads)) { /* name the first culprit */
         const char *name = "the padding between tensors";
@@ -5608,6 +5632,10 @@ fm_status fm_dataset_impute(fm_dataset *ds, const int32_t *pool, int count, int 
     int32_t *observers;
     int v, s, i, j, k, n;
     if (!ds || !pool) return FM_ERR_NULL_POINTER;
+    if (ds->samples < 1 || ds->views < 1 || ds->views > FLEXMOE_MODEL_MAX_MODALITIES || !ds->observed) {
+        fm__log(FM_LOG_ERROR, "fm_dataset_impute: not a loaded dataset");
+        return FM_ERR_INVALID_ARGUMENT;
+    }
     if (count < 1 || draws < 1 || draws > 1 << 20) return FM_ERR_INVALID_SHAPE;
     for (i = 0; i < count; i++)
         if (pool[i] < 0 || pool[i] >= ds->samples) return FM_ERR_INVALID_ARGUMENT;
@@ -5884,15 +5912,26 @@ fm_status fm_dataset_standardize(fm_dataset *ds, const int32_t *rows, int count)
     if (!rows || count < 1) return FM_ERR_INVALID_SHAPE;
     for (i = 0; i < count; i++)
         if (rows[i] < 0 || rows[i] >= ds->samples) return FM_ERR_INVALID_ARGUMENT;
+    for (v = 0; v < ds->views; v++) { /* every view checked before any is changed */
+        const float *x = ds->values[v], *first = NULL;
+        int varying = 0;
+        for (i = 0; i < count && !varying; i++)
+            if (ds->observed[(size_t)rows[i] * ds->views + v]) {
+                const float *row = x + (size_t)rows[i] * ds->features[v];
+                if (!first) first = row;
+                for (j = 0; j < ds->features[v]; j++) varying |= row[j] != first[j];
+            }
+        if (!first || !varying) {
+            fm__log(FM_LOG_ERROR, "fm_dataset_standardize: view %s %s the %d rows", ds->names[v],
+                    first ? "has zero variance over" : "is observed by none of", count);
+            return FM_ERR_INVALID_ARGUMENT;
+        }
+    }
     for (v = 0; v < ds->views; v++) {
         const int F = ds->features[v];
         float *x = ds->values[v];
-        int seen = 0, varying = 0;
+        int seen = 0;
         for (i = 0; i < count; i++) seen += ds->observed[(size_t)rows[i] * ds->views + v];
-        if (seen == 0) {
-            fm__log(FM_LOG_ERROR, "fm_dataset_standardize: view %s is observed by none of the %d rows", ds->names[v], count);
-            return FM_ERR_INVALID_ARGUMENT;
-        }
         for (j = 0; j < F; j++) {
             double sum = 0.0, squares = 0.0, mean, spread;
             size_t s;
@@ -5902,14 +5941,9 @@ fm_status fm_dataset_standardize(fm_dataset *ds, const int32_t *rows, int count)
             for (i = 0; i < count; i++)
                 if (ds->observed[(size_t)rows[i] * ds->views + v]) squares += pow(x[(size_t)rows[i] * F + j] - mean, 2);
             spread = sqrt(squares / seen);
-            varying |= spread > 0.0;
             for (s = 0; s < (size_t)ds->samples; s++)
                 if (ds->observed[s * ds->views + v])
                     x[s * F + j] = (float)((x[s * F + j] - mean) / (spread > 0.0 ? spread : 1.0));
-        }
-        if (!varying) {
-            fm__log(FM_LOG_ERROR, "fm_dataset_standardize: view %s has zero variance over the %d rows", ds->names[v], count);
-            return FM_ERR_INVALID_ARGUMENT;
         }
     }
     return FM_OK;
@@ -6075,39 +6109,62 @@ static void fm__score(const float *probs, const int32_t *labels, int n, int clas
     m->macro_auc = auc_classes ? (float)(auc / auc_classes) : 0.0f;
 }
 
-fm_status fm_model_evaluate(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, fm_metrics *metrics) {
-    fm__batch_buffers buffers;
-    fm__scored *scratch;
+/* What an evaluation of up to `count` rows needs: fm_model_train takes it before its first step, so
+ * that an allocation failure can only come before the model changes. */
+typedef struct fm__eval_buffers {
+    fm__batch_buffers batch;
     float *probs;
     int32_t *labels;
-    fm_status status;
+    fm__scored *scratch;
+} fm__eval_buffers;
+
+static void fm__free_eval_buffers(fm__eval_buffers *e) {
+    fm_free(e->probs), fm_free(e->labels), fm_free(e->scratch);
+    fm__free_batch_buffers(&e->batch);
+    e->probs = NULL, e->labels = NULL, e->scratch = NULL;
+}
+
+static fm_status fm__alloc_eval_buffers(const fm_model *model, const fm_dataset *ds, int count, fm__eval_buffers *e) {
+    memset(e, 0, sizeof *e);
+    if (fm__alloc_batch_buffers(ds, model->max_samples, &e->batch) != FM_OK) return FM_ERR_OUT_OF_MEMORY;
+    e->probs = (float *)fm_alloc((size_t)count * model->config.classes * sizeof(float));
+    e->labels = (int32_t *)fm_alloc((size_t)count * sizeof(int32_t));
+    e->scratch = (fm__scored *)fm_alloc((size_t)count * sizeof(fm__scored));
+    if (e->probs && e->labels && e->scratch) return FM_OK;
+    fm__free_eval_buffers(e);
+    return FM_ERR_OUT_OF_MEMORY;
+}
+
+/* fm_model_evaluate on checked arguments, in buffers for at least count rows. */
+static fm_status fm__evaluate(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, fm_metrics *metrics,
+                              fm__eval_buffers *e) {
+    const int C = model->config.classes;
+    fm_status status = FM_OK;
     double loss = 0.0;
-    int C, i, k;
-    if ((status = fm__check_model_data("fm_model_evaluate", model, ds, rows, count)) != FM_OK) return status;
-    if (!metrics) return FM_ERR_NULL_POINTER;
-    C = model->config.classes;
-    if ((status = fm__alloc_batch_buffers(ds, model->max_samples, &buffers)) != FM_OK) return status;
-    probs = (float *)fm_alloc((size_t)count * C * sizeof(float));
-    labels = (int32_t *)fm_alloc((size_t)count * sizeof(int32_t));
-    scratch = (fm__scored *)fm_alloc((size_t)count * sizeof(fm__scored));
-    if (!probs || !labels || !scratch) status = FM_ERR_OUT_OF_MEMORY;
-    for (i = 0; status == FM_OK && i < count; i += model->max_samples) {
+    int i, k;
+    for (i = 0; i < count; i += model->max_samples) {
         const int n = count - i < model->max_samples ? count - i : model->max_samples;
         fm_model_batch b;
         fm_model_losses losses;
-        fm__gather_batch(ds, rows + i, n, &buffers, &b);
-        if ((status = fm_model_forward(model, &b, probs + (size_t)i * C, &losses)) != FM_OK) break;
+        fm__gather_batch(ds, rows + i, n, &e->batch, &b);
+        if ((status = fm_model_forward(model, &b, e->probs + (size_t)i * C, &losses)) != FM_OK) return status;
         loss += (double)losses.task * n;
-        for (k = 0; k < n; k++) labels[i + k] = b.labels[k];
+        for (k = 0; k < n; k++) e->labels[i + k] = b.labels[k];
     }
-    if (status == FM_OK) {
-        if ((status = fm_softmax_forward(count, C, probs, C, probs, C)) == FM_OK) {
-            fm__score(probs, labels, count, C, scratch, metrics);
-            metrics->loss = (float)(loss / count);
-        }
-    }
-    fm_free(probs), fm_free(labels), fm_free(scratch);
-    fm__free_batch_buffers(&buffers);
+    if ((status = fm_softmax_forward(count, C, e->probs, C, e->probs, C)) != FM_OK) return status;
+    fm__score(e->probs, e->labels, count, C, e->scratch, metrics);
+    metrics->loss = (float)(loss / count);
+    return FM_OK;
+}
+
+fm_status fm_model_evaluate(fm_model *model, const fm_dataset *ds, const int32_t *rows, int count, fm_metrics *metrics) {
+    fm__eval_buffers buffers;
+    fm_status status;
+    if ((status = fm__check_model_data("fm_model_evaluate", model, ds, rows, count)) != FM_OK) return status;
+    if (!metrics) return FM_ERR_NULL_POINTER;
+    if ((status = fm__alloc_eval_buffers(model, ds, count, &buffers)) != FM_OK) return status;
+    status = fm__evaluate(model, ds, rows, count, metrics, &buffers);
+    fm__free_eval_buffers(&buffers);
     return status;
 }
 
@@ -6191,6 +6248,7 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
                          fm_train_result *result) {
     static const char caller[] = "fm_model_train";
     fm__batch_buffers buffers;
+    fm__eval_buffers validation;
     fm_train_desc d;
     fm_train_progress progress;
     fm_train_state *state;
@@ -6210,15 +6268,27 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
                 d.epochs, d.batch_size, model->max_samples);
         return FM_ERR_INVALID_ARGUMENT;
     }
+    {
+        fm_adam_desc adam; /* checked here, so that a bad one stops the run before its first step */
+        if ((status = fm__adam_hyper(caller, &d.adam, 1, &adam)) != FM_OK ||
+            (status = fm__check_class_weights(caller, d.class_weights, model->config.classes)) != FM_OK)
+            return status;
+    }
     state = &model->trained;
     if (state->epoch == 0 && state->step == 0) state->seed = d.seed;
     else if (state->seed != d.seed)
         fm__log(FM_LOG_WARNING, "%s: the model trained with seed %llu so far and continues with %llu: not the run it began",
                 caller, (unsigned long long)state->seed, (unsigned long long)d.seed);
     memset(&progress, 0, sizeof progress);
+    /* everything the run needs, before its first step: an allocation that fails leaves the model as it was */
     order = (int32_t *)fm_alloc((size_t)train_count * sizeof(int32_t));
     if (!order || fm__alloc_batch_buffers(ds, d.batch_size, &buffers) != FM_OK) {
         fm_free(order);
+        return FM_ERR_OUT_OF_MEMORY;
+    }
+    if (fm__alloc_eval_buffers(model, ds, validation_count, &validation) != FM_OK) {
+        fm_free(order);
+        fm__free_batch_buffers(&buffers);
         return FM_ERR_OUT_OF_MEMORY;
     }
     progress.model = model;
@@ -6256,7 +6326,7 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
             if (d.on_step && d.on_step(&progress, d.user_data)) stopped = 1;
         }
         if (status != FM_OK || stopped) break;
-        if ((status = fm_model_evaluate(model, ds, validation_rows, validation_count, &progress.validation)) != FM_OK) break;
+        if ((status = fm__evaluate(model, ds, validation_rows, validation_count, &progress.validation, &validation)) != FM_OK) break;
         state->epoch = epoch;
         if (state->best_epoch == 0 || progress.validation.accuracy > state->best_validation.accuracy) {
             state->best_validation = progress.validation, state->best_epoch = epoch;
@@ -6275,6 +6345,7 @@ fm_status fm_model_train(fm_model *model, const fm_dataset *ds, const int32_t *t
     }
     fm_free(order);
     fm__free_batch_buffers(&buffers);
+    fm__free_eval_buffers(&validation);
     return status;
 }
 

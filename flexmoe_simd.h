@@ -413,13 +413,14 @@ static inline float32x4_t fm__neon_with_sign_of(float32x4_t v, float32x4_t h) {
  * then the exact scaling by 2^n. About 1 ulp. The clamp keeps 2^n representable as two normal
  * factors and still gives exactly 0 for x <= -104 (-Inf included) and +Inf past ln(FLT_MAX);
  * the clamp takes x as its second operand, which is the one x86 min/max return for NaN, so NaN
- * stays NaN on every path. */
-static inline FM__TARGET FM__V FM__OP(exp)(FM__V x) {
+ * stays NaN on every path. exp_lo(x, lo) is exp(x + lo) for x + lo held in two floats (|lo| a few
+ * units at most): lo joins after the exact reduction of x, so it is not rounded away. */
+static inline FM__TARGET FM__V FM__OP(exp_lo)(FM__V x, FM__V lo) {
     const FM__V clamped = FM__OP(min)(FM__OP(set1)(89.0f), FM__OP(max)(FM__OP(set1)(-110.0f), x));
-    const FM__V n = FM__OP(round)(FM__OP(mul)(clamped, FM__OP(set1)(1.44269504088896341f)));
+    const FM__V n = FM__OP(round)(FM__OP(mul)(FM__OP(add)(clamped, lo), FM__OP(set1)(1.44269504088896341f)));
     FM__V r = FM__OP(fnmadd)(n, FM__OP(set1)(0.693359375f), clamped);
     FM__V p = FM__OP(set1)(1.9875691500e-4f);
-    r = FM__OP(fnmadd)(n, FM__OP(set1)(-2.12194440e-4f), r);
+    r = FM__OP(add)(FM__OP(fnmadd)(n, FM__OP(set1)(-2.12194440e-4f), r), lo);
     p = FM__OP(fmadd)(p, r, FM__OP(set1)(1.3981999507e-3f));
     p = FM__OP(fmadd)(p, r, FM__OP(set1)(8.3334519073e-3f));
     p = FM__OP(fmadd)(p, r, FM__OP(set1)(4.1665795894e-2f));
@@ -428,6 +429,8 @@ static inline FM__TARGET FM__V FM__OP(exp)(FM__V x) {
     p = FM__OP(fmadd)(FM__OP(mul)(p, r), r, FM__OP(add)(r, FM__OP(set1)(1.0f)));
     return FM__OP(scale_pow2)(p, n);
 }
+/* lo = -0: x + -0 is x for every x, -0 included, so the compiler drops both adds */
+static inline FM__TARGET FM__V FM__OP(exp)(FM__V x) { return FM__OP(exp_lo)(x, FM__OP(set1)(-0.0f)); }
 
 static inline FM__TARGET FM__V FM__OP(combine)(FM__V a, FM__V b, int take_max) {
     return take_max ? FM__OP(max)(a, b) : FM__OP(add)(a, b);
@@ -908,7 +911,10 @@ static inline FM__TARGET FM__V FM__OP(normal_from_hash)(FM__V h) {
 static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
     /* |z| capped where erfc is 0 in float anyway, so that t stays finite for |z| = Inf (the cap
      * takes the value as its second operand: NaN passes through) */
-    const FM__V abs_z = FM__OP(min)(FM__OP(set1)(42.0f), FM__OP(abs)(z)), a = FM__OP(mul)(abs_z, FM__OP(set1)(0.70710678118654752f));
+    const FM__V abs_z = FM__OP(min)(FM__OP(set1)(42.0f), FM__OP(abs)(z));
+    /* a^2 = z^2 / 2 as zz / 2 + its exact rounding error: exp's argument near -z^2 / 2 would
+     * otherwise carry z^2 2^-25 of error into the tail (250 ulp at z = -12.9) */
+    const FM__V zz = FM__OP(mul)(abs_z, abs_z), zz_lo = FM__OP(fmadd)(abs_z, abs_z, FM__OP(mul)(zz, FM__OP(set1)(-1.0f)));
     const FM__V t = FM__OP(recip)(FM__OP(fmadd)(abs_z, FM__OP(set1)(0.353553391f), FM__OP(set1)(1.0f)));
     FM__V p = FM__OP(set1)(0.17087277f), half_erfc;
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(-0.82215223f));
@@ -920,7 +926,8 @@ static inline FM__TARGET FM__V FM__OP(normal_cdf)(FM__V z) {
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(0.37409196f));
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(1.00002368f));
     p = FM__OP(fmadd)(p, t, FM__OP(set1)(-1.95865941f)); /* -1.26551223 - ln 2 */
-    half_erfc = FM__OP(mul)(t, FM__OP(exp)(FM__OP(fnmadd)(a, a, p)));
+    half_erfc = FM__OP(mul)(t, FM__OP(exp_lo)(FM__OP(mul)(zz, FM__OP(set1)(-0.5f)),
+                                              FM__OP(fnmadd)(zz_lo, FM__OP(set1)(0.5f), p)));
     return FM__OP(select)(FM__OP(greater)(z, FM__OP(set1)(0.0f)), FM__OP(sub)(FM__OP(set1)(1.0f), half_erfc), half_erfc);
 }
 
