@@ -1270,6 +1270,9 @@ static int fm__thread_count(void) { return fm__threads_requested > 0 ? fm__threa
 #define FM__PRAGMA(text) _Pragma(#text)
 /* ... on `threads` threads (1: no parallel region's cost for small work) */
 #define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1))
+/* ... whose items end in an FM__OMP_ORDERED block, run in item order (sums over the items) */
+#define FM__OMP_PARALLEL_FOR_ORDERED _Pragma("omp parallel for ordered schedule(static, 1) num_threads(fm__thread_count())")
+#define FM__OMP_ORDERED _Pragma("omp ordered")
 /* Threads for work of `macs` multiply-adds: 1 below FM__PARALLEL_MIN_MACS or inside another
  * parallel loop (whose items are the parallelism). */
 static int fm__threads_for(double macs) { return macs >= FM__PARALLEL_MIN_MACS && !omp_in_parallel() ? fm__thread_count() : 1; }
@@ -1279,6 +1282,8 @@ static int fm__threads_for(double macs) { return (void)macs, 1; }
 #define FM__OMP_PARALLEL_FOR
 #define FM__OMP_PARALLEL_FOR_DYNAMIC
 #define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
+#define FM__OMP_PARALLEL_FOR_ORDERED
+#define FM__OMP_ORDERED
 #endif
 
 /* FLEXMOE_TRACE: FM__TRACE_ITEM(loop, item, expert) first in a parallel loop's body,
@@ -2291,12 +2296,47 @@ static void fm__gate_rows(const fm__kernel_table *kernels, const fm__gate_job *j
     kernels->gate(&chunk);
 }
 
+/* The importance and load sums of a row chunk live on the stack (256 bytes each: the AVX-512 gate
+ * is near the 16 KiB bound): configurations with more groups x experts sum the whole batch at once. */
+#define FM__GATE_PARTIAL_FLOATS 64
+
+/* importance and load are sums over the tokens: each row chunk sums its own tokens into zeroed
+ * partials, and the partials join the totals in chunk order (an ordered loop), so the sums are the
+ * same at any thread count. The chunks leave the caller's noise tile alone (one tile cannot serve
+ * two threads): their load pass keeps its tile on the stack or draws the noise again, the same
+ * floats either way. */
 static void fm__run_gate(const fm__kernel_table *kernels, const fm__gate_job *job) {
-    if (job->importance || job->load) {
-        kernels->gate(job);
-    } else {
+    const size_t sums = (size_t)job->groups * job->experts;
+    const int chunks = job->tokens / FM__ROW_CHUNK + (job->tokens % FM__ROW_CHUNK != 0);
+    int chunk;
+    if (!job->importance && !job->load) {
         FM__FOR_ROW_CHUNKS(job->tokens, r0, n, fm__gate_rows(kernels, job, r0, n));
+        return;
     }
+    if (sums > FM__GATE_PARTIAL_FLOATS) {
+        kernels->gate(job);
+        return;
+    }
+    FM__OMP_PARALLEL_FOR_ORDERED
+    for (chunk = 0; chunk < chunks; chunk++) {
+        float importance[FM__GATE_PARTIAL_FLOATS], load[FM__GATE_PARTIAL_FLOATS];
+        const int r0 = chunk * FM__ROW_CHUNK, n = job->tokens - r0 < FM__ROW_CHUNK ? job->tokens - r0 : FM__ROW_CHUNK;
+        fm__gate_job part = *job;
+        size_t i;
+        FM__TRACE_ITEM("gate_sums", chunk, -1);
+        memset(importance, 0, sums * sizeof(float));
+        memset(load, 0, sums * sizeof(float));
+        part.importance = job->importance ? importance : NULL;
+        part.load = job->load ? load : NULL;
+        part.tile = NULL;
+        fm__gate_rows(kernels, &part, r0, n);
+        FM__OMP_ORDERED
+        {
+            for (i = 0; job->importance && i < sums; i++) job->importance[i] += importance[i];
+            for (i = 0; job->load && i < sums; i++) job->load[i] += load[i];
+        }
+    }
+    FM__TRACE_END("gate_sums");
 }
 
 fm_status fm_softmax_topk_forward(int tokens, int experts, int k, int renormalize, const float *logits,
@@ -2648,6 +2688,45 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
         }
     }
     FM__TRACE_END("gemm_strided");
+}
+
+/* Depth (tokens) of a block of fm__gemm_split_depth. */
+#define FM__SPLIT_DEPTH 512
+
+/* fm__gemm_strided (C overwritten) for a product with few rows and a long depth, such as the gate's
+ * dW = x^T dlogits (dim x experts, summed over the tokens), which fm__gemm_strided could split
+ * into only rows / 6 items: one item per depth block of FM__SPLIT_DEPTH, each product into
+ * `scratch` (ceil(depth / FM__SPLIT_DEPTH) rows x cols floats, when scratch_floats has them),
+ * then the blocks' sums added in block order: the same at any thread count. */
+static void fm__gemm_split_depth(const fm__kernel_table *kernels, int rows, int depth, int cols, const float *a,
+                                 ptrdiff_t a_row, ptrdiff_t a_depth, const float *b, ptrdiff_t b_row, ptrdiff_t b_col,
+                                 float *c, ptrdiff_t ldc, float *scratch, size_t scratch_floats) {
+    const int blocks = depth / FM__SPLIT_DEPTH + (depth % FM__SPLIT_DEPTH != 0);
+    const size_t per_block = (size_t)rows * cols;
+    int block;
+    if (blocks < 2 || (size_t)blocks * per_block > scratch_floats) {
+        fm__gemm_strided(kernels, rows, depth, cols, a, a_row, a_depth, b, b_row, b_col, 0, c, ldc);
+        return;
+    }
+    FM__OMP_PARALLEL_FOR_DYNAMIC
+    for (block = 0; block < blocks; block++) {
+        const int k0 = block * FM__SPLIT_DEPTH, n = depth - k0 < FM__SPLIT_DEPTH ? depth - k0 : FM__SPLIT_DEPTH;
+        FM__TRACE_ITEM("gemm_split_depth", block, -1);
+        fm__gemm_strided(kernels, rows, n, cols, a + (ptrdiff_t)k0 * a_depth, a_row, a_depth, b + (ptrdiff_t)k0 * b_row,
+                         b_row, b_col, 0, scratch + block * per_block, cols);
+    }
+    FM__TRACE_END("gemm_split_depth");
+    FM__FOR_ROW_CHUNKS(rows, r0, n, {
+        int r;
+        int j;
+        int from;
+        for (r = r0; r < r0 + n; r++)
+            for (j = 0; j < cols; j++) {
+                float sum = scratch[(size_t)r * cols + j];
+                for (from = 1; from < blocks; from++) sum += scratch[from * per_block + (size_t)r * cols + j];
+                c[r * ldc + j] = sum;
+            }
+    });
 }
 
 /* The gate's logits with leading dimensions: clean = x W_gate, noise = x W_noise when wanted. */
@@ -4519,9 +4598,13 @@ fm_status fm_moe_backward(const fm_moe_desc *desc, const fm_moe_params *params, 
                                                     with_noise ? params->w_noise : NULL, v.d_clean + (size_t)r0 * E, E,
                                                     with_noise ? v.d_noise + (size_t)r0 * E : NULL, E,
                                                     dx + (size_t)r0 * lddx, lddx, 1, NULL, NULL));
-        fm__gate_logits_backward(kernels, T, D, E, batch->x, ldx, NULL, NULL, v.d_clean, E,
-                                 with_noise ? v.d_noise : NULL, E, NULL, 0, 0, grads->w_gate,
-                                 with_noise ? grads->w_noise : NULL);
+        /* dW = x^T dlogits over the tokens in depth blocks, the experts' d_hidden (done with) the scratch */
+        if (grads->w_gate)
+            fm__gemm_split_depth(kernels, D, T, E, batch->x, 1, ldx, v.d_clean, E, 1, grads->w_gate, E, v.d_hidden,
+                                 (size_t)T * K * H);
+        if (grads->w_noise && with_noise)
+            fm__gemm_split_depth(kernels, D, T, E, batch->x, 1, ldx, v.d_noise, E, 1, grads->w_noise, E, v.d_hidden,
+                                 (size_t)T * K * H);
         if (grads->w_noise && !with_noise) memset(grads->w_noise, 0, (size_t)D * E * sizeof(float));
     }
     return FM_OK;
