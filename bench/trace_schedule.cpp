@@ -138,6 +138,20 @@ int main(int argc, char **argv) {
                 intervals[size_t(i)].push_back((i < count ? events[size_t(i)].seconds : t) -
                                                (i > 0 ? events[size_t(i) - 1].seconds : 0.0));
         }
+        // and at each other thread count, the fastest of `repeats` traced runs as it ran: what the
+        // items cost when threads share the caches and the memory (scripts/schedule.py compares)
+        std::vector<std::vector<fm_trace_event>> at(thread_counts.size());
+        for (size_t i = 0; i < thread_counts.size(); i++) {
+            if (thread_counts[i] == 1) continue;
+            fm_set_threads(thread_counts[i]);
+            double fastest = 1e30;
+            for (int r = 0; r < repeats; r++) {
+                fm_trace_start(events.data(), int(events.size()));
+                const double t = step(l);
+                const int count = std::min(fm_trace_stop(), int(events.size()));
+                if (t < fastest) fastest = t, at[i].assign(events.begin(), events.begin() + count);
+            }
+        }
         fm_set_threads(0);
         double traced = 0.0;
         for (size_t i = 0; i < intervals.size(); i++) {
@@ -149,11 +163,22 @@ int main(int argc, char **argv) {
         std::fprintf(f, "],\n   \"wall_seconds\": {");
         for (size_t i = 0; i < thread_counts.size(); i++)
             std::fprintf(f, "%s\"%d\": %.9f", i ? ", " : "", thread_counts[i], wall[i]);
+        const auto print_events = [f](const std::vector<fm_trace_event> &list) {
+            for (size_t i = 0; i < list.size(); i++)
+                std::fprintf(f, "    [\"%s\", %d, %d, %d, %d, %.9f]%s\n", list[i].loop, list[i].line, list[i].item,
+                             list[i].expert, list[i].thread, list[i].seconds, i + 1 < list.size() ? "," : "");
+        };
         std::fprintf(f, "},\n   \"traced_seconds\": %.9f,\n   \"events\": [\n", traced);
-        for (size_t i = 0; i < kept.size(); i++)
-            std::fprintf(f, "    [\"%s\", %d, %d, %d, %d, %.9f]%s\n", kept[i].loop, kept[i].line, kept[i].item,
-                         kept[i].expert, kept[i].thread, kept[i].seconds, i + 1 < kept.size() ? "," : "");
-        std::fprintf(f, "   ]}%s\n", m + 1 < mixes.size() ? "," : "");
+        print_events(kept);
+        std::fprintf(f, "   ],\n   \"events_at\": {");
+        for (size_t i = 0, first = 1; i < thread_counts.size(); i++) {
+            if (thread_counts[i] == 1) continue;
+            std::fprintf(f, "%s\"%d\": [\n", first ? "" : ", ", thread_counts[i]);
+            print_events(at[i]);
+            std::fprintf(f, "   ]");
+            first = 0;
+        }
+        std::fprintf(f, "}}%s\n", m + 1 < mixes.size() ? "," : "");
     }
     std::fprintf(f, " ]}\n");
     if (std::fclose(f) != 0) return std::perror(out.c_str()), 1;
