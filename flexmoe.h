@@ -4311,26 +4311,37 @@ static const float *fm__moe_routing_logits(const fm__moe_config *c, const fm_moe
 }
 
 /* The S-Router term, summed over the token groups that have tokens with a target: each group's
- * mean cross-entropy over its tokens with a target (-1: none). One pass over the tokens, the
- * losses summed in double in token order per group; d_routing (optional) receives the sum of the
- * groups' gradients, softmax(logits) - onehot(target) over the group's count, row chunks in
- * parallel. */
+ * mean cross-entropy over its tokens with a target (-1: none). Row chunks in parallel, each
+ * summing its tokens' losses in double in token order per group, the chunks' sums joined in chunk
+ * order (the same at any thread count); d_routing (optional) receives the sum of the groups'
+ * gradients, softmax(logits) - onehot(target) over the group's count, row chunks in parallel. */
 static void fm__moe_router_ce(const fm__moe_config *c, int T, const float *logits, const fm__moe_views *v, float *value,
                               float *d_routing) {
     const fm__kernel_table *kernels = fm__active_kernels();
     const int E = c->experts;
+    const int chunks = T / FM__ROW_CHUNK + (T % FM__ROW_CHUNK != 0);
     double sums[FLEXMOE_GATE_MAX_GROUPS] = {0.0};
     int counts[FLEXMOE_GATE_MAX_GROUPS] = {0};
-    int g, t, e;
+    int g, t, chunk;
     for (t = 0; t < T; t++) counts[v->group[t]] += v->targets[t] >= 0;
-    for (t = 0; t < T; t++)
-        if (v->targets[t] >= 0) { /* log-sum-exp in double: finite however small p[target] is */
-            const float *l = logits + (size_t)t * E;
-            double max = l[0], sum = 0.0;
-            for (e = 1; e < E; e++) max = l[e] > max ? l[e] : max;
-            for (e = 0; e < E; e++) sum += exp(l[e] - max);
-            sums[v->group[t]] += max + log(sum) - l[v->targets[t]];
-        }
+    FM__OMP_PARALLEL_FOR_ORDERED
+    for (chunk = 0; chunk < chunks; chunk++) {
+        double part[FLEXMOE_GATE_MAX_GROUPS] = {0.0};
+        const int end = T - chunk * FM__ROW_CHUNK < FM__ROW_CHUNK ? T : (chunk + 1) * FM__ROW_CHUNK;
+        int r, e, j;
+        FM__TRACE_ITEM("router_ce", chunk, -1);
+        for (r = chunk * FM__ROW_CHUNK; r < end; r++)
+            if (v->targets[r] >= 0) { /* log-sum-exp in double: finite however small p[target] is */
+                const float *l = logits + (size_t)r * E;
+                double max = l[0], sum = 0.0;
+                for (e = 1; e < E; e++) max = l[e] > max ? l[e] : max;
+                for (e = 0; e < E; e++) sum += exp(l[e] - max);
+                part[v->group[r]] += max + log(sum) - l[v->targets[r]];
+            }
+        FM__OMP_ORDERED
+        for (j = 0; j < c->groups; j++) sums[j] += part[j];
+    }
+    FM__TRACE_END("router_ce");
     *value = 0.0f;
     for (g = 0; g < c->groups; g++)
         if (counts[g]) *value += (float)(sums[g] / counts[g]);

@@ -138,11 +138,11 @@ int main(int argc, char **argv) {
                 intervals[size_t(i)].push_back((i < count ? events[size_t(i)].seconds : t) -
                                                (i > 0 ? events[size_t(i) - 1].seconds : 0.0));
         }
-        // and at each other thread count, the fastest of `repeats` traced runs as it ran: what the
-        // items cost when threads share the caches and the memory (scripts/schedule.py compares)
+        // and at each thread count, the fastest of `repeats` traced runs as it ran: what the items
+        // cost when threads share the caches and the memory, against the same statistic at one
+        // thread (scripts/schedule.py compares)
         std::vector<std::vector<fm_trace_event>> at(thread_counts.size());
         for (size_t i = 0; i < thread_counts.size(); i++) {
-            if (thread_counts[i] == 1) continue;
             fm_set_threads(thread_counts[i]);
             double fastest = 1e30;
             for (int r = 0; r < repeats; r++) {
@@ -171,12 +171,10 @@ int main(int argc, char **argv) {
         std::fprintf(f, "},\n   \"traced_seconds\": %.9f,\n   \"events\": [\n", traced);
         print_events(kept);
         std::fprintf(f, "   ],\n   \"events_at\": {");
-        for (size_t i = 0, first = 1; i < thread_counts.size(); i++) {
-            if (thread_counts[i] == 1) continue;
-            std::fprintf(f, "%s\"%d\": [\n", first ? "" : ", ", thread_counts[i]);
+        for (size_t i = 0; i < thread_counts.size(); i++) {
+            std::fprintf(f, "%s\"%d\": [\n", i ? ", " : "", thread_counts[i]);
             print_events(at[i]);
             std::fprintf(f, "   ]");
-            first = 0;
         }
         std::fprintf(f, "}}%s\n", m + 1 < mixes.size() ? "," : "");
     }

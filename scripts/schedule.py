@@ -74,14 +74,10 @@ def loops_of(events, total):
     return loops, serial + max(0.0, total - last_end)
 
 
-def slowdowns(mix, threads):
-    """Per top-level loop, in call order: what its items cost in the traced run at `threads` threads
-    over what the same items cost at one. Each thread's items but its last in a loop are timed
-    start to start (the last one's end is hidden in the barrier); 1 where fewer than 4 items match."""
-    events = mix.get("events_at", {}).get(str(threads))
-    loops, _ = loops_of(mix["events"], mix["traced_seconds"])
-    if not events:
-        return [1.0] * len(loops)
+def item_times(events):
+    """The top-level loops of one traced run as it ran, in call order: [(name, {item: seconds})], each
+    thread's items but its last in the loop timed start to start (the last one's end is hidden in the
+    barrier)."""
     occurrences, current = [], None
     for name, _line, item, _expert, thread, t in events:
         if current is None and item >= 0:
@@ -94,22 +90,36 @@ def slowdowns(mix, threads):
             current["end"] = t
             occurrences.append(current)
             current = None
+    out = []
+    for o in occurrences:
+        by_thread, times = {}, {}
+        for thread, t, item in o["items"]:
+            by_thread.setdefault(thread, []).append((t, item))
+        for items in by_thread.values():
+            items.sort()
+            for (t0, item), (t1, _) in zip(items, items[1:]):
+                times[item] = t1 - t0
+        out.append((o["name"], times))
+    return out
+
+
+def slowdowns(mix, threads):
+    """Per top-level loop, in call order: what its items cost in the fastest traced run at `threads`
+    threads over what the same items cost in the fastest at one (the same statistic, so tracing's
+    own cost cancels); 1 where fewer than 4 items match."""
+    loops, _ = loops_of(mix["events"], mix["traced_seconds"])
+    runs = mix.get("events_at", {})
+    if str(threads) not in runs or "1" not in runs:
+        return [1.0] * len(loops)
+    there, here = item_times(runs[str(threads)]), item_times(runs["1"])
     factors = []
-    for k, (name, costs, _experts) in enumerate(loops):
+    for k, (name, _costs, _experts) in enumerate(loops):
         factor = 1.0
-        if k < len(occurrences) and occurrences[k]["name"] == name:
-            by_thread = {}
-            for thread, t, item in occurrences[k]["items"]:
-                by_thread.setdefault(thread, []).append((t, item))
-            there = here = 0.0
-            matched = 0
-            for items in by_thread.values():
-                items.sort()
-                for (t0, item), (t1, _) in zip(items, items[1:]):
-                    if item < len(costs):
-                        there, here, matched = there + t1 - t0, here + costs[item], matched + 1
-            if matched >= 4 and here > 0:
-                factor = there / here
+        if k < len(there) and k < len(here) and there[k][0] == name == here[k][0]:
+            common = [i for i in there[k][1] if i in here[k][1]]
+            base = sum(here[k][1][i] for i in common)
+            if len(common) >= 4 and base > 0:
+                factor = sum(there[k][1][i] for i in common) / base
         factors.append(factor)
     return factors
 
