@@ -3949,8 +3949,15 @@ static void fm__ffn_backward_fused(const fm__kernel_table *kernels, const fm__ff
         const int first = o->offsets[e], count = o->offsets[e + 1] - first;
         float *gw1 = g->w1 ? g->w1 + e * fm_packed_weight_floats(D, H) : NULL;
         float *gw2 = g->w2 ? g->w2 + e * fm_packed_weight_floats(H, D) : NULL;
-        int r0 = 0;
-        do { /* at least once: an expert without rows gets zero gradients */
+        int r0;
+        if (count == 0) { /* zero gradients, and no offset into the row buffers (NULL without rows) */
+            if (gw1) memset(gw1, 0, fm_packed_weight_floats(D, H) * sizeof(float));
+            if (gw2) memset(gw2, 0, fm_packed_weight_floats(H, D) * sizeof(float));
+            if (g->b1) memset(g->b1 + (size_t)e * H, 0, (size_t)H * sizeof(float));
+            if (g->b2) memset(g->b2 + (size_t)e * D, 0, (size_t)D * sizeof(float));
+            continue;
+        }
+        for (r0 = 0; r0 < count; r0 += FM__FFN_ROW_BLOCK) {
             const int m = count - r0 < FM__FFN_ROW_BLOCK ? count - r0 : FM__FFN_ROW_BLOCK, r = first + r0, more = r0 > 0;
             fm__ffn_hidden_rows(kernels, o, r, m);
             for (p = 0; gw2 && p < fm__gemm_panels(D); p++)
@@ -3963,8 +3970,7 @@ static void fm__ffn_backward_fused(const fm__kernel_table *kernels, const fm__ff
                                   o->d_hidden + (size_t)r * o->lddh, o->lddh, gw1 + (size_t)p * D * FM_GEMM_PANEL, more);
             if (g->b1)
                 fm__gemm_db_rows(kernels, m, H, o->d_hidden + (size_t)r * o->lddh, o->lddh, g->b1 + (size_t)e * H, more);
-            r0 += m;
-        } while (r0 < count);
+        }
     }
 }
 
@@ -4104,7 +4110,8 @@ static fm_status fm__moe_config_of(const char *caller, const fm_moe_desc *desc, 
 static fm_confsmoe_desc fm__moe_confsmoe_desc(const fm__moe_config *c, int tokens) {
     fm_confsmoe_desc d;
     memset(&d, 0, sizeof d);
-    d.tokens = tokens, d.k = c->top_k, d.experts = c->experts, d.dim = c->dim, d.classes = c->classes;
+    d.tokens = tokens, d.k = c->top_k, d.experts = c->experts, d.dim = c->dim;
+    d.classes = c->classes > 0 ? c->classes : 1; /* no probe without labels (which need classes >= 2) */
     d.mode = c->confidence, d.eps = c->layernorm_eps;
     return d;
 }
@@ -6162,6 +6169,7 @@ typedef struct fm__scored {
 
 static int fm__by_score(const void *a, const void *b) {
     const float x = ((const fm__scored *)a)->score, y = ((const fm__scored *)b)->score;
+    if (x != x || y != y) return (x != x) - (y != y); /* NaN after every number: a total order */
     return x < y ? -1 : x > y;
 }
 
@@ -6189,9 +6197,9 @@ static void fm__score(const float *probs, const int32_t *labels, int n, int clas
         if (positives > 0 && positives < n) { /* Mann-Whitney: the positives' mean rank, ties averaged */
             double rank_sum = 0.0;
             qsort(scratch, (size_t)n, sizeof *scratch, fm__by_score);
-            for (i = 0; i < n; i = j) {
-                int in_tie = 0;
-                for (j = i; j < n && scratch[j].score == scratch[i].score; j++) in_tie += scratch[j].positive;
+            for (i = 0; i < n; i = j) { /* j > i: a NaN score (equal to nothing) is a tie of one */
+                int in_tie = scratch[i].positive;
+                for (j = i + 1; j < n && scratch[j].score == scratch[i].score; j++) in_tie += scratch[j].positive;
                 rank_sum += in_tie * (i + j + 1) / 2.0;
             }
             auc += (rank_sum - positives * (positives + 1) / 2.0) / ((double)positives * (n - positives)), auc_classes++;

@@ -4,7 +4,9 @@
 #     with OpenMP (the threaded paths everywhere; test_threads: 1, 2, 3 threads bit for bit), and
 #     test_threads under ThreadSanitizer;
 #   - the same under AddressSanitizer + UndefinedBehaviorSanitizer;
-#   - a libFuzzer target of the whole kernel API, a minute per path (scripts/fuzz.sh);
+#   - libFuzzer targets of the kernel API (every path), the dataset and checkpoint loaders and the
+#     layer and model API, 30 s each (scripts/fuzz.sh); the allocation failures and kills during
+#     save (test_faults), natively and the former under LeakSanitizer;
 #   - the NEON path cross-compiled for aarch64 and run under qemu-aarch64;
 #   - the drop-in example built standalone with gcc and clang, the header as C++ with g++ and
 #     clang++, and the header warning-free under -std=c99 -Wall -Wextra -pedantic -Werror;
@@ -115,9 +117,10 @@ done
 # the allocation failures under LeakSanitizer (one path: they do not depend on it)
 run_tests test_faults-asan-ubsan -- build/sanitize/tests/test_faults allocations
 
-# ---- fuzzing: every public kernel call under libFuzzer + ASan + UBSan, a minute per path -------
-# (the reproducers in tests/fuzz/crashes/ are replayed first)
-run fuzz-kernels scripts/fuzz.sh 60
+# ---- fuzzing under libFuzzer + ASan + UBSan: the kernel API on every path, the dataset loader, the
+# checkpoint loader, the layer and model API; 30 s each (the reproducers in tests/fuzz/crashes/
+# are replayed first)
+run fuzz scripts/fuzz.sh 30
 
 # ---- aarch64 / NEON under qemu ----------------------------------------------------------------
 if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
@@ -126,6 +129,10 @@ if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/
   run compile-aarch64 ninja -C build/aarch64
   for isa in neon scalar; do
     for t in "${tests[@]}"; do
+      # the argument checks run before any path is chosen: the native and sanitizer runs cover them
+      [ "$t" = test_validation ] && continue
+      # the scalar path's compositions (model, training, threads) run natively; here its kernels
+      case $isa/$t in scalar/test_model | scalar/test_train | scalar/test_threads) continue ;; esac
       run_tests "$t-$isa-qemu" FLEXMOE_ISA=$isa FM_VECMATH_SPARSE=2 -- qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib build/aarch64/tests/$t
     done
   done

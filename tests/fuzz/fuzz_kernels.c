@@ -28,8 +28,7 @@
  * -DFUZZ_CORRUPT_PLAN hands dispatch/combine plans whose rows disagree with their positions (a
  * plan the build never makes), -DFUZZ_GARBAGE_PADDING leaves fuzzed values in the packed
  * weights' padding. */
-#define FLEXMOE_IMPLEMENTATION
-#include "flexmoe.h"
+#include "flexmoe.h" /* the implementation: tests/flexmoe_impl.c, instrumented alike (scripts/fuzz.sh) */
 
 #include <float.h>
 #include <limits.h>
