@@ -106,7 +106,7 @@ def item_times(events):
 def slowdowns(mix, threads):
     """Per top-level loop, in call order: what its items cost in the fastest traced run at `threads`
     threads over what the same items cost in the fastest at one (the same statistic, so tracing's
-    own cost cancels); 1 where fewer than 4 items match."""
+    own cost cancels), at least 1; 1 where fewer than 4 items match."""
     loops, _ = loops_of(mix["events"], mix["traced_seconds"])
     runs = mix.get("events_at", {})
     if str(threads) not in runs or "1" not in runs:
@@ -118,8 +118,8 @@ def slowdowns(mix, threads):
         if k < len(there) and k < len(here) and there[k][0] == name == here[k][0]:
             common = [i for i in there[k][1] if i in here[k][1]]
             base = sum(here[k][1][i] for i in common)
-            if len(common) >= 4 and base > 0:
-                factor = sum(there[k][1][i] for i in common) / base
+            if len(common) >= 4 and base > 0:  # sharing never makes an item cheaper: below 1 is noise
+                factor = max(1.0, sum(there[k][1][i] for i in common) / base)
         factors.append(factor)
     return factors
 
