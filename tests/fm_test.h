@@ -171,4 +171,43 @@ static inline void fm_test_use_isa(fm_isa isa) {
     fm_test_context = fm_isa_name(isa);
 }
 
+/* ---- a synthetic three-view task ---------------------------------------------------------- */
+
+enum { FM_TEST_CLASSES = 3, FM_TEST_VIEWS = 3 };
+static const int fm_test_view_features[FM_TEST_VIEWS] = {4, 6, 5};
+
+/* `samples` samples: each class's mean in each view is a random direction; samples add noise 0.6
+ * of the means' scale, and each view is missing with probability 0.3 (one kept). Allocated with
+ * fm_alloc, so fm_dataset_free releases it. */
+static inline void fm_test_synthetic(fm_dataset *ds, int samples) {
+    enum { C = FM_TEST_CLASSES, V = FM_TEST_VIEWS };
+    double means[C][V][6];
+    int c, v, j, s;
+    memset(ds, 0, sizeof *ds);
+    ds->samples = samples, ds->views = V, ds->classes = C;
+    for (c = 0; c < C; c++)
+        for (v = 0; v < V; v++)
+            for (j = 0; j < 6; j++) means[c][v][j] = fm_test_normal();
+    ds->observed = (uint8_t *)fm_alloc((size_t)samples * V);
+    ds->labels = (int32_t *)fm_alloc((size_t)samples * sizeof(int32_t));
+    for (v = 0; v < V; v++) {
+        snprintf(ds->names[v], sizeof ds->names[v], "view%d", v);
+        ds->features[v] = fm_test_view_features[v];
+        ds->values[v] = (float *)fm_alloc((size_t)samples * fm_test_view_features[v] * sizeof(float));
+    }
+    for (s = 0; s < samples; s++) {
+        int kept = 0;
+        ds->labels[s] = s % C;
+        for (v = 0; v < V; v++) {
+            ds->observed[s * V + v] = fm_test_uniform() >= 0.3;
+            kept += ds->observed[s * V + v];
+        }
+        if (!kept) ds->observed[s * V + fm_test_int(0, V - 1)] = 1;
+        for (v = 0; v < V; v++)
+            for (j = 0; j < fm_test_view_features[v]; j++)
+                ds->values[v][(size_t)s * fm_test_view_features[v] + j] =
+                    ds->observed[s * V + v] ? (float)(means[ds->labels[s]][v][j] + 0.6 * fm_test_normal()) : 0.0f;
+    }
+}
+
 #endif /* FM_TEST_H */

@@ -102,40 +102,8 @@ static int all_zero(const void *p, size_t n) {
 
 /* ---- what the scenarios work on -------------------------------------------------------------- */
 
-enum { SAMPLES = 60, CLASSES = 3, VIEWS = 3 };
-static const int view_features[VIEWS] = {4, 6, 5};
-
-/* test_train's synthetic task, smaller: a class mean per view, noise, views missing with
- * probability 0.3 (one kept). Allocated with fm_alloc, so fm_dataset_free releases it. */
-static void synthetic(fm_dataset *ds) {
-    double means[CLASSES][VIEWS][6];
-    int c, v, j, s;
-    memset(ds, 0, sizeof *ds);
-    ds->samples = SAMPLES, ds->views = VIEWS, ds->classes = CLASSES;
-    for (c = 0; c < CLASSES; c++)
-        for (v = 0; v < VIEWS; v++)
-            for (j = 0; j < 6; j++) means[c][v][j] = fm_test_normal();
-    ds->observed = (uint8_t *)fm_alloc(SAMPLES * VIEWS);
-    ds->labels = (int32_t *)fm_alloc(SAMPLES * sizeof(int32_t));
-    for (v = 0; v < VIEWS; v++) {
-        snprintf(ds->names[v], sizeof ds->names[v], "view%d", v);
-        ds->features[v] = view_features[v];
-        ds->values[v] = (float *)fm_alloc((size_t)SAMPLES * view_features[v] * sizeof(float));
-    }
-    for (s = 0; s < SAMPLES; s++) {
-        int kept = 0;
-        ds->labels[s] = s % CLASSES;
-        for (v = 0; v < VIEWS; v++) {
-            ds->observed[s * VIEWS + v] = fm_test_uniform() >= 0.3;
-            kept += ds->observed[s * VIEWS + v];
-        }
-        if (!kept) ds->observed[s * VIEWS + fm_test_int(0, VIEWS - 1)] = 1;
-        for (v = 0; v < VIEWS; v++)
-            for (j = 0; j < view_features[v]; j++)
-                ds->values[v][(size_t)s * view_features[v] + j] =
-                    ds->observed[s * VIEWS + v] ? (float)(means[ds->labels[s]][v][j] + 0.6 * fm_test_normal()) : 0.0f;
-    }
-}
+enum { SAMPLES = 60, CLASSES = FM_TEST_CLASSES, VIEWS = FM_TEST_VIEWS };
+#define view_features fm_test_view_features
 
 /* A tiny model (the fault scenarios: fast) or a larger one (the kills: a save long enough to
  * be hit in its middle). */
@@ -702,7 +670,7 @@ int main(int argc, char **argv) {
     snprintf(w.dir, sizeof w.dir, "%s/flexmoe_test_faults_XXXXXX", getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
     FM_CHECK(mkdtemp(w.dir) != NULL, "mkdtemp");
     w.tiny = model_desc(0);
-    synthetic(&w.ds);
+    fm_test_synthetic(&w.ds, SAMPLES);
     FM_CHECK(fm_dataset_split(&w.ds, 4, w.order, &w.train, &w.validation) == FM_OK &&
                  fm_dataset_standardize(&w.ds, w.order, w.train) == FM_OK,
              "split and standardise");

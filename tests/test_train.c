@@ -7,40 +7,8 @@
  * own logits. */
 #include "fm_test.h"
 
-enum { SAMPLES = 600, CLASSES = 3, VIEWS = 3 };
-static const int view_features[VIEWS] = {4, 6, 5};
-
-/* Each class's mean in each view is a random direction; samples add noise of the same size, and
- * each view is missing with probability 0.3 (one kept); noise 0.6 of the means' scale. */
-static void synthetic(fm_dataset *ds) {
-    double means[CLASSES][VIEWS][6];
-    int c, v, j, s;
-    memset(ds, 0, sizeof *ds);
-    ds->samples = SAMPLES, ds->views = VIEWS, ds->classes = CLASSES;
-    for (c = 0; c < CLASSES; c++)
-        for (v = 0; v < VIEWS; v++)
-            for (j = 0; j < 6; j++) means[c][v][j] = fm_test_normal();
-    ds->observed = (uint8_t *)fm_alloc(SAMPLES * VIEWS);
-    ds->labels = (int32_t *)fm_alloc(SAMPLES * sizeof(int32_t));
-    for (v = 0; v < VIEWS; v++) {
-        snprintf(ds->names[v], sizeof ds->names[v], "view%d", v);
-        ds->features[v] = view_features[v];
-        ds->values[v] = (float *)fm_alloc((size_t)SAMPLES * view_features[v] * sizeof(float));
-    }
-    for (s = 0; s < SAMPLES; s++) {
-        int kept = 0;
-        ds->labels[s] = s % CLASSES;
-        for (v = 0; v < VIEWS; v++) {
-            ds->observed[s * VIEWS + v] = fm_test_uniform() >= 0.3;
-            kept += ds->observed[s * VIEWS + v];
-        }
-        if (!kept) ds->observed[s * VIEWS + fm_test_int(0, VIEWS - 1)] = 1;
-        for (v = 0; v < VIEWS; v++)
-            for (j = 0; j < view_features[v]; j++)
-                ds->values[v][(size_t)s * view_features[v] + j] =
-                    ds->observed[s * VIEWS + v] ? (float)(means[ds->labels[s]][v][j] + 0.6 * fm_test_normal()) : 0.0f;
-    }
-}
+enum { SAMPLES = 600, CLASSES = FM_TEST_CLASSES, VIEWS = FM_TEST_VIEWS };
+#define view_features fm_test_view_features
 
 static fm_model_desc small_desc(void) {
     fm_model_desc d;
@@ -223,7 +191,7 @@ int main(void) {
     int train = 0, validation = 0;
     counter count = {0, 0, 0};
     fm_test_seed("test_train");
-    synthetic(&ds);
+    fm_test_synthetic(&ds, SAMPLES);
     FM_CHECK(fm_dataset_split(&ds, 4, order, &train, &validation) == FM_OK, "split");
     FM_CHECK(fm_dataset_standardize(&ds, order, train) == FM_OK, "standardize");
     FM_CHECK(fm_model_create(&desc, 16, &a) == FM_OK && fm_model_init(&a, 9) == FM_OK, "model a");

@@ -26,68 +26,13 @@
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I. \
  *         tests/fuzz/fuzz_checkpoint.c build/fuzz/flexmoe_impl.o -o build/fuzz/fuzz_checkpoint -lm
  * (scripts/fuzz.sh builds build/fuzz/flexmoe_impl.o first). */
-#include "flexmoe.h" /* the implementation: tests/flexmoe_impl.c, instrumented alike (scripts/fuzz.sh) */
+#define FUZZ_NAME "fuzz_checkpoint"
+#define FUZZ_COUNTING_HOOK
+#include "fuzz_common.h"
 
 #include <math.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 1, 2), noreturn))
-#endif
-static void die(const char *format, ...) {
-    va_list args;
-    fprintf(stderr, "\nFUZZ FAILURE in fuzz_checkpoint: ");
-    va_start(args, format);
-    vfprintf(stderr, format, args);
-    va_end(args);
-    fputc('\n', stderr);
-    abort();
-}
-
-#define CHECK(cond, ...)                                                                          \
-    do {                                                                                          \
-        if (!(cond)) die(__VA_ARGS__);                                                            \
-    } while (0)
-
-static int g_trace;
-#define TRACE(...)                                                                                \
-    do {                                                                                          \
-        if (g_trace) {                                                                            \
-            fprintf(stderr, __VA_ARGS__);                                                         \
-            fputc('\n', stderr);                                                                  \
-        }                                                                                         \
-    } while (0)
-
-/* ---- the allocator: counts live blocks, refuses huge ones -------------------------------------- */
-
-#define HOOK_LIMIT ((size_t)32 << 20)
-static long hook_live;
-static void *hook_alloc(size_t size, void *user) {
-    void *p;
-    (void)user;
-    if (size > HOOK_LIMIT) return NULL;
-    if ((p = malloc(size))) hook_live++;
-    return p;
-}
-static void hook_free(void *ptr, void *user) {
-    (void)user;
-    if (ptr) hook_live--;
-    free(ptr);
-}
-static void logger(fm_log_level level, const char *message, void *user) {
-    (void)level, (void)user;
-    CHECK(message && strlen(message) < 1024, "a log message is NULL or too long");
-    if (g_trace) fprintf(stderr, "  log: %s\n", message);
-}
 
 /* ---- files ------------------------------------------------------------------------------------- */
 

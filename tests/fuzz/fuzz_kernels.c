@@ -28,16 +28,21 @@
  * -DFUZZ_CORRUPT_PLAN hands dispatch/combine plans whose rows disagree with their positions (a
  * plan the build never makes), -DFUZZ_GARBAGE_PADDING leaves fuzzed values in the packed
  * weights' padding. */
-#include "flexmoe.h" /* the implementation: tests/flexmoe_impl.c, instrumented alike (scripts/fuzz.sh) */
+#define FUZZ_NAME "fuzz_kernels"
+/* FUZZ_TRACE=1: each call, with what the header expects of it, and the special values of its buffers */
+#define TRACE(...)                                                                                \
+    do {                                                                                          \
+        if (g_trace) {                                                                            \
+            fprintf(stderr, "call (expect %s): ", g_bad ? "an error" : "FM_OK");                   \
+            fprintf(stderr, __VA_ARGS__);                                                         \
+            fputc('\n', stderr);                                                                  \
+        }                                                                                         \
+    } while (0)
+#include "fuzz_common.h"
 
 #include <float.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -59,42 +64,9 @@ const char *__asan_default_options(void) { return "allocator_may_return_null=1";
 #define UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
-
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
 /* ---- failures --------------------------------------------------------------------------- */
 
-static const char *g_fn = "?";
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 1, 2), noreturn))
-#endif
-static void die(const char *format, ...) {
-    va_list args;
-    fprintf(stderr, "\nFUZZ FAILURE in %s [%s]: ", g_fn, fm_isa_name(fm_active_isa()));
-    va_start(args, format);
-    vfprintf(stderr, format, args);
-    va_end(args);
-    fputc('\n', stderr);
-    abort();
-}
-
-#define CHECK(cond, ...)                                                                          \
-    do {                                                                                          \
-        if (!(cond)) die(__VA_ARGS__);                                                            \
-    } while (0)
-
-static int g_trace; /* FUZZ_TRACE=1: print each call and the special values of its buffers */
-static int g_bad;   /* the header says this call must fail */
-#define TRACE(...)                                                                                \
-    do {                                                                                          \
-        if (g_trace) {                                                                            \
-            fprintf(stderr, "call (expect %s): ", g_bad ? "an error" : "FM_OK");                   \
-            fprintf(stderr, __VA_ARGS__);                                                         \
-            fputc('\n', stderr);                                                                  \
-        }                                                                                         \
-    } while (0)
+static int g_bad; /* the header says this call must fail */
 
 /* Marks the call as one the header says must fail; traced with the target's line. */
 static void set_bad(int line) {

@@ -33,50 +33,15 @@
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I. \
  *         tests/fuzz/fuzz_model.c build/fuzz/flexmoe_impl.o -o build/fuzz/fuzz_model -lm
  * (scripts/fuzz.sh builds build/fuzz/flexmoe_impl.o first). */
-#include "flexmoe.h" /* the implementation: tests/flexmoe_impl.c, instrumented alike (scripts/fuzz.sh) */
+#define FUZZ_NAME "fuzz_model"
+#define FUZZ_COUNTING_HOOK
+#include "fuzz_common.h"
 
 #include <float.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* ---- failures --------------------------------------------------------------------------- */
-
-static const char *g_fn = "?";
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 1, 2), noreturn))
-#endif
-static void die(const char *format, ...) {
-    va_list args;
-    fprintf(stderr, "\nFUZZ FAILURE in %s [%s]: ", g_fn, fm_isa_name(fm_active_isa()));
-    va_start(args, format);
-    vfprintf(stderr, format, args);
-    va_end(args);
-    fputc('\n', stderr);
-    abort();
-}
-
-#define CHECK(cond, ...)                                                                          \
-    do {                                                                                          \
-        if (!(cond)) die(__VA_ARGS__);                                                            \
-    } while (0)
-
-static int g_trace;
-#define TRACE(...)                                                                                \
-    do {                                                                                          \
-        if (g_trace) {                                                                            \
-            fprintf(stderr, __VA_ARGS__);                                                         \
-            fputc('\n', stderr);                                                                  \
-        }                                                                                         \
-    } while (0)
 
 static int g_bad;       /* the header says this call must fail */
 static int g_unmodeled; /* a float choice the model does not judge: any status */
@@ -85,8 +50,6 @@ static void set_bad(int line) {
     g_bad = 1;
 }
 #define BAD() set_bad(__LINE__)
-
-static int valid_status(fm_status st) { return st >= FM_OK && st <= FM_ERR_BAD_FILE; }
 
 /* The status against the expectation; returns whether the call succeeded. */
 static int expect(const char *call, fm_status st) {
@@ -97,28 +60,6 @@ static int expect(const char *call, fm_status st) {
     else if (!g_unmodeled && st != FM_ERR_OUT_OF_MEMORY)
         CHECK(st == FM_OK, "%s = %s, but every argument is valid", call, fm_status_str(st));
     return st == FM_OK;
-}
-
-/* ---- the allocator: counts live blocks, refuses huge ones -------------------------------------- */
-
-#define HOOK_LIMIT ((size_t)32 << 20)
-static long hook_live;
-static void *hook_alloc(size_t size, void *user) {
-    void *p;
-    (void)user;
-    if (size > HOOK_LIMIT) return NULL;
-    if ((p = malloc(size))) hook_live++;
-    return p;
-}
-static void hook_free(void *ptr, void *user) {
-    (void)user;
-    if (ptr) hook_live--;
-    free(ptr);
-}
-static void logger(fm_log_level level, const char *message, void *user) {
-    (void)level, (void)user;
-    CHECK(message && strlen(message) < 1024, "a log message is NULL or too long");
-    if (g_trace) fprintf(stderr, "  log: %s\n", message);
 }
 
 /* ---- the input reader ------------------------------------------------------------------- */
