@@ -87,12 +87,7 @@ static void fix_crc(uint8_t *file, size_t n) {
 /* ---- using a loaded model ---------------------------------------------------------------------- */
 
 static uint64_t rng_state;
-static uint64_t rng(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng(void) { return fuzz_splitmix(&rng_state); }
 
 static void use_model(fm_model *model) {
     const fm_model_desc *c = &model->config;
@@ -240,17 +235,9 @@ static void make_corpus(const char *dir) {
 /* ---- the entry points ------------------------------------------------------------------------- */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    fm_desc desc;
     const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
     (void)argc, (void)argv;
-    g_trace = getenv("FUZZ_TRACE") && atoi(getenv("FUZZ_TRACE")) != 0;
-    memset(&desc, 0, sizeof desc);
-    desc.allocator.alloc = hook_alloc, desc.allocator.free = hook_free;
-    desc.logger.func = logger;
-    if (fm_setup(&desc) != FM_OK) {
-        fprintf(stderr, "fuzz_checkpoint: fm_setup failed (FLEXMOE_ISA=%s)\n", getenv("FLEXMOE_ISA") ? getenv("FLEXMOE_ISA") : "");
-        exit(1);
-    }
+    fuzz_setup();
     snprintf(g_path, sizeof g_path, "%s/flexmoe-fuzz-checkpoint-%ld.safetensors", base, (long)getpid());
     snprintf(g_path2, sizeof g_path2, "%s/flexmoe-fuzz-checkpoint-%ld-again.safetensors", base, (long)getpid());
     atexit(remove_files);

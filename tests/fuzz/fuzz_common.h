@@ -49,6 +49,14 @@ static void die(const char *format, ...) {
     } while (0)
 #endif
 
+/* splitmix64: deterministic bulk contents from a seed the input chose */
+static inline uint64_t fuzz_splitmix(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 #ifdef FUZZ_COUNTING_HOOK
 #define HOOK_LIMIT ((size_t)32 << 20)
 static long hook_live;
@@ -70,6 +78,19 @@ static void logger(fm_log_level level, const char *message, void *user) {
     if (g_trace) fprintf(stderr, "  log: %s\n", message);
 }
 static inline int valid_status(fm_status st) { return st >= FM_OK && st <= FM_ERR_BAD_FILE; }
+
+/* FUZZ_TRACE, and flexmoe set up with the hook and the logger on the path FLEXMOE_ISA names. */
+static void fuzz_setup(void) {
+    fm_desc desc;
+    g_trace = getenv("FUZZ_TRACE") && atoi(getenv("FUZZ_TRACE")) != 0;
+    memset(&desc, 0, sizeof desc);
+    desc.allocator.alloc = hook_alloc, desc.allocator.free = hook_free;
+    desc.logger.func = logger;
+    if (fm_setup(&desc) != FM_OK) {
+        fprintf(stderr, "%s: fm_setup failed (FLEXMOE_ISA=%s)\n", FUZZ_NAME, getenv("FLEXMOE_ISA") ? getenv("FLEXMOE_ISA") : "");
+        exit(1);
+    }
+}
 #endif
 
 #endif

@@ -93,12 +93,7 @@ static int view_name(const uint8_t *p, size_t n, int index, char *name) {
 /* ---- a hash of the input for the later choices -------------------------------------------------- */
 
 static uint64_t rng_state;
-static uint64_t rng(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng(void) { return fuzz_splitmix(&rng_state); }
 
 /* ---- checks of a loaded dataset ----------------------------------------------------------------- */
 
@@ -253,17 +248,9 @@ static void after_load(fm_dataset *ds) {
 /* ---- the entry points ------------------------------------------------------------------------- */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    fm_desc desc;
     const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
     (void)argc, (void)argv;
-    g_trace = getenv("FUZZ_TRACE") && atoi(getenv("FUZZ_TRACE")) != 0;
-    memset(&desc, 0, sizeof desc);
-    desc.allocator.alloc = hook_alloc, desc.allocator.free = hook_free;
-    desc.logger.func = logger;
-    if (fm_setup(&desc) != FM_OK) {
-        fprintf(stderr, "fuzz_dataset: fm_setup failed (FLEXMOE_ISA=%s)\n", getenv("FLEXMOE_ISA") ? getenv("FLEXMOE_ISA") : "");
-        exit(1);
-    }
+    fuzz_setup();
     snprintf(g_dir, sizeof g_dir, "%s/flexmoe-fuzz-dataset-XXXXXX", base);
     if (!mkdtemp(g_dir)) {
         fprintf(stderr, "fuzz_dataset: cannot create %s\n", g_dir);

@@ -183,12 +183,7 @@ static float palette(unsigned b) {
 /* ---- a deterministic PRNG for bulk contents --------------------------------------------- */
 
 static uint64_t rng_state;
-static uint64_t rng(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng(void) { return fuzz_splitmix(&rng_state); }
 static float rng_uniform(float lo, float hi) { return lo + (hi - lo) * (float)((rng() >> 40) * (1.0 / 16777216.0)); }
 
 /* ---- buffers ------------------------------------------------------------------------------ */

@@ -155,12 +155,7 @@ static void free_all(void) {
 }
 
 static uint64_t rng_state;
-static uint64_t rng(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng(void) { return fuzz_splitmix(&rng_state); }
 static float rng_uniform(float lo, float hi) { return lo + (hi - lo) * (float)((rng() >> 40) * (1.0 / 16777216.0)); }
 
 static void fill(float *p, size_t n, float scale) {
@@ -639,16 +634,8 @@ static void fuzz_model(void) {
 /* ---- the entry points ---------------------------------------------------------------------- */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    fm_desc desc;
     (void)argc, (void)argv;
-    g_trace = getenv("FUZZ_TRACE") && atoi(getenv("FUZZ_TRACE")) != 0;
-    memset(&desc, 0, sizeof desc);
-    desc.allocator.alloc = hook_alloc, desc.allocator.free = hook_free;
-    desc.logger.func = logger;
-    if (fm_setup(&desc) != FM_OK) {
-        fprintf(stderr, "fuzz_model: fm_setup failed (FLEXMOE_ISA=%s)\n", getenv("FLEXMOE_ISA") ? getenv("FLEXMOE_ISA") : "");
-        exit(1);
-    }
+    fuzz_setup();
     fprintf(stderr, "fuzz_model: ISA path %s\n", fm_isa_name(fm_active_isa()));
     return 0;
 }
