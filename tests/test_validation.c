@@ -1597,29 +1597,25 @@ static void rows_data(void) {
     write_text(bad, "b.csv", "1\n2\n");                /* one line short */
     write_text(bad, "labels.csv", "0\n1\n0\n");
     {
-        char one_class[128], ragged[128], nan_field[128], no_view[128];
+        /* one view "a" of two features and two samples each: a defect in a.csv or labels.csv */
+        static const struct { const char *name, *view, *labels; } broken[] = {
+            {"one_class", "1,2\n3,4\n", "0\n0\n"},
+            {"ragged", "1,2\n3,4,5\n", "0\n1\n"},
+            {"nan_field", "1,nan\n3,4\n", "0\n1\n"},
+            {"no_view", "1,2\n\n", "0\n1\n"}};
+        char broken_dirs[4][128];
+        char *const one_class = broken_dirs[0], *const ragged = broken_dirs[1], *const nan_field = broken_dirs[2],
+                    *const no_view = broken_dirs[3];
         typedef struct { const char *dir; fm_dataset *ds; } A;
         A base;
-        snprintf(one_class, sizeof one_class, "%s/one_class", tmpdir);
-        mkdir(one_class, 0700);
-        write_text(one_class, "views.txt", "a 2\n");
-        write_text(one_class, "a.csv", "1,2\n3,4\n");
-        write_text(one_class, "labels.csv", "0\n0\n");
-        snprintf(ragged, sizeof ragged, "%s/ragged", tmpdir);
-        mkdir(ragged, 0700);
-        write_text(ragged, "views.txt", "a 2\n");
-        write_text(ragged, "a.csv", "1,2\n3,4,5\n");
-        write_text(ragged, "labels.csv", "0\n1\n");
-        snprintf(nan_field, sizeof nan_field, "%s/nan_field", tmpdir);
-        mkdir(nan_field, 0700);
-        write_text(nan_field, "views.txt", "a 2\n");
-        write_text(nan_field, "a.csv", "1,nan\n3,4\n");
-        write_text(nan_field, "labels.csv", "0\n1\n");
-        snprintf(no_view, sizeof no_view, "%s/no_view", tmpdir);
-        mkdir(no_view, 0700);
-        write_text(no_view, "views.txt", "a 2\n");
-        write_text(no_view, "a.csv", "1,2\n\n");
-        write_text(no_view, "labels.csv", "0\n1\n");
+        size_t b;
+        for (b = 0; b < sizeof broken / sizeof broken[0]; b++) {
+            snprintf(broken_dirs[b], sizeof broken_dirs[b], "%s/%s", tmpdir, broken[b].name);
+            mkdir(broken_dirs[b], 0700);
+            write_text(broken_dirs[b], "views.txt", "a 2\n");
+            write_text(broken_dirs[b], "a.csv", broken[b].view);
+            write_text(broken_dirs[b], "labels.csv", broken[b].labels);
+        }
         base.dir = dir, base.ds = &loaded;
 #define CALL(a) fm_dataset_load(a.dir, a.ds)
 #define LROW(cat, what, want, flags, ...) ROWZ(cat, what, want, (flags) | ZEROED, &loaded, sizeof loaded, memset(&loaded, SENTINEL_BYTE, sizeof loaded); __VA_ARGS__)
