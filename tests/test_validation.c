@@ -1571,7 +1571,10 @@ static char tmpdir[64];
 static void write_text(const char *dir, const char *name, const char *text) {
     char path[256];
     FILE *f;
-    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, name) >= sizeof path) {
+        FM_CHECK(0, "the path %s/%s is too long", dir, name);
+        return;
+    }
     f = fopen(path, "w");
     if (f) fputs(text, f), fclose(f);
 }
