@@ -1325,11 +1325,9 @@ void fm_trace_start(fm_trace_event *events, int capacity) {
 int fm_trace_stop(void) { return fm__tracing = 0, fm__trace_count; }
 #define FM__TRACE_ITEM(loop, item, expert) fm__trace(loop, __LINE__, (int)(item), expert)
 #define FM__TRACE_END(loop) fm__trace(loop, __LINE__, -1, -1)
-#define FM__TRACE_THREADED 1 /* one thread runs the threads' work items too, to time them */
 #else
 #define FM__TRACE_ITEM(loop, item, expert) ((void)0)
 #define FM__TRACE_END(loop) ((void)0)
-#define FM__TRACE_THREADED 0
 #endif
 
 /* An elementwise pass over n elements in spans of FM__SPAN (even: the dropout draws serve pairs),
@@ -3936,47 +3934,10 @@ static void fm__ffn_hidden_rows(const fm__kernel_table *kernels, const fm__ffn_b
                               o->d_hidden + (size_t)i * o->lddh);
 }
 
-/* One thread: an expert's block of rows at a time through both layers backward, as the forward
- * goes, so the block's dH stays in L2 from the second layer's dx through the GELU derivative to
- * the first layer's dW and dx (10 % of a model step over separate passes). The weight gradients
- * add up over the blocks in row order; the blocks are multiples of the dW kernel's depth block,
- * so the sums are the same bits as the threaded passes' single sweep over the rows. */
-static void fm__ffn_backward_fused(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o) {
-    const int D = o->desc->dim, H = o->desc->hidden;
-    const fm_expert_ffn_grads *g = o->grads;
-    int e, p;
-    for (e = 0; e < o->desc->experts; e++) {
-        const int first = o->offsets[e], count = o->offsets[e + 1] - first;
-        float *gw1 = g->w1 ? g->w1 + e * fm_packed_weight_floats(D, H) : NULL;
-        float *gw2 = g->w2 ? g->w2 + e * fm_packed_weight_floats(H, D) : NULL;
-        int r0;
-        if (count == 0) { /* zero gradients, and no offset into the row buffers (NULL without rows) */
-            if (gw1) memset(gw1, 0, fm_packed_weight_floats(D, H) * sizeof(float));
-            if (gw2) memset(gw2, 0, fm_packed_weight_floats(H, D) * sizeof(float));
-            if (g->b1) memset(g->b1 + (size_t)e * H, 0, (size_t)H * sizeof(float));
-            if (g->b2) memset(g->b2 + (size_t)e * D, 0, (size_t)D * sizeof(float));
-            continue;
-        }
-        for (r0 = 0; r0 < count; r0 += FM__FFN_ROW_BLOCK) {
-            const int m = count - r0 < FM__FFN_ROW_BLOCK ? count - r0 : FM__FFN_ROW_BLOCK, r = first + r0, more = r0 > 0;
-            fm__ffn_hidden_rows(kernels, o, r, m);
-            for (p = 0; gw2 && p < fm__gemm_panels(D); p++)
-                fm__gemm_dw_panel(kernels, m, H, D, p, o->h + (size_t)r * o->ld_h, o->ld_h, o->dy + (size_t)r * o->lddy,
-                                  o->lddy, gw2 + (size_t)p * H * FM_GEMM_PANEL, more);
-            if (g->b2) fm__gemm_db_rows(kernels, m, D, o->dy + (size_t)r * o->lddy, o->lddy, g->b2 + (size_t)e * D, more);
-            fm__ffn_backward_rows(kernels, o, e, r, m);
-            for (p = 0; gw1 && p < fm__gemm_panels(H); p++)
-                fm__gemm_dw_panel(kernels, m, D, H, p, o->x + (size_t)r * o->ldx, o->ldx,
-                                  o->d_hidden + (size_t)r * o->lddh, o->lddh, gw1 + (size_t)p * D * FM_GEMM_PANEL, more);
-            if (g->b1)
-                fm__gemm_db_rows(kernels, m, H, o->d_hidden + (size_t)r * o->lddh, o->lddh, g->b1 + (size_t)e * H, more);
-        }
-    }
-}
-
-/* Threads: four parallel passes, each over items that write their own outputs: row blocks for the
- * rows' products, (expert x input block x output panel) for the weight gradients, so that one hot
- * expert's gradients are split over every thread, each summing its expert's rows in order. */
+/* Four parallel passes, each over items that write their own outputs: row blocks for the rows'
+ * products, (expert x input block x output panel) for the weight gradients, so that one hot
+ * expert's gradients are split over every thread, each summing its expert's rows in order. (A
+ * one-thread path through both layers per row block, dH kept in L2, measured no faster.) */
 static void fm__ffn_backward_passes(const fm__kernel_table *kernels, const fm__ffn_backward_operands *o, int rows) {
     const int D = o->desc->dim, H = o->desc->hidden, E = o->desc->experts, first = o->offsets[0];
     const int chunks = rows > first ? fm__row_chunks(first, rows, FM__FFN_ROW_BLOCK) : 0;
@@ -3984,17 +3945,17 @@ static void fm__ffn_backward_passes(const fm__kernel_table *kernels, const fm__f
     int chunk;
     FM__OMP_PARALLEL_FOR
     for (chunk = 0; chunk < chunks; chunk++) {
-        FM__TRACE_ITEM("ffn_backward.hidden", chunk, -1);
         const int r0 = first + chunk * FM__FFN_ROW_BLOCK;
+        FM__TRACE_ITEM("ffn_backward.hidden", chunk, -1);
         fm__ffn_hidden_rows(kernels, o, r0, rows - r0 > FM__FFN_ROW_BLOCK ? FM__FFN_ROW_BLOCK : rows - r0);
     }
     FM__TRACE_END("ffn_backward.hidden");
     if (g->w2 || g->b2) fm__ffn_weight_grads(kernels, E, o->offsets, H, D, o->h, o->ld_h, o->dy, o->lddy, g->w2, g->b2);
     FM__OMP_PARALLEL_FOR_DYNAMIC
     for (chunk = 0; chunk < chunks; chunk++) {
-        FM__TRACE_ITEM("ffn_backward.rows", chunk, -1);
         int r0 = first + chunk * FM__FFN_ROW_BLOCK, e = 0;
         const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
+        FM__TRACE_ITEM("ffn_backward.rows", chunk, -1);
         while (r0 < end) { /* the chunk's rows, split where they change expert */
             int m;
             while (o->offsets[e + 1] <= r0) e++;
@@ -4035,9 +3996,7 @@ static fm_status fm__expert_ffn_backward(const fm_expert_ffn_desc *desc, const i
     o.w1_t = w1_t, o.w2_t = w2_t, o.x = x, o.pre = pre, o.dy = dy, o.dx = dx, o.d_hidden = d_hidden;
     o.h = hidden ? hidden : d_hidden, o.ld_h = hidden ? ldh : lddh;
     o.ldx = ldx, o.ldp = ldp, o.lddy = lddy, o.lddx = lddx, o.lddh = lddh;
-    if (FM__TRACE_THREADED || fm__threads_for(6.0 * (rows - offsets[0]) * desc->dim * desc->hidden) > 1)
-        fm__ffn_backward_passes(kernels, &o, rows);
-    else fm__ffn_backward_fused(kernels, &o);
+    fm__ffn_backward_passes(kernels, &o, rows);
     return FM_OK;
 }
 
