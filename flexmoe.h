@@ -1257,21 +1257,22 @@ fm_status fm_safetensors_write(const char *path, const fm_safetensor *tensors, i
 #define FM__RESTRICT restrict
 #endif
 
-/* Parallel loops over independent items: static for items of equal cost, dynamic (taken one at a
- * time) for items of uneven cost, such as the experts' tiles under a skewed mix. Products below
- * this many multiply-adds stay on one thread (a parallel region costs microseconds). */
+/* Parallel loops over independent items, every one taken dynamically (one at a time): items of
+ * uneven cost balance, such as the experts' tiles under a skewed mix, and so do items of equal cost
+ * on threads of uneven speed (a shared VM's vCPUs: traced, one thread of a static loop's two often
+ * ran at half the other's speed, and the loop waited for it). Products below this many
+ * multiply-adds stay on one thread (a parallel region costs microseconds). */
 #define FM__PARALLEL_MIN_MACS 4194304.0
 #ifdef _OPENMP
 #include <omp.h>
 static int fm__threads_requested;
 static int fm__thread_count(void) { return fm__threads_requested > 0 ? fm__threads_requested : omp_get_max_threads(); }
-#define FM__OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(fm__thread_count())")
-#define FM__OMP_PARALLEL_FOR_DYNAMIC _Pragma("omp parallel for schedule(dynamic) num_threads(fm__thread_count())")
+#define FM__OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(dynamic) num_threads(fm__thread_count())")
 #define FM__PRAGMA(text) _Pragma(#text)
 /* ... on `threads` threads (1: no parallel region's cost for small work) */
-#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1))
+#define FM__OMP_PARALLEL_FOR_ON(threads) FM__PRAGMA(omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1))
 /* ... whose items end in an FM__OMP_ORDERED block, run in item order (sums over the items) */
-#define FM__OMP_PARALLEL_FOR_ORDERED _Pragma("omp parallel for ordered schedule(static, 1) num_threads(fm__thread_count())")
+#define FM__OMP_PARALLEL_FOR_ORDERED _Pragma("omp parallel for ordered schedule(dynamic) num_threads(fm__thread_count())")
 #define FM__OMP_ORDERED _Pragma("omp ordered")
 /* Threads for work of `macs` multiply-adds: 1 below FM__PARALLEL_MIN_MACS or inside another
  * parallel loop (whose items are the parallelism). */
@@ -1280,8 +1281,7 @@ static int fm__threads_for(double macs) { return macs >= FM__PARALLEL_MIN_MACS &
 static int fm__thread_count(void) { return 1; }
 static int fm__threads_for(double macs) { return (void)macs, 1; }
 #define FM__OMP_PARALLEL_FOR
-#define FM__OMP_PARALLEL_FOR_DYNAMIC
-#define FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
+#define FM__OMP_PARALLEL_FOR_ON(threads)
 #define FM__OMP_PARALLEL_FOR_ORDERED
 #define FM__OMP_ORDERED
 #endif
@@ -1407,6 +1407,7 @@ typedef struct fm__gate_job {
     float *gates, *noisy, *importance, *load; /* importance and load accumulate (zeroed first) */
     float *stds;                              /* the noise kernel's optional std output */
     float *tile;                              /* optional: the fused gate's noise tile, 3 W floats per expert */
+    float *partials; /* optional: 2 x groups x experts floats per row chunk, for sums past the stack's */
     const float *noisy_in, *stds_in, *top_values; /* the load kernel's inputs */
     int ld_values;
     int ld_indices, ld_gates, ld_noisy, ld_stds;
@@ -2295,7 +2296,8 @@ static void fm__gate_rows(const fm__kernel_table *kernels, const fm__gate_job *j
 }
 
 /* The importance and load sums of a row chunk live on the stack (256 bytes each: the AVX-512 gate
- * is near the 16 KiB bound): configurations with more groups x experts sum the whole batch at once. */
+ * is near the 16 KiB bound), or in the job's partials where the caller has them (the layer); other
+ * configurations with more groups x experts sum the whole batch at once. */
 #define FM__GATE_PARTIAL_FLOATS 64
 
 /* importance and load are sums over the tokens: each row chunk sums its own tokens into zeroed
@@ -2311,13 +2313,15 @@ static void fm__run_gate(const fm__kernel_table *kernels, const fm__gate_job *jo
         FM__FOR_ROW_CHUNKS(job->tokens, r0, n, fm__gate_rows(kernels, job, r0, n));
         return;
     }
-    if (sums > FM__GATE_PARTIAL_FLOATS) {
+    if (sums > FM__GATE_PARTIAL_FLOATS && !job->partials) {
         kernels->gate(job);
         return;
     }
     FM__OMP_PARALLEL_FOR_ORDERED
     for (chunk = 0; chunk < chunks; chunk++) {
-        float importance[FM__GATE_PARTIAL_FLOATS], load[FM__GATE_PARTIAL_FLOATS];
+        float stack_partials[2 * FM__GATE_PARTIAL_FLOATS];
+        float *importance = job->partials ? job->partials + (size_t)chunk * 2 * sums : stack_partials,
+              *load = importance + sums;
         const int r0 = chunk * FM__ROW_CHUNK, n = job->tokens - r0 < FM__ROW_CHUNK ? job->tokens - r0 : FM__ROW_CHUNK;
         fm__gate_job part = *job;
         size_t i;
@@ -2463,17 +2467,23 @@ size_t fm_gate_workspace_floats(const fm_gate_desc *desc) {
     return (size_t)3 * FM__GATE_TILE_LANES * (size_t)desc->experts;
 }
 
-fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors) {
+/* fm_noisy_gate_forward with room for the sums' partials (fm__gate_job.partials; NULL: none). */
+static fm_status fm__noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors, float *partials) {
     const fm__kernel_table *kernels;
     fm__gate_job job;
     fm_status status;
     if ((status = fm__gate_job_from(desc, tensors, 1, &job)) != FM_OK) return status;
+    job.partials = partials;
     if ((status = fm__check_gate_contents(&job, 0)) != FM_OK) return status;
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     if (job.importance) memset(job.importance, 0, (size_t)job.groups * job.experts * sizeof(float));
     if (job.load) memset(job.load, 0, (size_t)job.groups * job.experts * sizeof(float));
     fm__run_gate(kernels, &job);
     return FM_OK;
+}
+
+fm_status fm_noisy_gate_forward(const fm_gate_desc *desc, const fm_gate_tensors *tensors) {
+    return fm__noisy_gate_forward(desc, tensors, NULL);
 }
 
 /* The slot of expert e among a token's k selected experts, or -1. */
@@ -2665,7 +2675,7 @@ static void fm__gemm_strided(const fm__kernel_table *kernels, int rows, int dept
     const int block_rows = ((rows + blocks - 1) / blocks + 5) / 6 * 6, row_blocks = rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
     int item;
     (void)threads;
-    FM__OMP_PARALLEL_FOR_DYNAMIC_ON(threads)
+    FM__OMP_PARALLEL_FOR_ON(threads)
     for (item = 0; item < panels * row_blocks; item++) {
         FM__TRACE_ITEM("gemm_strided", item, rows); /* its items depend on the threads: the sizes to re-cut them */
         FM__ALIGN64 float panel[FM__STRIDED_DEPTH * FM_GEMM_PANEL];
@@ -2706,7 +2716,7 @@ static void fm__gemm_split_depth(const fm__kernel_table *kernels, int rows, int 
         fm__gemm_strided(kernels, rows, depth, cols, a, a_row, a_depth, b, b_row, b_col, 0, c, ldc);
         return;
     }
-    FM__OMP_PARALLEL_FOR_DYNAMIC
+    FM__OMP_PARALLEL_FOR
     for (block = 0; block < blocks; block++) {
         const int k0 = block * FM__SPLIT_DEPTH, n = depth - k0 < FM__SPLIT_DEPTH ? depth - k0 : FM__SPLIT_DEPTH;
         FM__TRACE_ITEM("gemm_split_depth", block, -1);
@@ -3871,7 +3881,7 @@ static void fm__ffn_weight_grads(const fm__kernel_table *kernels, int experts, c
     const int panels = fm__gemm_panels(out_features), blocks = (in_features + FM__DW_IN_BLOCK - 1) / FM__DW_IN_BLOCK;
     const int items = dw ? experts * blocks * panels : 0;
     int item;
-    FM__OMP_PARALLEL_FOR_DYNAMIC
+    FM__OMP_PARALLEL_FOR
     for (item = 0; item < items + (db ? experts : 0); item++) {
         FM__TRACE_ITEM("ffn_weight_grads", item, item < items ? item / (blocks * panels) : item - items);
         if (item < items) {
@@ -3951,7 +3961,7 @@ static void fm__ffn_backward_passes(const fm__kernel_table *kernels, const fm__f
     }
     FM__TRACE_END("ffn_backward.hidden");
     if (g->w2 || g->b2) fm__ffn_weight_grads(kernels, E, o->offsets, H, D, o->h, o->ld_h, o->dy, o->lddy, g->w2, g->b2);
-    FM__OMP_PARALLEL_FOR_DYNAMIC
+    FM__OMP_PARALLEL_FOR
     for (chunk = 0; chunk < chunks; chunk++) {
         int r0 = first + chunk * FM__FFN_ROW_BLOCK, e = 0;
         const int end = rows - r0 > FM__FFN_ROW_BLOCK ? r0 + FM__FFN_ROW_BLOCK : rows;
@@ -4393,7 +4403,10 @@ fm_status fm_moe_forward(const fm_moe_desc *desc, const fm_moe_params *params, c
     if (c.gate == FM_GATE_NOISY_TOPK) {
         const fm_gate_desc gd = fm__moe_gate_desc(&c, batch);
         const fm_gate_tensors gt = fm__moe_gate_tensors(&c, batch, &v);
-        if ((status = fm_noisy_gate_forward(&gd, &gt)) != FM_OK) return status;
+        /* with saved buffers, the backward's d_clean (T x E floats) is free for the sums' partials:
+         * ceil(T / FM__ROW_CHUNK) x 2 x groups x E fit once there are two chunks */
+        float *partials = saved && T > FM__ROW_CHUNK ? v.d_clean : NULL;
+        if ((status = fm__noisy_gate_forward(&gd, &gt, partials)) != FM_OK) return status;
     } else {
         if ((status = fm_softmax_topk_forward(T, E, K, c.renormalize, v.clean, E, v.indices, K, v.gates, K)) != FM_OK)
             return status;
@@ -5392,6 +5405,48 @@ static fm_status fm__impute_backward(fm_model *model, const fm_model_batch *b, f
     return FM_OK;
 }
 
+/* y = x and y += x over n floats, in parallel spans. */
+static void fm__copy_spans(size_t n, const float *x, float *y) {
+    FM__FOR_SPANS(n, begin, count, memcpy(y + begin, x + begin, count * sizeof(float)));
+}
+static void fm__add_spans(const fm__kernel_table *kernels, size_t n, const float *x, float *y) {
+    FM__FOR_SPANS(n, begin, count, kernels->axpy((int)count, 1.0f, x + begin, y + begin));
+}
+
+/* Every modality's encoder weight and bias in `arena` (the parameters or the gradients). */
+static void fm__model_encoders(const fm_model *model, float *arena, float **weight, float **bias) {
+    char name[32];
+    int m;
+    for (m = 0; m < model->config.modalities; m++) {
+        snprintf(name, sizeof name, "encoder.%d.weight", m);
+        weight[m] = fm__model_param(model, arena, name);
+        snprintf(name, sizeof name, "encoder.%d.bias", m);
+        bias[m] = fm__model_param(model, arena, name);
+    }
+}
+
+/* The SMoE's chunk-major rows (modality m's chunk holds sample i's P tokens at rows (m S + i) P)
+ * against the sample-major stream (the same tokens at rows i N + m P), one block of P tokens per
+ * parallel item: gather copies the stream's blocks into chunks; otherwise stream = base + chunks. */
+static void fm__model_chunk_blocks(const fm__kernel_table *kernels, const fm_model_desc *c, int S, float *stream,
+                                   const float *base, float *chunks, int gather) {
+    const int M = c->modalities, P = c->patches, N = M * P, d = c->dim;
+    int item;
+    FM__OMP_PARALLEL_FOR
+    for (item = 0; item < M * S; item++) {
+        const int m = item / S, i = item % S;
+        const size_t at = ((size_t)i * N + (size_t)m * P) * d, block = (size_t)P * d;
+        FM__TRACE_ITEM("model_chunk_blocks", item, -1);
+        if (gather) {
+            memcpy(chunks + item * block, stream + at, block * sizeof(float));
+        } else {
+            if (base) memcpy(stream + at, base + at, block * sizeof(float));
+            kernels->axpy((int)block, 1.0f, chunks + item * block, stream + at);
+        }
+    }
+    FM__TRACE_END("model_chunk_blocks");
+}
+
 fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logits, fm_model_losses *losses) {
     static const char caller[] = "fm_model_forward";
     const fm__kernel_table *kernels;
@@ -5427,29 +5482,26 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     {
         const float *bank = fm__model_param(model, model->params, "bank");
         const float *position = fm__model_param(model, model->params, "position");
-        for (m = 0; m < M; m++) {
-            char name[32];
-            const int width = fm__patch_width(c, m), F = c->features[m];
-            const float *w, *bias;
-            snprintf(name, sizeof name, "encoder.%d.weight", m);
-            w = fm__model_param(model, model->params, name);
-            snprintf(name, sizeof name, "encoder.%d.bias", m);
-            bias = fm__model_param(model, model->params, name);
-            for (i = 0; i < S; i++) {
-                float *tokens = s->x0 + ((size_t)i * N + (size_t)m * P) * d;
-                float *patch = s->patches[m] + (size_t)i * P * width;
-                if (b->observed[(size_t)i * M + m] || fm__encodes_imputed(c)) {
-                    memset(patch, 0, (size_t)P * width * sizeof(float));
-                    memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
-                    fm__linear_forward(kernels, P, width, d, patch, width, w, bias, 0, tokens, d);
-                } else if (bank) {
-                    memcpy(tokens, bank + (((size_t)s->combination[i] * M + m) * P) * d, (size_t)P * d * sizeof(float));
-                } else {
-                    memset(tokens, 0, (size_t)P * d * sizeof(float));
-                }
+        float *weight[FLEXMOE_MODEL_MAX_MODALITIES], *bias[FLEXMOE_MODEL_MAX_MODALITIES];
+        fm__model_encoders(model, model->params, weight, bias);
+        FM__OMP_PARALLEL_FOR
+        for (item = 0; item < M * S; item++) { /* one (modality, sample) block of P tokens each */
+            const int m = item / S, i = item % S, width = fm__patch_width(c, m), F = c->features[m];
+            float *tokens = s->x0 + ((size_t)i * N + (size_t)m * P) * d;
+            float *patch = s->patches[m] + (size_t)i * P * width;
+            FM__TRACE_ITEM("model_tokens", item, -1);
+            if (b->observed[(size_t)i * M + m] || fm__encodes_imputed(c)) {
+                memset(patch, 0, (size_t)P * width * sizeof(float));
+                memcpy(patch, b->features[m] + (size_t)i * F, (size_t)F * sizeof(float));
+                fm__linear_forward(kernels, P, width, d, patch, width, weight[m], bias[m], 0, tokens, d);
+            } else if (bank) {
+                memcpy(tokens, bank + (((size_t)s->combination[i] * M + m) * P) * d, (size_t)P * d * sizeof(float));
+            } else {
+                memset(tokens, 0, (size_t)P * d * sizeof(float));
             }
+            kernels->axpy(P * d, 1.0f, position + (size_t)m * P * d, tokens);
         }
-        for (i = 0; i < S; i++) kernels->axpy(N * d, 1.0f, position, s->x0 + (size_t)i * N * d);
+        FM__TRACE_END("model_tokens");
     }
     /* attention */
     if ((status = fm_layernorm_forward((int)R, d, s->x0, d, fm__model_param(model, model->params, "attention.norm.weight"),
@@ -5460,7 +5512,7 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
                        s->q, d);
     fm__linear_forward(kernels, (int)R, d, 2 * d, s->ln1, d, fm__model_param(model, model->params, "attention.kv.weight"),
                        NULL, 0, s->kv, 2 * d);
-    FM__OMP_PARALLEL_FOR_DYNAMIC
+    FM__OMP_PARALLEL_FOR
     for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
         FM__TRACE_ITEM("attention_forward", item, -1);
         const int i = item / heads, h = item % heads;
@@ -5475,25 +5527,21 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
     FM__TRACE_END("attention_forward");
     fm__linear_forward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                        fm__model_param(model, model->params, "attention.out.bias"), 0, s->attention, d);
-    memcpy(s->x1, s->attention, R * d * sizeof(float));
+    fm__copy_spans(R * d, s->attention, s->x1);
     if (b->training && fm__model_dropout(c) > 0.0f) {
         fm__dropout_draw(b, FM__STREAM_DROPOUT_ATTENTION, fm__model_dropout(c), R * d, s->keep_attention);
         fm__dropout_apply(s->keep_attention, fm__model_dropout(c), R * d, s->x1);
     }
-    if (!c->no_attention_residual) kernels->axpy((int)(R * d), 1.0f, s->x0, s->x1);
+    if (!c->no_attention_residual) fm__add_spans(kernels, R * d, s->x0, s->x1);
     /* the SMoE over every chunk's rows, gathered chunk-major */
     {
         const fm_moe_params mp = fm__model_moe_params(model, model->params);
         const fm_moe_batch mb = fm__model_moe_batch(model, b);
-        const size_t chunk_rows = (size_t)S * P;
         fm_moe_stats stats;
         memset(&stats, 0, sizeof stats);
         stats.indices = s->expert_indices;
         if (c->imputation == FM_IMPUTE_TWO_STAGE) stats.slot_outputs = s->slots;
-        for (m = 0; m < M; m++)
-            for (i = 0; i < S; i++)
-                memcpy(s->chunk_in + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->x1 + ((size_t)i * N + (size_t)m * P) * d,
-                       (size_t)P * d * sizeof(float));
+        fm__model_chunk_blocks(kernels, c, S, s->x1, NULL, s->chunk_in, 1);
         if ((status = fm_layernorm_forward((int)R, d, s->chunk_in, d, fm__model_param(model, model->params, "moe.norm.weight"),
                                            fm__model_param(model, model->params, "moe.norm.bias"), c->layernorm_eps,
                                            s->chunk_ln, d, s->mean2, s->rstd2)) != FM_OK)
@@ -5507,19 +5555,18 @@ fm_status fm_model_forward(fm_model *model, const fm_model_batch *b, float *logi
             fm__dropout_draw(b, FM__STREAM_DROPOUT_MOE, fm__model_dropout(c), R * d, s->keep_moe);
             fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->chunk_out);
         }
-        memcpy(s->x2, s->x1, R * d * sizeof(float));
-        for (m = 0; m < M; m++)
-            for (i = 0; i < S; i++)
-                kernels->axpy(P * d, 1.0f, s->chunk_out + ((size_t)m * chunk_rows + (size_t)i * P) * d,
-                              s->x2 + ((size_t)i * N + (size_t)m * P) * d);
+        fm__model_chunk_blocks(kernels, c, S, s->x2, s->x1, s->chunk_out, 0);
     }
     /* head and loss */
-    for (i = 0; i < S; i++)
-        for (m = 0; m < M; m++) {
-            float *pooled = s->pooled + ((size_t)i * M + m) * d;
-            memset(pooled, 0, (size_t)d * sizeof(float));
-            for (j = 0; j < P; j++) kernels->axpy(d, 1.0f / (float)P, s->x2 + ((size_t)i * N + (size_t)m * P + j) * d, pooled);
-        }
+    FM__OMP_PARALLEL_FOR
+    for (item = 0; item < S * M; item++) { /* one (sample, modality) mean each */
+        float *pooled = s->pooled + (size_t)item * d;
+        int token;
+        FM__TRACE_ITEM("model_pool", item, -1);
+        memset(pooled, 0, (size_t)d * sizeof(float));
+        for (token = 0; token < P; token++) kernels->axpy(d, 1.0f / (float)P, s->x2 + ((size_t)item * P + token) * d, pooled);
+    }
+    FM__TRACE_END("model_pool");
     fm__linear_forward(kernels, S, M * d, C, s->pooled, M * d, fm__model_param(model, model->params, "head.weight"),
                        fm__model_param(model, model->params, "head.bias"), 0, s->logits_probs, C);
     if (logits)
@@ -5551,7 +5598,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     const fm_model_desc *c;
     fm_status status;
     int S, M, P, N, d, heads, dh, C, i, m, j, item;
-    size_t R, chunk_rows;
+    size_t R;
     float *g, scale;
     if ((status = fm__model_check_batch(caller, model, b)) != FM_OK) return status;
     s = model->state, c = &model->config;
@@ -5561,7 +5608,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
     }
     if (!(kernels = fm__active_kernels())) return fm__selection_error();
     S = b->samples, M = c->modalities, P = c->patches, N = M * P, d = c->dim, heads = c->heads, dh = d / heads;
-    C = c->classes, R = (size_t)S * N, chunk_rows = (size_t)S * P, scale = 1.0f / sqrtf((float)dh);
+    C = c->classes, R = (size_t)S * N, scale = 1.0f / sqrtf((float)dh);
     g = model->grads;
     /* loss -> logits -> head */
     for (i = 0; i < S; i++) {
@@ -5573,14 +5620,17 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                         s->d_logits, C, s->d_pooled, M * d, 0, fm__model_param(model, g, "head.weight"),
                         fm__model_param(model, g, "head.bias"), 0);
     /* mean pool -> x2 (the residual stream after the SMoE chunks) */
-    for (i = 0; i < S; i++)
-        for (m = 0; m < M; m++)
-            for (j = 0; j < P; j++) {
-                float *dx = s->d_x + ((size_t)i * N + (size_t)m * P + j) * d;
-                const float *dp = s->d_pooled + ((size_t)i * M + m) * d;
-                int k;
-                for (k = 0; k < d; k++) dx[k] = dp[k] / (float)P;
-            }
+    FM__OMP_PARALLEL_FOR
+    for (item = 0; item < S * M; item++) { /* one (sample, modality) block each */
+        const float *dp = s->d_pooled + (size_t)item * d;
+        int token, k;
+        FM__TRACE_ITEM("model_unpool", item, -1);
+        for (token = 0; token < P; token++) {
+            float *dx = s->d_x + ((size_t)item * P + token) * d;
+            for (k = 0; k < d; k++) dx[k] = dp[k] / (float)P;
+        }
+    }
+    FM__TRACE_END("model_unpool");
     /* the SMoE: d_x stays the residual's gradient, the branch's is added */
     {
         const fm_moe_params mp = fm__model_moe_params(model, model->params);
@@ -5596,10 +5646,7 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
         mg.confidence.w = (float *)gp.confidence.w, mg.confidence.b = (float *)gp.confidence.b;
         mg.confidence.gamma = (float *)gp.confidence.gamma, mg.confidence.beta = (float *)gp.confidence.beta;
         mg.confidence.probe_w = (float *)gp.confidence.probe_w, mg.confidence.probe_b = (float *)gp.confidence.probe_b;
-        for (m = 0; m < M; m++)
-            for (i = 0; i < S; i++)
-                memcpy(s->d_chunk + ((size_t)m * chunk_rows + (size_t)i * P) * d, s->d_x + ((size_t)i * N + (size_t)m * P) * d,
-                       (size_t)P * d * sizeof(float));
+        fm__model_chunk_blocks(kernels, c, S, s->d_x, NULL, s->d_chunk, 1);
         if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout_apply(s->keep_moe, fm__model_dropout(c), R * d, s->d_chunk);
         if (c->imputation == FM_IMPUTE_TWO_STAGE) {
             if ((status = fm__impute_backward(model, b, s->d_chunk, g)) != FM_OK) return status;
@@ -5612,19 +5659,16 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                                             s->mean2, s->rstd2, s->d_tmp, d, s->d_tmp, d, fm__model_param(model, g, "moe.norm.weight"),
                                             fm__model_param(model, g, "moe.norm.bias"))) != FM_OK)
             return status;
-        for (m = 0; m < M; m++)
-            for (i = 0; i < S; i++)
-                kernels->axpy(P * d, 1.0f, s->d_tmp + ((size_t)m * chunk_rows + (size_t)i * P) * d,
-                              s->d_x + ((size_t)i * N + (size_t)m * P) * d);
+        fm__model_chunk_blocks(kernels, c, S, s->d_x, NULL, s->d_tmp, 0);
     }
     /* attention: d_x is now d x1; the branch's gradient goes to d_tmp */
-    memcpy(s->d_tmp, s->d_x, R * d * sizeof(float));
+    fm__copy_spans(R * d, s->d_x, s->d_tmp);
     if (b->training && fm__model_dropout(c) > 0.0f) fm__dropout_apply(s->keep_attention, fm__model_dropout(c), R * d, s->d_tmp);
     if (c->no_attention_residual) memset(s->d_x, 0, R * d * sizeof(float));
     fm__linear_backward(kernels, (int)R, d, d, s->context, d, fm__model_param(model, model->params, "attention.out.weight"),
                         s->d_tmp, d, s->d_context, d, 0, fm__model_param(model, g, "attention.out.weight"),
                         fm__model_param(model, g, "attention.out.bias"), 0);
-    FM__OMP_PARALLEL_FOR_DYNAMIC
+    FM__OMP_PARALLEL_FOR
     for (item = 0; item < S * heads; item++) { /* one (sample, head) each */
         FM__TRACE_ITEM("attention_backward", item, -1);
         const int i = item / heads, h = item % heads;
@@ -5651,35 +5695,39 @@ fm_status fm_model_backward(fm_model *model, const fm_model_batch *b) {
                                         fm__model_param(model, g, "attention.norm.weight"),
                                         fm__model_param(model, g, "attention.norm.bias"))) != FM_OK)
         return status;
-    kernels->axpy((int)(R * d), 1.0f, s->d_tmp, s->d_x);
-    /* d_x is d x0: position, bank, encoders */
+    fm__add_spans(kernels, R * d, s->d_tmp, s->d_x);
+    /* d_x is d x0: position, bank, encoders, one modality per item: each sums its samples in order */
     {
         float *dpos = fm__model_param(model, g, "position"), *dbank = fm__model_param(model, g, "bank");
-        memcpy(dpos, s->d_x, (size_t)N * d * sizeof(float));
-        for (i = 1; i < S; i++) kernels->axpy(N * d, 1.0f, s->d_x + (size_t)i * N * d, dpos);
-        if (dbank) memset(dbank, 0, fm_model_tensor(model, "bank")->floats * sizeof(float));
+        float *dw[FLEXMOE_MODEL_MAX_MODALITIES], *db[FLEXMOE_MODEL_MAX_MODALITIES];
+        const int combinations = fm_combination_count(M);
+        fm__model_encoders(model, g, dw, db);
+        FM__OMP_PARALLEL_FOR
         for (m = 0; m < M; m++) {
-            char name[32];
             const int width = fm__patch_width(c, m);
-            float *dw, *db;
-            int first = 1;
-            snprintf(name, sizeof name, "encoder.%d.weight", m);
-            dw = fm__model_param(model, g, name);
-            snprintf(name, sizeof name, "encoder.%d.bias", m);
-            db = fm__model_param(model, g, name);
-            memset(dw, 0, (size_t)width * d * sizeof(float));
-            memset(db, 0, (size_t)d * sizeof(float));
+            const size_t block = (size_t)P * d;
+            float *dpos_m = dpos + (size_t)m * block;
+            int first = 1, i, combination;
+            FM__TRACE_ITEM("model_tokens_backward", m, -1);
+            memcpy(dpos_m, s->d_x + (size_t)m * block, block * sizeof(float));
+            for (i = 1; i < S; i++) kernels->axpy((int)block, 1.0f, s->d_x + ((size_t)i * M + m) * block, dpos_m);
+            if (dbank)
+                for (combination = 0; combination < combinations; combination++)
+                    memset(dbank + ((size_t)combination * M + m) * block, 0, block * sizeof(float));
+            memset(dw[m], 0, (size_t)width * d * sizeof(float));
+            memset(db[m], 0, (size_t)d * sizeof(float));
             for (i = 0; i < S; i++) {
-                const float *dtokens = s->d_x + ((size_t)i * N + (size_t)m * P) * d;
+                const float *dtokens = s->d_x + ((size_t)i * M + m) * block;
                 if (b->observed[(size_t)i * M + m] || fm__encodes_imputed(c)) {
                     fm__linear_backward(kernels, P, width, d, s->patches[m] + (size_t)i * P * width, width, NULL, dtokens, d,
-                                        NULL, 0, 0, dw, db, !first);
+                                        NULL, 0, 0, dw[m], db[m], !first);
                     first = 0;
                 } else if (dbank) {
-                    kernels->axpy(P * d, 1.0f, dtokens, dbank + (((size_t)s->combination[i] * M + m) * P) * d);
+                    kernels->axpy((int)block, 1.0f, dtokens, dbank + ((size_t)s->combination[i] * M + m) * block);
                 }
             }
         }
+        FM__TRACE_END("model_tokens_backward");
     }
     return FM_OK;
 }

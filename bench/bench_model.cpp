@@ -6,6 +6,7 @@
 //            parameters, batch and gate noise; its loss and two gradients are checked against
 //            flexmoe's before it is timed
 //   peak     the step's FLOPs at the FMA peak measured in this process, as samples per second
+// and the scaling study (impl flexmoe_t<threads>), beside its control fma_loop/peak_t<threads>.
 // The model is the reference's configuration (d 128, 4 heads, 16 patches per modality, 16
 // experts, top-4, hidden 256) over the first M views of the handwritten digits (feature counts
 // 76, 216, 64, 240, 47, 6; 10 classes), each view of a sample missing with probability 0.3 (at
@@ -102,10 +103,29 @@ void flexmoe_step(benchmark::State &state, int M, int samples, int threads) {
     Problem p(M, samples);
     const fmbench::ThreadScope scope(threads);
     if (!p.ok()) return state.SkipWithError("fm_model_create failed");
+    // one step before timing, as torch_step's check: the first touches every page of the model's
+    // fresh state (tens of MB; over 100 ms on a VM whose page faults are slow), which a run of a
+    // few iterations would otherwise average in
+    if (fm_model_forward(&p.model, &p.batch, nullptr, nullptr) != FM_OK || fm_model_backward(&p.model, &p.batch) != FM_OK)
+        return state.SkipWithError("fm_model_forward/backward failed");
     for (auto _ : state)
         if (fm_model_forward(&p.model, &p.batch, nullptr, nullptr) != FM_OK || fm_model_backward(&p.model, &p.batch) != FM_OK)
             return state.SkipWithError("fm_model_forward/backward failed");
     report(state, p);
+}
+
+// The scaling study's control: a fixed amount of the FMA loop (kFmaItems runs) split over
+// `threads` threads of the same OpenMP runtime, so that its efficiency is what the machine
+// delivered to a perfectly parallel loop in this run (a shared VM may not give every core).
+constexpr int kFmaItems = 60; // divisible by 1 to 6, 10, 12, 15, 20, 30 and 60 threads
+void fma_threads(benchmark::State &state, int threads) {
+    double flops = 0.0;
+    for (auto _ : state) {
+        int item;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : flops)
+        for (item = 0; item < kFmaItems; item++) flops += fmbench::fma_loop();
+    }
+    state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
 }
 
 void peak(benchmark::State &state, int M, int samples) {
@@ -194,10 +214,12 @@ const bool registered = [] {
 #endif
             benchmark::RegisterBenchmark(("model_step/peak" + tail).c_str(), peak, M, samples);
         }
-    for (int threads : fmbench::thread_counts()) // the scaling study
+    for (int threads : fmbench::thread_counts()) { // the scaling study
         benchmark::RegisterBenchmark(("model_step/flexmoe_t" + std::to_string(threads) + "/6/16").c_str(), flexmoe_step, 6, 16,
                                      threads)
             ->UseRealTime();
+        benchmark::RegisterBenchmark(("fma_loop/peak_t" + std::to_string(threads)).c_str(), fma_threads, threads)->UseRealTime();
+    }
     return true;
 }();
 

@@ -1,7 +1,11 @@
 #!/usr/bin/python3
 """The thread-scaling study: runs the scaling benchmarks (impl flexmoe_t<N>: the SMoE layer's forward +
 backward per modality-combination mix at 4096 tokens, M = 6, and a training step of the six-view model,
-batch 16) in one process, and writes each one's parallel efficiency against its own one-thread run.
+batch 16) in one process, and writes each one's parallel efficiency against its own one-thread run,
+beside the control fma_loop/peak_t<N> (a fixed amount of FMA work split over N threads: what the
+machine gave a perfectly parallel loop in the same run, which a shared VM makes less than N cores).
+The repetitions of all benchmarks are interleaved at random, so that a slow spell of the host falls
+on every benchmark alike.
 
     scripts/scaling.py [--bench PATH] [--out DIR] [--min-time SECONDS] [--repetitions N]
     scripts/scaling.py --from FILE.json [--out DIR]     (the tables and the plot of an earlier run)
@@ -17,7 +21,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILTER = r"^(moe_layer_train|model_step)/flexmoe_t[0-9]+/"
+FILTER = r"^((moe_layer_train|model_step)/flexmoe_t[0-9]+/|fma_loop/peak_t[0-9]+)"
+CONTROL = "fma_loop"
 
 
 def medians(data):
@@ -29,10 +34,11 @@ def medians(data):
             continue
         parts = b["run_name"].replace("/real_time", "").split("/")
         kernel, impl, shape = parts[0], parts[1], "/".join(parts[2:])
-        if not impl.startswith("flexmoe_t"):
+        prefix = "peak_t" if kernel == CONTROL else "flexmoe_t"
+        if not impl.startswith(prefix):
             continue
         seconds = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
-        out[(kernel, int(impl[len("flexmoe_t"):]), shape)] = (seconds, b.get("items_per_second", 0.0))
+        out[(kernel, int(impl[len(prefix):]), shape)] = (seconds, b.get("items_per_second", 0.0))
     return out
 
 
@@ -43,11 +49,14 @@ def report(data, out_dir):
     lines = ["# Thread scaling", "",
              f"{data['context'].get('date', '')}, {data['context'].get('num_cpus', '?')} CPUs "
              f"({data['context'].get('host_name', '')}). Each benchmark against its own one-thread run in the same "
-             "process; efficiency = speed-up / threads. Medians of the repetitions.", "",
-             "| benchmark | threads | ms per call | items/s | speed-up | efficiency |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "process, repetitions interleaved at random; efficiency = speed-up / threads, medians of the "
+             f"repetitions. The control {CONTROL}/peak_t<threads> splits a fixed amount of FMA work over the "
+             "threads: its efficiency is what the machine gave a perfectly parallel loop in this run, and "
+             "'against the control' divides by it.", "",
+             "| benchmark | threads | ms per call | items/s | speed-up | efficiency | against the control |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     efficiency = {}
-    for kernel, shape in series:
+    for kernel, shape in sorted(series, key=lambda ks: ks[0] != CONTROL):
         base = rows.get((kernel, 1, shape))
         for t in counts:
             if (kernel, t, shape) not in rows:
@@ -55,8 +64,10 @@ def report(data, out_dir):
             seconds, items = rows[(kernel, t, shape)]
             speedup = base[0] / seconds if base else float("nan")
             efficiency[(kernel, shape, t)] = speedup / t
+            control = efficiency.get((CONTROL, "", t))
+            against = f"{100 * speedup / t / control:.0f} %" if control and kernel != CONTROL else ""
             lines.append(f"| {kernel}/{shape} | {t} | {seconds * 1e3:.2f} | {items:.0f} | {speedup:.2f} | "
-                         f"{100 * speedup / t:.0f} % |")
+                         f"{100 * speedup / t:.0f} % | {against} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "scaling.md"), "w") as f:
         f.write(text)
@@ -89,8 +100,8 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", default=os.path.join(REPO, "build", "release", "bench", "flexmoe_bench"))
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "scaling"))
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per benchmark (default 0.5)")
-    parser.add_argument("--repetitions", type=int, default=3, help="(default 3)")
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per repetition (default 0.2)")
+    parser.add_argument("--repetitions", type=int, default=15, help="(default 15)")
     parser.add_argument("--from", dest="source", help="an earlier scaling.json: no run")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -104,6 +115,7 @@ def main(argv):
         env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
         command = [args.bench, f"--benchmark_filter={FILTER}", f"--benchmark_min_time={args.min_time}",
                    f"--benchmark_repetitions={args.repetitions}", "--benchmark_report_aggregates_only=true",
+                   "--benchmark_enable_random_interleaving=true",
                    f"--benchmark_out={out}", "--benchmark_out_format=json"]
         print("scaling.py: " + " ".join(command), file=sys.stderr)
         if subprocess.run(command, env=env).returncode != 0:

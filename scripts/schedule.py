@@ -6,9 +6,9 @@ of every parallel loop of the layer's training forward + backward at one thread,
 the whole call at 1 and 2 threads in the same process. Then replays those measured items on 1 to 128
 simulated threads under two schedules:
 
-  dynamic      flexmoe's: the loops as the header runs them (items taken one at a time where the
-               header says schedule(dynamic), contiguous blocks of items where it says static), so a
-               hot expert's (row block) and (input block x panel) items spread over every thread;
+  dynamic      flexmoe's: the loops as the header runs them, every item taken one at a time
+               (schedule(dynamic)), so a hot expert's (row block) and (input block x panel) items
+               spread over every thread;
   per-expert   the split other CPU MoE code uses: every expert-structured loop (the FFN forward, its
                backward rows, the weight gradients, the transposes) hands each thread whole experts, a
                static block of E / threads of them; the other loops as flexmoe runs them.
@@ -36,8 +36,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = [1, 2, 4, 8, 16, 32, 64, 128]
-# The loops the header runs with schedule(dynamic) (FM__OMP_PARALLEL_FOR_DYNAMIC[_ON]); the rest are static.
-DYNAMIC = {"gemm_strided", "ffn_weight_grads", "ffn_backward.rows", "attention_forward", "attention_backward"}
 # The loops over the experts' rows or weights: what a per-expert split hands out whole.
 EXPERT_LOOPS = {"expert_ffn_forward", "ffn_backward.hidden", "ffn_backward.rows", "ffn_weight_grads",
                 "transpose_packed"}
@@ -186,10 +184,8 @@ def simulate(trace, mix, threads, schedule, retile=None, contention=None):
         total += fork_join(trace, threads)
         if schedule == "per-expert" and name in EXPERT_LOOPS:
             total += makespan_static(expert_costs(name, costs, experts, offsets), threads)
-        elif name in DYNAMIC:
-            total += makespan_dynamic(costs, threads)
         else:
-            total += makespan_static(costs, threads)
+            total += makespan_dynamic(costs, threads)
     return total, serial
 
 
