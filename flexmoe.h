@@ -3265,10 +3265,14 @@ static void fm__sort_assignments(int32_t *list, int n, const float *gates, int l
     }
 }
 
+/* Tokens of a routing plan's counting chunk, at least: each chunk's histogram of E counts. */
+#define FM__PLAN_CHUNK_TOKENS 256
+
 fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices, int ldi, const float *gates,
                                 int ldg, fm_routing_plan *plan) {
     fm_status status;
-    int T, k, E, e, t, i, capacity;
+    int T, k, E, e, i, capacity, chunks, chunk_tokens, chunk, most;
+    int32_t *histograms;
     size_t assignments, a, r;
     if (!desc || !plan) return FM_ERR_NULL_POINTER;
     T = desc->tokens, k = desc->top_k, E = desc->experts;
@@ -3290,18 +3294,64 @@ fm_status fm_routing_plan_build(const fm_plan_desc *desc, const int32_t *indices
         capacity = c < 1.0 ? 1 : c > (double)INT32_MAX ? INT32_MAX : (int)c;
     }
     plan->tokens = T, plan->top_k = k, plan->experts = E;
-    /* stable counting sort by expert: offsets from the counts, then each assignment in order */
-    for (e = 0; e < E; e++) plan->counts[e] = 0;
-    for (t = 0; t < T; t++)
-        for (i = 0; i < k; i++) plan->counts[indices[(size_t)t * ldi + i]]++;
+    /* stable counting sort by expert over chunks of tokens, in parallel: each chunk counts its
+     * assignments per expert, a prefix sum in (expert, chunk) order gives each chunk its first row
+     * per expert, and each chunk writes its assignments from there in token order: the order of
+     * one pass over the tokens, at any chunking. The histograms live in position (written only
+     * below), or in counts when there is one chunk. */
+    chunks = fm__thread_count() * 4;
+    if (chunks > T / FM__PLAN_CHUNK_TOKENS) chunks = T / FM__PLAN_CHUNK_TOKENS;
+    if ((size_t)chunks * E > assignments) chunks = (int)(assignments / E);
+    if (chunks < 1) chunks = 1;
+    chunk_tokens = (T + chunks - 1) / chunks, chunks = (T + chunk_tokens - 1) / chunk_tokens;
+    histograms = chunks > 1 ? plan->position : plan->counts;
+    FM__OMP_PARALLEL_FOR
+    for (chunk = 0; chunk < chunks; chunk++) {
+        int32_t *histogram = histograms + (size_t)chunk * E;
+        const int first = chunk * chunk_tokens, end = T - first < chunk_tokens ? T : first + chunk_tokens;
+        int t, slot, expert;
+        FM__TRACE_ITEM("routing_plan.count", chunk, -1);
+        for (expert = 0; expert < E; expert++) histogram[expert] = 0;
+        for (t = first; t < end; t++)
+            for (slot = 0; slot < k; slot++) histogram[indices[(size_t)t * ldi + slot]]++;
+    }
+    FM__TRACE_END("routing_plan.count");
     plan->offsets[0] = 0;
-    for (e = 0; e < E; e++) plan->offsets[e + 1] = plan->offsets[e] + plan->counts[e];
-    for (e = 0; e < E; e++) plan->counts[e] = plan->offsets[e]; /* cursors */
-    for (t = 0; t < T; t++)
-        for (i = 0; i < k; i++) plan->order[plan->counts[indices[(size_t)t * ldi + i]]++] = (int32_t)((size_t)t * k + i);
+    for (e = 0, most = 0; e < E; e++) {
+        int32_t row = plan->offsets[e];
+        for (chunk = 0; chunk < chunks; chunk++) {
+            const int32_t n = histograms[(size_t)chunk * E + e];
+            histograms[(size_t)chunk * E + e] = row; /* the chunk's cursor */
+            row += n;
+        }
+        plan->offsets[e + 1] = row;
+        if (row - plan->offsets[e] > most) most = row - plan->offsets[e];
+    }
+    FM__OMP_PARALLEL_FOR
+    for (chunk = 0; chunk < chunks; chunk++) {
+        int32_t *cursor = histograms + (size_t)chunk * E;
+        const int first = chunk * chunk_tokens, end = T - first < chunk_tokens ? T : first + chunk_tokens;
+        int t, slot;
+        FM__TRACE_ITEM("routing_plan.order", chunk, -1);
+        for (t = first; t < end; t++)
+            for (slot = 0; slot < k; slot++) plan->order[cursor[indices[(size_t)t * ldi + slot]]++] = (int32_t)((size_t)t * k + slot);
+    }
+    FM__TRACE_END("routing_plan.order");
+    plan->dropped = 0;
+    if (most <= capacity) { /* nothing dropped: the order stands, each row's position in parallel */
+        for (e = 0; e < E; e++) {
+            plan->counts[e] = plan->offsets[e + 1] - plan->offsets[e];
+            if (plan->dropped_per_expert) plan->dropped_per_expert[e] = 0;
+        }
+        FM__FOR_SPANS(assignments, begin, count, {
+            size_t row;
+            for (row = begin; row < begin + count; row++) plan->position[plan->order[row]] = (int32_t)row;
+        });
+        plan->rows = plan->offsets[E];
+        return FM_OK;
+    }
     /* capacity: keep the first `capacity` of each expert's list (after ordering it by gate when
      * dropping by gate), compacting the kept rows to the front of order */
-    plan->dropped = 0;
     for (a = 0; a < assignments; a++) plan->position[a] = -1;
     for (e = 0, r = 0; e < E; e++) {
         int32_t *list = plan->order + plan->offsets[e];

@@ -251,14 +251,25 @@ static void check_streamed(void) {
 }
 
 static void check_plans(void) {
+    static const float factors[] = {0.0f, 0.01f, 0.5f, 1.0f, 1.5f};
     int n;
     for (n = 0; n < 60; n++) {
         const int E = fm_test_int(1, 64), k = fm_test_int(1, E < 8 ? E : 8);
-        static const float factors[] = {0.0f, 0.01f, 0.5f, 1.0f, 1.5f};
         routed r;
         build(&r, fm_test_int(1, 500), k, E, factors[fm_test_int(0, 4)], (fm_drop_policy)fm_test_int(0, 1));
         release(&r);
     }
+    /* many tokens: the build counts them in chunks (four a thread, 256 tokens at least, as many
+     * histograms of E as the position array holds), here at 1, 2 and 3 threads, up to more
+     * experts than the chunks' histograms have room for */
+    for (n = 0; n < 18; n++) {
+        const int E = fm_test_int(1, n % 2 ? 2000 : 64), k = fm_test_int(1, E < 8 ? E : 8);
+        routed r;
+        fm_set_threads(1 + n % 3);
+        build(&r, fm_test_int(512, 6000), k, E, factors[fm_test_int(0, 4)], (fm_drop_policy)fm_test_int(0, 1));
+        release(&r);
+    }
+    fm_set_threads(0);
 }
 
 static void check_errors(void) {
