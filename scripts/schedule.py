@@ -14,9 +14,10 @@ simulated threads under two schedules:
                static block of E / threads of them; the other loops as flexmoe runs them.
 
 A loop costs its fork and join (measured at 1 and 2 threads, log2(threads) times the 2-thread cost
-beyond: a tree barrier) plus the makespan of its items; the code between loops stays serial. The items
-cost at any thread count what they cost at one (no memory-bandwidth contention: the 2-thread check is
-where that assumption is tested). Efficiency = simulated one-thread time / (threads x simulated time).
+beyond: a tree barrier) plus the makespan of its items; the code between loops stays serial. Each
+loop's items cost what they cost in the traced 2-thread run over the 1-thread one (sharing caches and
+memory), that factor the median of the five mixes' for the same loop and carried unchanged past 2
+threads (the 2-thread check is where that assumption is tested). Efficiency = simulated one-thread time / (threads x simulated time).
 
 A tile study re-cuts the experts' items: row blocks of the FFN (FM__FFN_ROW_BLOCK) and input blocks of
 the weight gradients (FM__DW_IN_BLOCK), each item's cost taken as proportional to its rows (inputs), at
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -120,6 +122,19 @@ def slowdowns(mix, threads):
                 factor = max(1.0, sum(there[k][1][i] for i in common) / base)
         factors.append(factor)
     return factors
+
+
+def shared_slowdowns(trace, threads):
+    """slowdowns() of every mix, {mix name: factors}; where every mix runs the same loops in the same
+    order (the layer does), each loop's factor is its median over the mixes: a loop moves the same
+    data whatever the mix, and one mix's traced run caught in a slow spell of a shared host should not
+    decide that mix's prediction."""
+    own = {mix["mix"]: slowdowns(mix, threads) for mix in trace["mixes"]}
+    names = [[name for name, _, _ in loops_of(mix["events"], mix["traced_seconds"])[0]] for mix in trace["mixes"]]
+    if not names or any(n != names[0] for n in names):
+        return own
+    median = [statistics.median(factors) for factors in zip(*own.values())]
+    return {name: median for name in own}
 
 
 def makespan_dynamic(costs, threads):
@@ -228,12 +243,13 @@ def study(trace):
     the tile study on every mix."""
     result = {"tokens": trace["tokens"], "isa": trace.get("isa"), "mixes": {}}
     D, H = trace["dim"], trace["hidden"]
+    contentions = shared_slowdowns(trace, 2)
     for mix in trace["mixes"]:
         one, serial = simulate(trace, mix, 1, "dynamic")
         entry = {"serial_fraction": serial / one, "one_thread_ms": one * 1e3, "schedules": {}, "tiles": {}}
         loops, _ = loops_of(mix["events"], mix["traced_seconds"])
         entry["largest_item_fraction"] = max(max(c) for _, c, _ in loops if c) / one
-        contention = slowdowns(mix, 2)
+        contention = contentions[mix["mix"]]
         weights = [sum(c) for _, c, _ in loops]
         entry["contention_2"] = sum(f * w for f, w in zip(contention, weights)) / sum(weights)
         for schedule in ("dynamic", "per-expert"):
