@@ -3,7 +3,8 @@
  * target may define its own first), and, with FUZZ_COUNTING_HOOK, the allocator hook and logger
  * of the targets above the kernels: the hook counts live blocks (a leak fails the input) and
  * refuses blocks over 32 MiB (a file that asks for more must come back as FM_ERR_OUT_OF_MEMORY);
- * the logger checks every message. Each target defines FUZZ_NAME before including this. */
+ * the logger checks every message; with FUZZ_BYTE_READER, the byte reader of the targets that build
+ * their calls from the input. Each target defines FUZZ_NAME before including this. */
 #ifndef FUZZ_COMMON_H
 #define FUZZ_COMMON_H
 
@@ -56,6 +57,25 @@ static inline uint64_t fuzz_splitmix(uint64_t *state) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+
+#ifdef FUZZ_BYTE_READER
+/* The input, read a byte at a time (fuzz_read_from first); zeros once it is exhausted. Wider
+ * integers are each target's own: their decodings differ, and the kept reproducers depend on them. */
+static const uint8_t *in_p;
+static size_t in_n;
+static void fuzz_read_from(const uint8_t *data, size_t size) { in_p = data, in_n = size; }
+static unsigned u8(void) {
+    if (!in_n) return 0;
+    in_n--;
+    return *in_p++;
+}
+static unsigned u16(void) {
+    unsigned a = u8();
+    return a | u8() << 8;
+}
+/* true with probability 1/n; never once the input is exhausted */
+static int rare(unsigned n) { return u8() % n == n - 1; }
+#endif
 
 #ifdef FUZZ_COUNTING_HOOK
 #define HOOK_LIMIT ((size_t)32 << 20)

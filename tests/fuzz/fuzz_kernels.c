@@ -38,6 +38,7 @@
             fputc('\n', stderr);                                                                  \
         }                                                                                         \
     } while (0)
+#define FUZZ_BYTE_READER
 #include "fuzz_common.h"
 
 #include <float.h>
@@ -82,20 +83,8 @@ static void trace_offsets(const int32_t *o, int E) {
     fputc('\n', stderr);
 }
 
-/* ---- the input reader ------------------------------------------------------------------- */
+/* ---- the input reader: u8, u16 and rare in fuzz_common.h, the wider integers here ---------- */
 
-static const uint8_t *in_p;
-static size_t in_n;
-
-static unsigned u8(void) {
-    if (!in_n) return 0;
-    in_n--;
-    return *in_p++;
-}
-static unsigned u16(void) {
-    unsigned a = u8();
-    return a | u8() << 8;
-}
 static uint32_t u32(void) {
     uint32_t a = u16();
     return a | (uint32_t)u16() << 16;
@@ -104,8 +93,6 @@ static uint64_t u64(void) {
     uint64_t a = u32();
     return a | (uint64_t)u32() << 32;
 }
-/* true with probability 1/n; never once the input is exhausted */
-static int rare(unsigned n) { return u8() % n == n - 1; }
 
 static int clamp_int(int64_t v) { return v > INT_MAX ? INT_MAX : v < INT_MIN ? INT_MIN : (int)v; }
 
@@ -2170,7 +2157,7 @@ static const char *const function_names[F_COUNT] = {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     unsigned f;
     if (size < 1) return 0;
-    in_p = data, in_n = size;
+    fuzz_read_from(data, size);
     f = u8() % F_COUNT;
     g_fn = function_names[f];
     g_bad = g_huge = g_unmodeled = 0;

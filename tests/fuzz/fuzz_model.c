@@ -35,6 +35,7 @@
  * (scripts/fuzz.sh builds build/fuzz/flexmoe_impl.o first). */
 #define FUZZ_NAME "fuzz_model"
 #define FUZZ_COUNTING_HOOK
+#define FUZZ_BYTE_READER
 #include "fuzz_common.h"
 
 #include <float.h>
@@ -62,27 +63,13 @@ static int expect(const char *call, fm_status st) {
     return st == FM_OK;
 }
 
-/* ---- the input reader ------------------------------------------------------------------- */
+/* ---- the input reader: u8, u16 and rare in fuzz_common.h, the wider integers here ---------- */
 
-static const uint8_t *in_p;
-static size_t in_n;
-
-static unsigned u8(void) {
-    if (!in_n) return 0;
-    in_n--;
-    return *in_p++;
-}
-static unsigned u16(void) {
-    unsigned a = u8();
-    return a | u8() << 8;
-}
 static uint64_t u64(void) {
     uint64_t a = u16();
     a |= (uint64_t)u16() << 16;
     return a | (uint64_t)u16() << 32;
 }
-/* true with probability 1/n; never once the input is exhausted */
-static int rare(unsigned n) { return u8() % n == n - 1; }
 
 /* A small count: mostly 1..max, sometimes 0, one or a few past max, negative or extreme. */
 static int pick(int max) {
@@ -642,7 +629,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
-    in_p = data, in_n = size;
+    fuzz_read_from(data, size);
     g_bad = g_unmodeled = g_skip = 0;
     rng_state = 0x243F6A8885A308D3ull ^ (uint64_t)size;
     hook_live = 0;
